@@ -1,0 +1,139 @@
+// gradops._C: thin torch bindings for the plain-pointer kernels in csrc/*.{cpp,cu}.
+//
+// User-facing validation (error messages naming the argument) happens in Python
+// (gradops/_validate.py); the TORCH_CHECKs here only guard the kernels' own preconditions.
+#include <torch/extension.h>
+
+#include <tuple>
+
+#include "gram_kernels.h"
+
+#ifdef GRADOPS_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+gradops::DType dtype_code(const at::Tensor& J) {
+  switch (J.scalar_type()) {
+    case at::kFloat: return gradops::DType::F32;
+    case at::kBFloat16: return gradops::DType::BF16;
+    case at::kHalf: return gradops::DType::F16;
+    default: TORCH_CHECK(false, "gradops: J must be float32, bfloat16 or float16, got ", J.scalar_type());
+  }
+}
+
+// J with unit column stride (a copy only when the columns are strided).
+at::Tensor unit_column_stride(const at::Tensor& J) {
+  TORCH_CHECK(J.dim() == 2, "gradops: J must be 2-D [T, P]");
+  if (J.size(1) <= 1 || J.stride(1) == 1) return J;
+  return J.contiguous();
+}
+
+using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+Result allocate(const at::Tensor& J, int64_t L, bool with_counts) {
+  const int64_t T = J.size(0);
+  auto G = at::empty({L, T, T}, J.options().dtype(at::kFloat));
+  auto cnt_opts = J.options().dtype(at::kLong);
+  auto opp = with_counts ? at::empty({L, T, T}, cnt_opts) : at::empty({0}, cnt_opts);
+  auto nz = with_counts ? at::empty({L, T, T}, cnt_opts) : at::empty({0}, cnt_opts);
+  return {G, opp, nz};
+}
+
+gradops::SegGramArgs make_args(const at::Tensor& J, const at::Tensor& offsets, Result& out,
+                               bool with_counts) {
+  gradops::SegGramArgs a;
+  a.J = J.data_ptr();
+  a.dtype = dtype_code(J);
+  a.T = J.size(0);
+  a.P = J.size(1);
+  a.row_stride = J.size(0) > 1 ? J.stride(0) : J.size(1);
+  a.offsets = offsets.data_ptr<int64_t>();
+  a.L = offsets.numel() - 1;
+  a.gram = std::get<0>(out).data_ptr<float>();
+  a.opposite = with_counts ? std::get<1>(out).data_ptr<int64_t>() : nullptr;
+  a.both_nonzero = with_counts ? std::get<2>(out).data_ptr<int64_t>() : nullptr;
+  return a;
+}
+
+void check_offsets(const at::Tensor& J, const at::Tensor& offsets) {
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.numel() >= 2,
+              "gradops: offsets must be a 1-D int64 tensor with at least 2 entries");
+  TORCH_CHECK(offsets.device() == J.device(), "gradops: offsets must be on J's device");
+}
+
+// Per-segment Grams (and optional sign counts) of a CPU tensor J [T, P].
+// offsets: int64 [L+1] on the CPU, already validated. Returns (gram [L,T,T] f32, opposite, both_nonzero),
+// the last two empty unless with_counts.
+Result segment_gram_cpu(const at::Tensor& J_in, const at::Tensor& offsets_in, bool with_counts) {
+  TORCH_CHECK(J_in.device().is_cpu(), "gradops: segment_gram_cpu needs a CPU tensor");
+  auto J = unit_column_stride(J_in);
+  auto offsets = offsets_in.contiguous();
+  check_offsets(J, offsets);
+  Result out = allocate(J, offsets.numel() - 1, with_counts);
+  auto args = make_args(J, offsets, out, with_counts);
+  {
+    pybind11::gil_scoped_release no_gil;
+    gradops::segment_gram_cpu(args);
+  }
+  return out;
+}
+
+#ifdef GRADOPS_WITH_CUDA
+Result segment_gram_cuda(const at::Tensor& J_in, const at::Tensor& offsets_in, bool with_counts) {
+  TORCH_CHECK(J_in.is_cuda(), "gradops: segment_gram_cuda needs a CUDA tensor");
+  TORCH_CHECK(J_in.size(0) <= gradops::kCudaMaxT, "gradops: the CUDA kernel supports T <= ",
+              gradops::kCudaMaxT, ", got T = ", J_in.size(0));
+  const c10::cuda::CUDAGuard guard(J_in.device());
+  auto J = unit_column_stride(J_in);
+  auto offsets = offsets_in.contiguous();
+  check_offsets(J, offsets);
+  const int64_t L = offsets.numel() - 1;
+  Result out = allocate(J, L, with_counts);
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const size_t ws_bytes = gradops::segment_gram_cuda_workspace_bytes(J.size(0), J.size(1), L,
+                                                                    with_counts, num_sms);
+  auto workspace = at::empty({static_cast<int64_t>(ws_bytes)}, J.options().dtype(at::kByte));
+  auto args = make_args(J, offsets, out, with_counts);
+  gradops::segment_gram_cuda(args, workspace.data_ptr(), num_sms,
+                             at::cuda::getCurrentCUDAStream().stream());
+  return out;
+}
+#endif
+
+bool cuda_built() {
+#ifdef GRADOPS_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+int openmp_max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "gradops compiled kernels (CPU C++ always, CUDA C++ when built with a toolkit)";
+  m.def("segment_gram_cpu", &segment_gram_cpu, "Per-segment Gram (+ sign counts) on CPU",
+        pybind11::arg("J"), pybind11::arg("offsets"), pybind11::arg("with_counts"));
+#ifdef GRADOPS_WITH_CUDA
+  m.def("segment_gram_cuda", &segment_gram_cuda, "Per-segment Gram (+ sign counts) on CUDA",
+        pybind11::arg("J"), pybind11::arg("offsets"), pybind11::arg("with_counts"));
+  m.attr("cuda_max_T") = gradops::kCudaMaxT;
+#endif
+  m.def("cuda_built", &cuda_built, "Whether the CUDA kernels were compiled in");
+  m.def("openmp_max_threads", &openmp_max_threads, "OpenMP threads the CPU kernels use");
+}

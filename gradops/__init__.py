@@ -1,0 +1,24 @@
+"""gradops: fused kernels for multi-task learning gradient methods.
+
+Quick start::
+
+    import torch, gradops
+    J = torch.randn(8, 1_000_000)                 # [T, P]: one flattened gradient per task
+    G = gradops.gram(J)                           # [T, T] = J J^T, one pass over J
+    offsets = torch.tensor([0, 400_000, 1_000_000])
+    Gl = gradops.segment_gram(J, offsets)         # [2, T, T] per-segment (per-layer) Grams
+    gradops.metrics.conflict_incidence(G)         # fraction of task pairs with cos < 0
+
+``gradops.info()`` says which backend (Triton, CUDA C++, CPU C++, torch) serves each op.
+"""
+from __future__ import annotations
+
+from . import metrics, reference
+from ._backend import BACKENDS, format_info, info, use_backend
+from .ops import GramWithSignCounts, gram, segment_gram
+from .segments import offsets_from_numels
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["BACKENDS", "GramWithSignCounts", "format_info", "gram", "info", "metrics",
+           "offsets_from_numels", "reference", "segment_gram", "use_backend", "__version__"]

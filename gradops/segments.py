@@ -1,0 +1,21 @@
+"""Segment tables (SPEC.md §0): int64 ``[L+1]`` column offsets splitting ``J``'s columns."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def offsets_from_numels(numels: Iterable[int]) -> torch.Tensor:
+    """Segment table for consecutive blocks of the given sizes (zeros allowed), on the CPU.
+
+    ``offsets_from_numels(p.numel() for p in params)`` gives one segment per parameter tensor.
+    """
+    sizes = [int(n) for n in numels]
+    if not sizes:
+        raise ValueError("offsets_from_numels: need at least one segment")
+    if any(n < 0 for n in sizes):
+        raise ValueError(f"offsets_from_numels: sizes must be >= 0, got {sizes}")
+    out = torch.zeros(len(sizes) + 1, dtype=torch.int64)
+    out[1:] = torch.tensor(sizes, dtype=torch.int64).cumsum(0)
+    return out

@@ -1,0 +1,49 @@
+"""Shared test set-up.
+
+Without a visible GPU, Triton kernels run under the interpreter: ``TRITON_INTERPRET=1`` must be set
+before gradops (and so the ``@triton.jit`` kernels) is imported, which is why it happens here.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import gradops  # noqa: E402,F401
+from gradops import _backend  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def cpu_backends() -> list[str]:
+    """Backends the tests run on CPU tensors: the C++ kernels (required unless the build was
+    skipped on purpose with GRADOPS_NO_EXT=1), the torch reference, and Triton when interpreted."""
+    names = ["torch"]
+    if os.environ.get("GRADOPS_NO_EXT", "0") != "1":
+        names.append("cpp")  # a missing extension then fails the tests, as it should
+    if _backend.triton_interpret() and _backend.triton_importable()[0]:
+        names.append("triton")
+    return names
+
+
+def gpu_backends() -> list[str]:
+    names = ["torch", "triton"]
+    if _backend.cuda_ext_available():
+        names.append("cuda")
+    return names
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(params=cpu_backends())
+def cpu_backend(request):
+    with gradops.use_backend(request.param):
+        yield request.param

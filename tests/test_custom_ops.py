@@ -1,0 +1,80 @@
+"""torch.library integration: opcheck on every custom op, torch.compile(fullgraph=True), autograd."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradops
+
+from helpers import make_J
+
+OPS = {
+    "gram": lambda J, o: (J,),
+    "gram_sign_counts": lambda J, o: (J,),
+    "segment_gram": lambda J, o: (J, o),
+    "segment_gram_sign_counts": lambda J, o: (J, o),
+}
+
+
+def _samples(differentiable: bool):
+    offsets = torch.tensor([0, 3, 3, 40, 101])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for T in (1, 3, 8):
+            J = make_J(T, 101, dtype, seed=T)
+            yield J, offsets
+            yield make_J(T, 101, dtype, layout="row_view", seed=T), offsets
+    if differentiable:
+        yield make_J(4, 101, seed=0).requires_grad_(), offsets
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_opcheck(cpu_backend, name):
+    op = getattr(torch.ops.gradops, name).default
+    differentiable = name in ("gram", "segment_gram")
+    for J, offsets in _samples(differentiable and cpu_backend != "triton"):
+        torch.library.opcheck(op, OPS[name](J, offsets))
+
+
+def test_opcheck_backward_op():
+    grad = torch.randn(4, 5, 5)
+    J = make_J(5, 60, seed=1)
+    torch.library.opcheck(torch.ops.gradops.segment_gram_backward.default,
+                          (grad, J, torch.tensor([0, 10, 10, 59, 60])))
+
+
+def test_autograd_matches_reference():
+    J = make_J(4, 50, seed=3).double().float().requires_grad_()
+    offsets = torch.tensor([0, 20, 20, 50])
+    W = torch.randn(3, 4, 4)
+    (gradops.segment_gram(J, offsets) * W).sum().backward()
+    g_ours = J.grad.clone()
+    J.grad = None
+    Jr = J.detach().clone().requires_grad_()
+    ref = torch.stack([Jr[:, a:b] @ Jr[:, a:b].T for a, b in ((0, 20), (20, 20), (20, 50))])
+    (ref * W).sum().backward()
+    assert torch.allclose(g_ours, Jr.grad, atol=1e-5)
+    J.grad = None
+    (gradops.gram(J) * W[0]).sum().backward()
+    Jr.grad = None
+    ((Jr @ Jr.T) * W[0]).sum().backward()
+    assert torch.allclose(J.grad, Jr.grad, atol=1e-5)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def stats(J, offsets):
+        G = gradops.gram(J)
+        Gl = gradops.segment_gram(J, offsets)
+        counted = gradops.gram(J, return_sign_counts=True)
+        ratio = gradops.metrics.sign_conflict_ratio(counted.opposite, counted.both_nonzero)
+        return (G, gradops.metrics.conflict_incidence(G),
+                gradops.metrics.conflict_counts(Gl, -0.1), gradops.metrics.gms(Gl), ratio)
+
+    J = make_J(5, 999, seed=7)
+    offsets = torch.tensor([0, 100, 100, 999])
+    G, inc, counts, g, ratio = stats(J, offsets)
+    assert torch.allclose(G, gradops.gram(J))
+    assert torch.equal(counts, gradops.metrics.conflict_counts(gradops.segment_gram(J, offsets), -0.1))
+    assert inc.shape == () and counts.shape == (3,) and g.shape == (3, 5, 5) and ratio.shape == (5, 5)

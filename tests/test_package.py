@@ -1,0 +1,79 @@
+"""Package-level behaviour: the build, backend report, CLI, segment tables, the quick benchmark."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gradops
+from gradops import _backend, benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_extension_built_unless_skipped():
+    if os.environ.get("GRADOPS_NO_EXT") == "1":
+        pytest.skip("GRADOPS_NO_EXT=1: extension build skipped on purpose")
+    assert _backend.ext_available(), _backend.EXT_ERROR
+
+
+def test_cuda_kernels_compiled_when_toolchain_present():
+    """CI has nvcc but no GPU: the CUDA kernels must still have been compiled in."""
+    if os.environ.get("GRADOPS_NO_EXT") == "1" or os.environ.get("GRADOPS_NO_CUDA") == "1":
+        pytest.skip("extension or CUDA build skipped on purpose")
+    import shutil
+    if shutil.which("nvcc") is None or torch.version.cuda is None:
+        pytest.skip("no CUDA toolchain (nvcc) or a CPU-only torch: CUDA kernels not expected")
+    assert _backend.cuda_ext_available(), "nvcc is present but gradops._C has no CUDA kernels"
+
+
+def test_info_reports_every_op_and_device():
+    r = gradops.info()
+    assert {"gram", "segment_gram"} <= set(r["ops"])
+    cpu = r["ops"]["gram"]["cpu"]
+    assert "torch" in cpu["live"]
+    assert cpu["default"] == ("cpp" if _backend.ext_available() else "torch")
+    if _backend.triton_interpret():
+        assert "triton" in cpu["live"]
+    text = gradops.format_info(r)
+    assert "gram" in text and "segment_gram" in text and "extension gradops._C" in text
+
+
+def test_cli_info_and_bench(tmp_path):
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-m", "gradops", "info"], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    assert "segment_gram" in out
+    csv_path = tmp_path / "bench.csv"
+    out = subprocess.run([sys.executable, "-m", "gradops", "bench", "--T", "2,3", "--P", "5000",
+                          "--segments", "7", "--rounds", "3", "--csv", str(csv_path)],
+                         capture_output=True, text=True, env=env, check=True).stdout
+    assert "| gram | gradops | 2 |" in out and "| segment_gram | gradops | 3 |" in out
+    lines = csv_path.read_text().strip().splitlines()
+    assert lines[0].startswith("op,impl,T,P,L,dtype,device,ms")
+    assert len(lines) == 1 + 2 * 7
+
+
+def test_bench_peers_compute_the_same_thing():
+    J = torch.randn(4, 999)
+    offsets = benchmark.equal_offsets(999, 10)
+    assert offsets.tolist()[-1] == 999 and len(offsets) == 11
+    G = gradops.gram(J)
+    for peer in (benchmark.matmul_gram, benchmark.pair_loop_gram):
+        assert torch.allclose(peer(J), G, atol=1e-4)
+    Gl = gradops.segment_gram(J, offsets)
+    for peer in (benchmark.segment_matmul_loop, benchmark.segment_pair_loop):
+        assert torch.allclose(peer(J, offsets), Gl, atol=1e-4)
+
+
+def test_offsets_from_numels():
+    o = gradops.offsets_from_numels([3, 0, 5])
+    assert o.tolist() == [0, 3, 3, 8] and o.dtype == torch.int64
+    with pytest.raises(ValueError, match="at least one"):
+        gradops.offsets_from_numels([])
+    with pytest.raises(ValueError, match=">= 0"):
+        gradops.offsets_from_numels([2, -1])
