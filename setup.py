@@ -74,7 +74,7 @@ def build_extensions():
 
     os.environ.setdefault("MAX_JOBS", "2")
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
-    sources = ["csrc/bindings.cpp", "csrc/gram_cpu.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/gram_cpu.cpp", "csrc/combine_cpu.cpp"]
     define_macros = []
     extra_link = ["-fopenmp"]
 

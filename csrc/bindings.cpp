@@ -6,6 +6,7 @@
 
 #include <tuple>
 
+#include "combine_kernels.h"
 #include "gram_kernels.h"
 
 #ifdef GRADOPS_WITH_CUDA
@@ -85,6 +86,78 @@ Result segment_gram_cpu(const at::Tensor& J_in, const at::Tensor& offsets_in, bo
   return out;
 }
 
+// out = w^T J (weights [1, T]) or per segment (weights [L, T] + offsets [L+1] on the CPU), written
+// into `out` ([P], contiguous, fp32/bf16/fp16).
+void combine_cpu(const at::Tensor& J_in, const at::Tensor& weights,
+                 const c10::optional<at::Tensor>& offsets_in, at::Tensor& out) {
+  TORCH_CHECK(J_in.device().is_cpu() && out.device().is_cpu(), "gradops: combine_cpu needs CPU tensors");
+  auto J = unit_column_stride(J_in);
+  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.is_contiguous() && weights.dim() == 2 &&
+              weights.size(1) == J.size(0), "gradops: combine_cpu weights must be contiguous f32 [L, T]");
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 1 && out.size(0) == J.size(1),
+              "gradops: combine_cpu out must be contiguous [P]");
+  at::Tensor offsets;
+  gradops::CombineArgs a;
+  a.L = weights.size(0);
+  a.offsets = nullptr;
+  if (offsets_in.has_value()) {
+    offsets = offsets_in->contiguous();
+    check_offsets(J, offsets);
+    TORCH_CHECK(offsets.numel() == a.L + 1, "gradops: combine_cpu offsets must have L + 1 entries");
+    a.offsets = offsets.data_ptr<int64_t>();
+  } else {
+    TORCH_CHECK(a.L == 1, "gradops: combine_cpu with L > 1 weight rows needs offsets");
+  }
+  a.J = J.data_ptr();
+  a.dtype = dtype_code(J);
+  a.T = J.size(0);
+  a.P = J.size(1);
+  a.row_stride = J.size(0) > 1 ? J.stride(0) : J.size(1);
+  a.weights = weights.data_ptr<float>();
+  a.out = out.data_ptr();
+  a.out_dtype = dtype_code(out);
+  pybind11::gil_scoped_release no_gil;
+  gradops::combine_cpu(a);
+}
+
+// GradDrop (SPEC §3) into `out` ([P]) and, when given, `mask` (bool [T, P]).
+void graddrop_cpu(const at::Tensor& J_in, const at::Tensor& leak, int64_t seed,
+                  const c10::optional<at::Tensor>& noise, at::Tensor& out,
+                  const c10::optional<at::Tensor>& mask, double eps) {
+  TORCH_CHECK(J_in.device().is_cpu() && out.device().is_cpu(), "gradops: graddrop_cpu needs CPU tensors");
+  auto J = unit_column_stride(J_in);
+  const int64_t T = J.size(0), P = J.size(1);
+  TORCH_CHECK(leak.scalar_type() == at::kFloat && leak.is_contiguous() && leak.numel() == T,
+              "gradops: graddrop_cpu leak must be contiguous f32 [T]");
+  TORCH_CHECK(out.is_contiguous() && out.numel() == P, "gradops: graddrop_cpu out must be contiguous [P]");
+  gradops::GradDropArgs a;
+  a.J = J.data_ptr();
+  a.dtype = dtype_code(J);
+  a.T = T;
+  a.P = P;
+  a.row_stride = T > 1 ? J.stride(0) : P;
+  a.leak = leak.data_ptr<float>();
+  a.noise = nullptr;
+  if (noise.has_value()) {
+    TORCH_CHECK(noise->scalar_type() == at::kFloat && noise->is_contiguous() && noise->numel() == P,
+                "gradops: graddrop_cpu noise must be contiguous f32 [P]");
+    a.noise = noise->data_ptr<float>();
+  }
+  a.seed = static_cast<uint64_t>(seed);
+  a.philox_offset = 0;
+  a.eps = static_cast<float>(eps);
+  a.out = out.data_ptr();
+  a.out_dtype = dtype_code(out);
+  a.mask = nullptr;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->numel() == T * P,
+                "gradops: graddrop_cpu mask must be contiguous bool [T, P]");
+    a.mask = mask->data_ptr<bool>();
+  }
+  pybind11::gil_scoped_release no_gil;
+  gradops::graddrop_cpu(a);
+}
+
 #ifdef GRADOPS_WITH_CUDA
 Result segment_gram_cuda(const at::Tensor& J_in, const at::Tensor& offsets_in, bool with_counts) {
   TORCH_CHECK(J_in.is_cuda(), "gradops: segment_gram_cuda needs a CUDA tensor");
@@ -134,6 +207,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("J"), pybind11::arg("offsets"), pybind11::arg("with_counts"));
   m.attr("cuda_max_T") = gradops::kCudaMaxT;
 #endif
+  m.def("combine_cpu", &combine_cpu, "Weighted combination w^T J (per segment) on CPU",
+        pybind11::arg("J"), pybind11::arg("weights"), pybind11::arg("offsets"), pybind11::arg("out"));
+  m.def("graddrop_cpu", &graddrop_cpu, "GradDrop on CPU", pybind11::arg("J"), pybind11::arg("leak"),
+        pybind11::arg("seed"), pybind11::arg("noise"), pybind11::arg("out"), pybind11::arg("mask"),
+        pybind11::arg("eps"));
+  m.def("philox_uniform", &gradops::philox_uniform, "Philox uniform (as Triton's tl.rand)",
+        pybind11::arg("seed"), pybind11::arg("offset"));
   m.def("cuda_built", &cuda_built, "Whether the CUDA kernels were compiled in");
   m.def("openmp_max_threads", &openmp_max_threads, "OpenMP threads the CPU kernels use");
 }

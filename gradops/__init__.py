@@ -8,6 +8,9 @@ Quick start::
     offsets = torch.tensor([0, 400_000, 1_000_000])
     Gl = gradops.segment_gram(J, offsets)         # [2, T, T] per-segment (per-layer) Grams
     gradops.metrics.conflict_incidence(G)         # fraction of task pairs with cos < 0
+    g = gradops.pcgrad(J)                         # PCGrad: Gram pass, T x T solve, combine pass
+    g = gradops.graddrop(J)                       # GradDrop: one fused pass
+    g = gradops.combine(J, torch.ones(8))         # w^T J, optionally out= a .grad buffer
 
 ``gradops.info()`` says which backend (Triton, CUDA C++, CPU C++, torch) serves each op.
 """
@@ -15,10 +18,12 @@ from __future__ import annotations
 
 from . import metrics, reference
 from ._backend import BACKENDS, format_info, info, use_backend
-from .ops import GramWithSignCounts, gram, segment_gram
+from .ops import (GramWithSignCounts, combine, graddrop, gram, pcgrad, pcgrad_weights,
+                  random_orders, segment_gram)
 from .segments import offsets_from_numels
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["BACKENDS", "GramWithSignCounts", "format_info", "gram", "info", "metrics",
-           "offsets_from_numels", "reference", "segment_gram", "use_backend", "__version__"]
+__all__ = ["BACKENDS", "GramWithSignCounts", "combine", "format_info", "graddrop", "gram", "info",
+           "metrics", "offsets_from_numels", "pcgrad", "pcgrad_weights", "random_orders",
+           "reference", "segment_gram", "use_backend", "__version__"]

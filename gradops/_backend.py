@@ -55,6 +55,15 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreter_output(out: torch.Tensor) -> torch.Tensor:
+    """Where a Triton kernel should write ``out``: the interpreter narrows fp32 to bf16 by
+    truncation (not round-to-nearest as on a GPU), so it writes bf16 results to an fp32 buffer
+    that the caller then copies into ``out`` with torch's rounding."""
+    if triton_interpret() and out.dtype == torch.bfloat16:
+        return torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    return out
+
+
 _triton_import: tuple[bool, str | None] | None = None
 
 
@@ -156,20 +165,22 @@ def auto_backend(device: torch.device, T: int, max_t: dict[str, int] | None = No
     return "torch"
 
 
-def select_backend(op: str, device: torch.device, T: int,
-                   max_t: dict[str, int] | None = None) -> str:
-    """Pick the backend for one call of ``op`` on ``device`` with ``T`` rows.
+def select_backend(op: str, device: torch.device, T: int) -> str:
+    """Pick the backend for one call of registered op ``op`` on ``device`` with ``T`` rows.
 
-    ``max_t`` gives per-backend limits on T. Raises ``RuntimeError`` when a forced backend cannot
-    serve the call (no silent fallback).
+    A forced backend (:func:`use_backend`, ``GRADOPS_BACKEND``) applies to the ops that implement
+    it; an op without that backend (e.g. a ``T x T`` solver without a C++ version) makes its
+    automatic choice. A forced backend that the op has but that cannot serve this call (wrong
+    device, T too large) raises ``RuntimeError``: no silent fallback.
     """
+    backends, max_t = _OPS[op]
     forced = forced_backend()
-    if forced is not None:
-        why = backend_usable(forced, device, max_t or {}, T)
+    if forced is not None and forced in backends:
+        why = backend_usable(forced, device, max_t, T)
         if why is not None:
             raise RuntimeError(f"gradops.{op}: forced backend {forced!r} cannot run this call: {why}")
         return forced
-    return auto_backend(device, T, max_t)
+    return auto_backend(device, T, max_t, backends)
 
 
 # --- op registry and the `info` report -----------------------------------------------------------

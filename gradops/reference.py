@@ -64,3 +64,98 @@ def sign_counts_reference(J: torch.Tensor, offsets: torch.Tensor | None = None
             opp[l] = (p @ n.T + n @ p.T).round().to(torch.int64)
             both[l] = (z @ z.T).round().to(torch.int64)
     return (opp[0], both[0]) if whole else (opp, both)
+
+
+def combine_reference(J: torch.Tensor, weights: torch.Tensor,
+                      offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """``w^T J`` (``weights`` ``[T]``), or per segment ``w_l^T J_l`` (``weights`` ``[L, T]``).
+
+    fp32 math (fp64 for fp64 input); returns ``J``'s dtype.
+    """
+    X = J.to(_acc_dtype(J))
+    w = weights.to(X.dtype)
+    if offsets is None:  # one weight vector ([T], or [1, T])
+        return (w.reshape(-1) @ X).to(J.dtype)
+    out = X.new_empty(J.shape[1])
+    for l, (a, b) in enumerate(segment_bounds(offsets)):
+        out[a:b] = w[l] @ X[:, a:b]
+    return out.to(J.dtype)
+
+
+def pcgrad_reference(J: torch.Tensor, perms: torch.Tensor, reduction: str = "sum",
+                     eps: float = 0.0) -> torch.Tensor:
+    """PCGrad in its vector form (Yu et al., "Gradient Surgery for Multi-Task Learning", Alg. 1),
+    projecting vectors pair by pair as the paper and LibMTL do.
+
+    For each task ``i``: ``g_i' = g_i``; for ``j`` in ``perms[i]`` (a permutation of all tasks, as
+    LibMTL's shuffle): if ``g_i' . g_j < 0``, ``g_i' -= (g_i' . g_j) / (||g_j||^2 + eps) g_j``.
+    Returns ``sum_i g_i'`` (``reduction="sum"``) or the mean. Math in ``J``'s dtype (use fp64 for
+    ground truth). A zero ``g_j`` never projects (its dot products are exactly 0).
+    """
+    T = J.shape[0]
+    out = torch.zeros_like(J[0])
+    for i in range(T):
+        g = J[i].clone()
+        for j in perms[i].tolist():
+            d = torch.dot(g, J[j])
+            if d < 0:
+                g = g - d / (torch.dot(J[j], J[j]) + eps) * J[j]
+        out += g
+    return out / T if reduction == "mean" else out
+
+
+def philox_uniform_reference(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Uniform numbers in [0, 1) from Philox4x32-10, identical to Triton's ``tl.rand(seed, offset)``
+    and to gradops' C++ kernels (counter ``(offset_lo, offset_hi, 0, 0)``, key
+    ``(seed_lo, seed_hi)``). ``offsets``: int64 tensor. Returns float32 of the same shape."""
+    M32 = 0xFFFFFFFF
+    off = offsets.to(torch.int64)
+    c0 = off & M32
+    c1 = (off >> 32) & M32
+    c2 = torch.zeros_like(off)
+    c3 = torch.zeros_like(off)
+    k0, k1 = seed & M32, (seed >> 32) & M32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(0xCD9E8D57, c2)  # 32x32-bit products split: int64 would overflow
+        hi1, lo1 = _mulhilo32(0xD2511F53, c0)
+        c0, c1, c2, c3 = hi0 ^ c1 ^ k0, lo0, hi1 ^ c3 ^ k1, lo1
+        k0 = (k0 + 0x9E3779B9) & M32
+        k1 = (k1 + 0xBB67AE85) & M32
+    x = torch.where(c0 >= 1 << 31, c0 - (1 << 32), c0)  # as int32
+    x = torch.where(x < 0, -x - 1, x)                     # ~x
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of ``a * b`` for uint32 ``a`` and int64 tensors ``b`` in [0, 2^32)."""
+    M16, M32 = 0xFFFF, 0xFFFFFFFF
+    a_lo, a_hi = a & M16, a >> 16
+    b_lo, b_hi = b & M16, b >> 16
+    lo_lo = a_lo * b_lo
+    mid1 = a_hi * b_lo
+    mid2 = a_lo * b_hi
+    hi_hi = a_hi * b_hi
+    mid = (lo_lo >> 16) + (mid1 & M16) + (mid2 & M16)
+    lo = ((mid & M16) << 16) | (lo_lo & M16)
+    hi = hi_hi + (mid1 >> 16) + (mid2 >> 16) + (mid >> 16)
+    return hi & M32, lo & M32
+
+
+def graddrop_reference(J: torch.Tensor, leak: torch.Tensor, noise: torch.Tensor,
+                       eps: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor]:
+    """GradDrop on parameter gradients (Chen et al., "Just Pick a Sign", NeurIPS 2020, Eq. 1-3;
+    SPEC §3), given the uniform numbers ``noise`` ``[P]``.
+
+    ``p_k = 0.5 (1 + S_k / (A_k + eps))`` with ``S_k = sum_t J_tk``, ``A_k = sum_t |J_tk|``;
+    ``M_tk = [p_k > U_k][J_tk > 0] + [p_k < U_k][J_tk < 0]``;
+    ``g_k = sum_t (leak_t + (1 - leak_t) M_tk) J_tk``. Returns ``(g, M)``; math in fp32.
+    """
+    X = J.to(_acc_dtype(J))
+    S = X.sum(0)
+    A = X.abs().sum(0)
+    p = 0.5 * (1 + S / (A + eps))
+    U = noise.to(X.dtype)
+    M = ((p > U) & (X > 0)) | ((p < U) & (X < 0))
+    lk = leak.to(X.dtype)[:, None]
+    g = ((lk + (1 - lk) * M.to(X.dtype)) * X).sum(0)
+    return g.to(J.dtype), M

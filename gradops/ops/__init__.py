@@ -1,4 +1,8 @@
 """Fused operators, one file per op (kernels, launcher, CPU path and registration together)."""
+from .combine import combine
+from .graddrop import graddrop
 from .gram import GramWithSignCounts, gram, segment_gram
+from .pcgrad import pcgrad, pcgrad_weights, random_orders
 
-__all__ = ["GramWithSignCounts", "gram", "segment_gram"]
+__all__ = ["GramWithSignCounts", "combine", "graddrop", "gram", "pcgrad", "pcgrad_weights",
+           "random_orders", "segment_gram"]

@@ -237,7 +237,7 @@ register_op("segment_gram", ("triton", "cuda", "cpp", "torch"), MAX_T)
 
 
 def _run(op: str, J: torch.Tensor, offsets: torch.Tensor, with_counts: bool):
-    backend = select_backend(op, J.device, J.shape[0], MAX_T)
+    backend = select_backend(op, J.device, J.shape[0])
     return _IMPLS[backend](J, offsets, with_counts)
 
 

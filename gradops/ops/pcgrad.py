@@ -1,0 +1,190 @@
+"""PCGrad (Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020) in its Gram form.
+
+Vector form (Alg. 1): for each task ``i``, ``g_i' = g_i``; for ``j`` in a random order,
+if ``g_i' . g_j < 0`` then ``g_i' -= (g_i' . g_j) / ||g_j||^2 g_j``; result ``sum_i g_i'``.
+
+Gram form (SPEC.md §2): write ``g_i' = sum_k C_ik g_k`` with ``C = I``; then
+``g_i' . g_j = (C G)_ij``, and the projection is ``C_ij -= (C G)_ij / (G_jj + eps)`` when negative.
+Each row ``i`` evolves independently in ``T`` sequential steps of a length-``T`` update, on the
+Gram's device with no host synchronisation; then ``w = 1^T C`` (sum; ``/ T`` for the mean) and
+``g = w^T J``. ``pcgrad(J)`` is therefore one Gram pass over ``J``, a ``T x T`` recurrence and one
+combine pass. In exact arithmetic this equals the vector form with the same orders.
+
+Orders: ``perms[i]`` is the order in which task ``i`` visits the tasks — a permutation of all
+``T`` tasks, ``i`` included, as in LibMTL (visiting ``i`` itself never projects unless
+``g_i' . g_i < 0``). Random orders come from a ``torch.Generator``; ``perms`` gives them explicitly.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from .._backend import register_op, select_backend
+from .._validate import check_matrix
+from .combine import combine
+from .gram import gram, segment_gram
+
+__all__ = ["pcgrad", "pcgrad_weights", "random_orders"]
+
+REDUCTIONS = ("sum", "mean")
+register_op("pcgrad_weights", ("triton", "torch"))
+
+if _backend.triton_importable()[0]:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _pcgrad_coefficients_kernel(G_ptr, perms_ptr, C_ptr, T, eps, BT: tl.constexpr):
+        """Program ``(b, i)``: row ``i`` of ``C`` for Gram ``b``, ``T`` sequential projections."""
+        b = tl.program_id(0).to(tl.int64)
+        i = tl.program_id(1)
+        ks = tl.arange(0, BT)
+        ok = ks < T
+        G_b = G_ptr + b * T * T
+        c = tl.where(ks == i, 1.0, 0.0)
+        for s in range(T):
+            j = tl.load(perms_ptr + b * T * T + i * T + s)
+            d = tl.sum(c * tl.load(G_b + ks * T + j, mask=ok, other=0.0))  # (C G)_ij
+            den = tl.load(G_b + j * T + j) + eps
+            coef = tl.where(d >= 0, 0.0, tl.where(den > 0, d / den, 0.0))   # NaN d stays NaN
+            c = tl.where(ks == j, c - coef, c)
+        tl.store(C_ptr + b * T * T + i * T + ks, c, mask=ok)
+
+
+def _coefficients_triton(G: torch.Tensor, perms: torch.Tensor, eps: float) -> torch.Tensor:
+    B, T, _ = G.shape
+    C = torch.empty_like(G)
+    BT = max(16, 1 << (T - 1).bit_length())
+    _pcgrad_coefficients_kernel[(B, T)](G, perms, C, T, eps, BT=BT, num_warps=1)
+    return C
+
+
+def _coefficients_torch(G: torch.Tensor, perms: torch.Tensor, eps: float) -> torch.Tensor:
+    """The same recurrence for all rows (and all Grams of the batch) at once, in torch."""
+    B, T, _ = G.shape
+    C = torch.eye(T, dtype=G.dtype, device=G.device).expand(B, T, T).clone()
+    diag = G.diagonal(dim1=-2, dim2=-1)
+    for s in range(T):
+        j = perms[:, :, s]                                           # [B, T]: task j for row i
+        G_cols = torch.gather(G, 2, j[:, None, :].expand(B, T, T))  # [b, k, i] = G[b, k, j_i]
+        d = (C * G_cols.transpose(1, 2)).sum(-1)                     # (C G)_{i j_i}
+        den = torch.gather(diag, 1, j) + eps
+        coef = torch.where(d >= 0, torch.zeros_like(d),
+                           torch.where(den > 0, d / den, torch.zeros_like(d)))
+        C.scatter_add_(2, j[:, :, None], -coef[:, :, None])
+    return C
+
+
+def random_orders(T: int, batch: tuple[int, ...] = (), *, generator: torch.Generator | None = None,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """Random visiting orders ``[*batch, T, T]`` (row ``i``: a permutation of ``0..T-1``) drawn
+    from ``generator`` (default: the global generator of ``device``), on ``device``."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    gen_device = generator.device if generator is not None else device
+    keys = torch.rand((*batch, T, T), generator=generator, device=gen_device)
+    return torch.argsort(keys, dim=-1).to(device, non_blocking=True)
+
+
+def _check_weights_args(G, perms, reduction, eps) -> None:
+    if not isinstance(G, torch.Tensor) or G.dim() < 2 or G.shape[-1] != G.shape[-2]:
+        raise ValueError("gradops.pcgrad_weights: G must be a Gram [T, T] or a batch [..., T, T], "
+                         f"got {tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__}")
+    if not G.is_floating_point():
+        raise TypeError(f"gradops.pcgrad_weights: G must be floating point, got {G.dtype}")
+    T = G.shape[-1]
+    if perms.dtype != torch.int64 or perms.shape != G.shape:
+        raise ValueError(f"gradops.pcgrad_weights: perms must be int64 of G's shape "
+                         f"{tuple(G.shape)} (row i = the order task i visits the tasks), got "
+                         f"{perms.dtype} {tuple(perms.shape)}")
+    if perms.device != G.device:
+        raise ValueError(f"gradops.pcgrad_weights: perms must be on G's device ({G.device}), "
+                         f"got {perms.device}")
+    if perms.device.type == "cpu" and not torch.compiler.is_compiling() and \
+            not _is_fake(perms) and perms.numel():
+        expected = torch.arange(T).expand_as(perms)
+        if not torch.equal(torch.sort(perms, dim=-1).values, expected):
+            raise ValueError(f"gradops.pcgrad_weights: every row of perms must be a permutation "
+                             f"of 0..{T - 1}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"gradops.pcgrad_weights: reduction must be one of {REDUCTIONS}, "
+                         f"got {reduction!r}")
+    if not eps >= 0:
+        raise ValueError(f"gradops.pcgrad_weights: eps must be >= 0, got {eps}")
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(t, FakeTensor)
+
+
+@torch.library.custom_op("gradops::pcgrad_weights", mutates_args=())
+def _pcgrad_weights_op(G: torch.Tensor, perms: torch.Tensor, reduction: str, eps: float
+                       ) -> torch.Tensor:
+    _check_weights_args(G, perms, reduction, eps)
+    T = G.shape[-1]
+    batch = G.shape[:-2]
+    G3 = G.to(torch.float32).reshape(-1, T, T).contiguous()
+    P3 = perms.reshape(-1, T, T).contiguous()
+    backend = select_backend("pcgrad_weights", G.device, T)
+    C = (_coefficients_triton if backend == "triton" else _coefficients_torch)(G3, P3, eps)
+    w = C.sum(-2)
+    if reduction == "mean":
+        w = w / T
+    return w.reshape(*batch, T)
+
+
+@_pcgrad_weights_op.register_fake
+def _(G, perms, reduction, eps):
+    _check_weights_args(G, perms, reduction, eps)
+    return G.new_empty(G.shape[:-1], dtype=torch.float32)
+
+
+def pcgrad_weights(G: torch.Tensor, *, generator: torch.Generator | None = None,
+                   perms: torch.Tensor | None = None, reduction: str = "sum", eps: float = 0.0
+                   ) -> torch.Tensor:
+    """PCGrad's combination weights from the Gram: ``g_pcgrad = w^T J`` (SPEC §2).
+
+    Args:
+        G: ``[T, T]`` Gram (or a batch ``[..., T, T]``, e.g. per-layer Grams ``[L, T, T]``: one
+            PCGrad per segment, weights ``[L, T]``).
+        generator: source of the random orders (reproducible); default: the global generator of
+            ``G``'s device.
+        perms: explicit orders, int64 of ``G``'s shape: ``perms[..., i, :]`` is the order in which
+            task ``i`` visits all ``T`` tasks.
+        reduction: ``"sum"`` (the paper's and LibMTL's) or ``"mean"`` (Pytorch-PCGrad's).
+        eps: added to ``||g_j||^2`` in the projection; zero gradients never project (their dot
+            products are exactly 0), so the default 0 gives no NaN and keeps PCGrad scale-invariant.
+
+    Returns:
+        float32 weights ``[..., T]`` on ``G``'s device. Non-finite ``G`` gives non-finite weights.
+    """
+    if perms is None:
+        perms = random_orders(G.shape[-1], tuple(G.shape[:-2]), generator=generator,
+                              device=G.device)
+    return torch.ops.gradops.pcgrad_weights(G, perms, reduction, eps)
+
+
+def pcgrad(J: torch.Tensor, *, generator: torch.Generator | None = None,
+           perms: torch.Tensor | None = None, reduction: str = "sum", eps: float = 0.0,
+           offsets: torch.Tensor | None = None, out: torch.Tensor | None = None,
+           return_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """PCGrad-combined gradient of task gradients ``J`` ``[T, P]``: a Gram pass, the ``T x T``
+    recurrence on device, and a combine pass (SPEC §2).
+
+    Args:
+        J: ``[T, P]`` float32 / bfloat16 / float16 (fp32 math).
+        generator, perms, reduction, eps: as in :func:`pcgrad_weights` (``perms`` is ``[T, T]``,
+            or ``[L, T, T]`` with ``offsets``).
+        offsets: per-layer PCGrad: one PCGrad per segment of this int64 ``[L+1]`` table
+            (weights ``[L, T]``).
+        out: optional ``[P]`` destination (e.g. a flat view over parameters' ``.grad``).
+        return_weights: also return the weights (``[T]`` or ``[L, T]``).
+
+    Returns:
+        ``g`` ``[P]`` in ``J``'s dtype (or ``out``), or ``(g, weights)``.
+    """
+    check_matrix(J, "pcgrad")
+    G = gram(J) if offsets is None else segment_gram(J, offsets)
+    w = pcgrad_weights(G, generator=generator, perms=perms, reduction=reduction, eps=eps)
+    g = combine(J, w, offsets, out=out)
+    return (g, w) if return_weights else g

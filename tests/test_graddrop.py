@@ -1,0 +1,116 @@
+"""GradDrop: exact selection given the noise, reproducible and statistically right without it."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gradops
+from gradops.reference import graddrop_reference, philox_uniform_reference
+
+from helpers import DTYPES, make_J
+
+
+def _noise(P, seed=0):
+    return torch.rand(P, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("T,P", [(1, 1), (2, 7), (3, 257), (8, 4099), (13, 300), (40, 777),
+                                 (64, 129)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+def test_with_noise_equals_reference(cpu_backend, T, P, dtype):
+    J = make_J(T, P, dtype, seed=P, zero_frac=0.1)
+    noise = _noise(P, T)
+    leak = torch.rand(T, generator=torch.Generator().manual_seed(1)) * 0.5
+    g, mask = gradops.graddrop(J, leak=leak, noise=noise, return_mask=True)
+    g_ref, m_ref = graddrop_reference(J, leak, noise)
+    assert mask.dtype == torch.bool and mask.shape == (T, P)
+    assert torch.equal(mask, m_ref)  # a selection: exact
+    bound = J.double().abs().sum(0) * 2e-6 + (0 if dtype == torch.float32 else
+                                              g_ref.double().abs() * 2**-7)
+    assert bool(((g.double() - g_ref.double()).abs() <= bound + 1e-30).all())
+    assert g.dtype == dtype
+
+
+def test_layouts(cpu_backend):
+    for layout in ("row_view", "every_other_row", "col_strided", "transposed"):
+        J = make_J(5, 1001, layout=layout, seed=1)
+        noise = _noise(1001)
+        g, m = gradops.graddrop(J, noise=noise, return_mask=True)
+        g_ref, m_ref = graddrop_reference(J, torch.zeros(5), noise)
+        assert torch.equal(m, m_ref)
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_internal_rng_is_philox_shared_by_all_backends(cpu_backend):
+    """Same generator state -> same result; the numbers are the documented Philox stream."""
+    J = make_J(6, 3001, seed=2)
+    g1, m1 = gradops.graddrop(J, generator=torch.Generator().manual_seed(7), return_mask=True)
+    g2, m2 = gradops.graddrop(J, generator=torch.Generator().manual_seed(7), return_mask=True)
+    assert torch.equal(g1, g2) and torch.equal(m1, m2)
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=torch.Generator().manual_seed(7)))
+    noise = philox_uniform_reference(seed, torch.arange(3001))
+    g_ref, m_ref = graddrop_reference(J, torch.zeros(6), noise)
+    assert torch.equal(m1, m_ref)
+    torch.testing.assert_close(g1, g_ref)
+    g3 = gradops.graddrop(J, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(g1, g3)
+
+
+def test_cpp_philox_matches_reference():
+    from gradops._backend import _C
+    if _C is None:
+        pytest.skip("extension not built")
+    for seed in (0, 12345, 2**33 + 7, 2**62 + 99):
+        offs = [0, 1, 2, 999, 2**32 - 1, 2**32, 2**40 + 3]
+        ref = philox_uniform_reference(seed, torch.tensor(offs))
+        got = torch.tensor([_C.philox_uniform(seed, o) for o in offs], dtype=torch.float32)
+        assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
+
+
+def test_keep_probability_matches_purity(cpu_backend):
+    """Over many independent columns with the same purity p, a positive entry is kept with
+    probability p: check the empirical rate within 5 standard errors of the binomial."""
+    P = 4000 if cpu_backend == "triton" else 200_000
+    col = torch.tensor([3.0, -1.0, 0.5, -0.5])           # S = 2, A = 5: p = 0.5 (1 + 0.4) = 0.7
+    J = col[:, None].expand(4, P).contiguous()
+    _, mask = gradops.graddrop(J, generator=torch.Generator().manual_seed(0), return_mask=True)
+    p = 0.5 * (1 + 2.0 / (5.0 + 1e-7))
+    rate = mask[0].double().mean().item()
+    se = math.sqrt(p * (1 - p) / P)
+    assert abs(rate - p) < 5 * se, (rate, p, se)
+    # the negative entries are kept exactly when the positives are not
+    assert torch.equal(mask[1], ~mask[0]) and torch.equal(mask[0], mask[2])
+
+
+def test_leak_one_is_plain_sum(cpu_backend):
+    J = make_J(5, 2000, seed=3)
+    g = gradops.graddrop(J, leak=1.0)
+    torch.testing.assert_close(g, J.sum(0), rtol=1e-6, atol=1e-5)
+    g = gradops.graddrop(J, leak=[1.0] * 5)
+    torch.testing.assert_close(g, J.sum(0), rtol=1e-6, atol=1e-5)
+
+
+def test_same_sign_columns_pass_through(cpu_backend):
+    J = make_J(4, 1000, seed=4).abs()  # all positive: purity 1 > U always
+    torch.testing.assert_close(gradops.graddrop(J), J.sum(0), rtol=1e-6, atol=1e-5)
+
+
+def test_nonfinite_propagates(cpu_backend):
+    J = make_J(3, 100, seed=0)
+    J[1, 10] = float("nan")
+    J[2, 20] = float("inf")
+    g = gradops.graddrop(J, generator=torch.Generator().manual_seed(0))
+    assert torch.isnan(g[10]) and not torch.isfinite(g[20])
+    assert torch.isfinite(g[:10]).all()
+
+
+def test_errors():
+    J = torch.randn(3, 10)
+    with pytest.raises(ValueError, match=r"leak must be in \[0, 1\]"):
+        gradops.graddrop(J, leak=1.5)
+    with pytest.raises(ValueError, match=r"noise must be \[P\] = \[10\]"):
+        gradops.graddrop(J, noise=torch.rand(9))
+    with pytest.raises(ValueError, match="leak must be a float or a float32 \\[T\\]"):
+        gradops.graddrop(J, leak=[0.1, 0.2])
