@@ -73,7 +73,8 @@ def build_extensions():
     from torch.utils import cpp_extension
 
     os.environ.setdefault("MAX_JOBS", "2")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # torch >= 2.10 headers need C++20 (bindings.cpp); the kernel files are plain C++17/CUDA
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     sources = ["csrc/bindings.cpp", "csrc/gram_cpu.cpp", "csrc/combine_cpu.cpp"]
     define_macros = []
     extra_link = ["-fopenmp"]

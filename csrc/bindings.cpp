@@ -10,8 +10,11 @@
 #include "gram_kernels.h"
 
 #ifdef GRADOPS_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+// Only the light c10 headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers that a
+// bare CUDA toolkit may lack.
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #endif
 
 #ifdef _OPENMP
@@ -169,13 +172,16 @@ Result segment_gram_cuda(const at::Tensor& J_in, const at::Tensor& offsets_in, b
   check_offsets(J, offsets);
   const int64_t L = offsets.numel() - 1;
   Result out = allocate(J, L, with_counts);
-  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int num_sms = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount,
+                                     J.device().index()) == cudaSuccess,
+              "gradops: cannot query the multiprocessor count of ", J.device());
   const size_t ws_bytes = gradops::segment_gram_cuda_workspace_bytes(J.size(0), J.size(1), L,
                                                                     with_counts, num_sms);
   auto workspace = at::empty({static_cast<int64_t>(ws_bytes)}, J.options().dtype(at::kByte));
   auto args = make_args(J, offsets, out, with_counts);
   gradops::segment_gram_cuda(args, workspace.data_ptr(), num_sms,
-                             at::cuda::getCurrentCUDAStream().stream());
+                             c10::cuda::getCurrentCUDAStream().stream());
   return out;
 }
 #endif

@@ -6,6 +6,11 @@ one run, interleaved round by round so that machine noise hits every contender a
 * ``gram``: gradops vs ``J @ J.T`` (cuBLAS / MKL) vs a Python loop over task pairs with a host
   sync per pair (what Recon's and LibMTL's code do);
 * ``segment_gram``: gradops vs a loop of per-segment matmuls vs Recon's per-layer pair loop;
+* ``combine``: gradops vs ``w @ J``;
+* ``pcgrad``: gradops (Gram pass + on-device recurrence + combine pass) vs the vector form with a
+  host sync per pair (LibMTL, the paper) vs TorchJD's ``PCGrad`` aggregator (when installed);
+* ``graddrop``: gradops (one fused pass) vs TorchJD's ``GradDrop`` aggregator (when installed) vs
+  the plain torch formula;
 * the memory floor: one read of ``J`` (``J.sum(0)``).
 
 Each row reports the median time, the bytes of ``J`` read per second, and the time as a multiple
@@ -21,7 +26,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .ops.combine import combine
+from .ops.graddrop import graddrop
 from .ops.gram import gram, segment_gram
+from .ops.pcgrad import pcgrad, random_orders
+from .reference import graddrop_reference, pcgrad_reference
 from .segments import offsets_from_numels
 
 
@@ -69,6 +78,21 @@ def segment_pair_loop(J: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
             for j in range(i, T):
                 out[l, i, j] = out[l, j, i] = float(torch.dot(X[i], X[j]))
     return out
+
+
+def torchjd_aggregators() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """TorchJD's PCGrad and GradDrop aggregators, if torchjd is installed (else empty)."""
+    try:
+        from torchjd import aggregation
+    except ImportError:
+        return {}
+    return {"pcgrad": aggregation.PCGrad(), "graddrop": aggregation.GradDrop()}
+
+
+def torch_graddrop(J: torch.Tensor) -> torch.Tensor:
+    """GradDrop written as plain torch ops (several full-size temporaries)."""
+    noise = torch.rand(J.shape[1], device=J.device)
+    return graddrop_reference(J, torch.zeros(J.shape[0], device=J.device), noise)[0]
 
 
 # --- timing ------------------------------------------------------------------------------------
@@ -139,14 +163,44 @@ def bench_case(T: int, P: int, L: int, dtype: torch.dtype, device: torch.device,
     if pair_loops:
         fns["gram: pair loop (LibMTL/Recon)"] = lambda: pair_loop_gram(J)
         fns["segment_gram: pair loop per layer (Recon)"] = lambda: segment_pair_loop(J, offsets)
+    return _rows(fns, J, L, device, rounds, budget_s)
+
+
+def bench_methods_case(T: int, P: int, dtype: torch.dtype, device: torch.device,
+                       rounds: int = 15, vector_form: bool = True,
+                       budget_s: float = 20.0) -> list[Row]:
+    """Time combine, PCGrad and GradDrop against their peers for one shape."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    J = torch.randn(T, P, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+    w = torch.randn(T, generator=g).to(device)
+    perms = random_orders(T, generator=g, device=device)
+    fns: dict[str, Callable[[], object]] = {
+        "one read (J.sum(0))": lambda: one_read(J),
+        "combine: gradops": lambda: combine(J, w),
+        "combine: w @ J": lambda: w.to(J.dtype) @ J,
+        "pcgrad: gradops": lambda: pcgrad(J, perms=perms),
+        "graddrop: gradops": lambda: graddrop(J),
+        "graddrop: torch formula": lambda: torch_graddrop(J),
+    }
+    if vector_form:
+        fns["pcgrad: vector form, sync per pair (LibMTL)"] = lambda: pcgrad_reference(J, perms)
+    jd = torchjd_aggregators()
+    if jd and dtype == torch.float32:
+        fns["pcgrad: TorchJD PCGrad"] = lambda: jd["pcgrad"](J)
+        fns["graddrop: TorchJD GradDrop"] = lambda: jd["graddrop"](J)
+    return _rows(fns, J, 1, device, rounds, budget_s)
+
+
+def _rows(fns, J, L, device, rounds, budget_s) -> list[Row]:
     secs = time_side_by_side(fns, device, rounds, budget_s)
     nbytes = J.numel() * J.element_size()
     floor = secs["one read (J.sum(0))"]
     rows = []
     for name, s in secs.items():
         op, _, impl = name.partition(": ") if ": " in name else ("read", "", name)
-        rows.append(Row(op=op, impl=impl, T=T, P=P, L=L if op == "segment_gram" else 1,
-                        dtype=str(dtype).replace("torch.", ""), device=device_name(device),
+        rows.append(Row(op=op, impl=impl, T=J.shape[0], P=J.shape[1],
+                        L=L if op == "segment_gram" else 1,
+                        dtype=str(J.dtype).replace("torch.", ""), device=device_name(device),
                         ms=s * 1e3, gbps=nbytes / s / 1e9, x_read=s / floor))
     return rows
 

@@ -34,12 +34,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     Ts = _parse_ints(args.T)
     print(f"gradops bench: device {benchmark.device_name(device)}, dtype {args.dtype}, P = {P:,}, "
           f"L = {args.segments} segments, T in {Ts}, {datetime.date.today()}", flush=True)
+    suites = ("gram", "methods") if args.suite == "all" else (args.suite,)
     rows = []
     with use_backend(args.backend):
         for T in Ts:
-            rows += benchmark.bench_case(T, P, args.segments, dtype, device, rounds=args.rounds,
-                                         pair_loops=not args.no_pair_loops,
-                                         budget_s=args.budget)
+            if "gram" in suites:
+                rows += benchmark.bench_case(T, P, args.segments, dtype, device,
+                                             rounds=args.rounds, pair_loops=not args.no_pair_loops,
+                                             budget_s=args.budget)
+            if "methods" in suites:
+                rows += benchmark.bench_methods_case(T, P, dtype, device, rounds=args.rounds,
+                                                     vector_form=not args.no_pair_loops,
+                                                     budget_s=args.budget)
             print(f"  T = {T} done", flush=True)
     print()
     print(benchmark.format_rows(rows))
@@ -58,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     pi.set_defaults(fn=_cmd_info)
 
     pb = sub.add_parser("bench", help="benchmark the ops against reference implementations")
+    pb.add_argument("--suite", choices=("gram", "methods", "all"), default="all",
+                    help="gram: gram/segment_gram; methods: combine/pcgrad/graddrop")
     pb.add_argument("--T", default="2,8,40", help="comma-separated task counts (default 2,8,40)")
     pb.add_argument("--P", type=lambda s: int(float(s)), default=0,
                     help="columns of J (default 4,194,304; 262,144 with --quick)")
@@ -71,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds per shape after which timing stops (>= 3 rounds)")
     pb.add_argument("--quick", action="store_true", help="small P (a smoke run)")
     pb.add_argument("--no-pair-loops", action="store_true",
-                    help="skip the Python pair-loop peers (slow at large T)")
+                    help="skip the Python pair-loop peers and the vector-form PCGrad (slow at "
+                         "large T)")
     pb.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     pb.set_defaults(fn=_cmd_bench)
     return p

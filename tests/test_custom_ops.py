@@ -78,3 +78,64 @@ def test_torch_compile_fullgraph():
     assert torch.allclose(G, gradops.gram(J))
     assert torch.equal(counts, gradops.metrics.conflict_counts(gradops.segment_gram(J, offsets), -0.1))
     assert inc.shape == () and counts.shape == (3,) and g.shape == (3, 5, 5) and ratio.shape == (5, 5)
+
+
+def _method_samples():
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for T in (1, 3, 8):
+            yield make_J(T, 101, dtype, seed=T), torch.randn(T, generator=g)
+    yield make_J(4, 101, layout="row_view", seed=9), torch.randn(4, generator=g)
+
+
+def test_opcheck_combine(cpu_backend):
+    offsets = torch.tensor([0, 3, 3, 40, 101])
+    for J, w in _method_samples():
+        torch.library.opcheck(torch.ops.gradops.combine.default, (J, w, None))
+        torch.library.opcheck(torch.ops.gradops.combine.default,
+                              (J, w.expand(4, -1).contiguous(), offsets))
+        out = torch.empty(101, dtype=J.dtype)
+        torch.library.opcheck(torch.ops.gradops.combine_out.default, (J, w, None, out))
+
+
+def test_opcheck_graddrop(cpu_backend):
+    for J, _ in _method_samples():
+        T, P = J.shape
+        leak = torch.full((T,), 0.25)
+        seed = torch.tensor([1234])
+        torch.library.opcheck(torch.ops.gradops.graddrop.default, (J, leak, seed, None, True, 1e-7))
+        torch.library.opcheck(torch.ops.gradops.graddrop.default,
+                              (J, leak, seed, torch.rand(P), False, 1e-7))
+
+
+def test_opcheck_pcgrad_weights(cpu_backend):
+    for T in (1, 2, 5, 13):
+        J = make_J(T, 50, seed=T)
+        G = gradops.gram(J)
+        perms = gradops.random_orders(T, generator=torch.Generator().manual_seed(T))
+        for reduction in ("sum", "mean"):
+            torch.library.opcheck(torch.ops.gradops.pcgrad_weights.default,
+                                  (G, perms, reduction, 0.0))
+        Gl = gradops.segment_gram(J, torch.tensor([0, 20, 50]))
+        perms_l = gradops.random_orders(T, (2,), generator=torch.Generator().manual_seed(T))
+        torch.library.opcheck(torch.ops.gradops.pcgrad_weights.default, (Gl, perms_l, "sum", 0.0))
+
+
+def test_torch_compile_methods_fullgraph():
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def step(J, perms, noise, out):
+        g1 = gradops.pcgrad(J, perms=perms)
+        g2 = gradops.graddrop(J, noise=noise)
+        gradops.combine(J, torch.ones(J.shape[0]), out=out)
+        return g1, g2
+
+    J = make_J(4, 777, seed=1)
+    perms = gradops.random_orders(4, generator=torch.Generator().manual_seed(0))
+    noise = torch.rand(777)
+    out = torch.empty(777)
+    g1, g2 = step(J, perms, noise, out)
+    torch.testing.assert_close(g1, gradops.pcgrad(J, perms=perms))
+    torch.testing.assert_close(g2, gradops.graddrop(J, noise=noise))
+    torch.testing.assert_close(out, J.sum(0), rtol=1e-5, atol=1e-5)

@@ -49,13 +49,30 @@ def test_cli_info_and_bench(tmp_path):
                          env=env, check=True).stdout
     assert "segment_gram" in out
     csv_path = tmp_path / "bench.csv"
-    out = subprocess.run([sys.executable, "-m", "gradops", "bench", "--T", "2,3", "--P", "5000",
-                          "--segments", "7", "--rounds", "3", "--csv", str(csv_path)],
+    out = subprocess.run([sys.executable, "-m", "gradops", "bench", "--suite", "gram", "--T", "2,3",
+                          "--P", "5000", "--segments", "7", "--rounds", "3", "--csv", str(csv_path)],
                          capture_output=True, text=True, env=env, check=True).stdout
     assert "| gram | gradops | 2 |" in out and "| segment_gram | gradops | 3 |" in out
     lines = csv_path.read_text().strip().splitlines()
     assert lines[0].startswith("op,impl,T,P,L,dtype,device,ms")
     assert len(lines) == 1 + 2 * 7
+    out = subprocess.run([sys.executable, "-m", "gradops", "bench", "--suite", "methods", "--T", "3",
+                          "--P", "5000", "--rounds", "3"],
+                         capture_output=True, text=True, env=env, check=True).stdout
+    for op in ("combine", "pcgrad", "graddrop"):
+        assert f"| {op} | gradops | 3 |" in out
+
+
+def test_method_peers_compute_the_same_thing():
+    J = torch.randn(3, 500)
+    perms = gradops.random_orders(3, generator=torch.Generator().manual_seed(0))
+    from gradops.reference import pcgrad_reference
+    assert torch.allclose(gradops.pcgrad(J, perms=perms), pcgrad_reference(J, perms), atol=1e-4)
+    jd = benchmark.torchjd_aggregators()
+    if jd:  # TorchJD's PCGrad uses its own random orders: T = 2 does not depend on them
+        J2 = torch.randn(2, 500)
+        assert torch.allclose(jd["pcgrad"](J2), gradops.pcgrad(J2), atol=1e-4)
+    assert benchmark.torch_graddrop(J).shape == (500,)
 
 
 def test_bench_peers_compute_the_same_thing():

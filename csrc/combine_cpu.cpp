@@ -1,0 +1,693 @@
+// gradops CPU kernels: weighted combination and GradDrop, each one pass over J. Interface and math:
+// combine_kernels.h.
+//
+//   combine  (SPEC.md §0, the second pass of every Gram-weighted method):
+//       out[k] = sum_t w[l(k), t] * J[t, k]
+//   graddrop (SPEC.md §3; Z. Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with
+//       Gradient Sign Dropout", NeurIPS 2020; the parameter-gradient variant of TorchJD / CAGrad):
+//       S_k = sum_t J[t,k], A_k = sum_t |J[t,k]|, p_k = 0.5 (1 + S_k / (A_k + eps)), one uniform U_k
+//       per column, M[t,k] = [p_k > U_k][J[t,k] > 0] + [p_k < U_k][J[t,k] < 0],
+//       out[k] = sum_t (leak[t] + (1 - leak[t]) M[t,k]) J[t,k].
+//
+// Decomposition. Columns are cut into blocks of a fixed width; OpenMP threads take contiguous runs
+// of blocks (schedule(static)). A block is swept row by row, rows in groups of four, into fp32
+// buffers that stay in L1, so every element of J comes from memory once and `out` is written once,
+// converted, after the last row. GradDrop sweeps its narrow block twice (S and A, then the masked
+// sum, which finds the block in L1); between the sweeps it draws the block's uniforms, and that
+// loop, the most compute-heavy one, prefetches the next block's rows so that memory keeps
+// streaming meanwhile. combine's sweeps prefetch their rows kPrefetchBytes ahead. When a call
+// streams more than kStreamBytes, `out` (and the mask) are written with non-temporal stores: they
+// would leave the cache before use anyway, and this saves reading their lines before writing.
+//
+// Arithmetic (fp32 whatever the dtypes). Each column is reduced on its own, in the order
+// t = 0..T-1, from +0: acc = ((0 + c_0 x_0) + c_1 x_1) + ..., every product rounded to fp32 before
+// its add (no FMA); S and A likewise, and p_k is evaluated as written above. A column's result
+// depends on nothing but its inputs: not on the block width, the thread count, or whether it falls
+// in a vector lane or a scalar tail, and both instruction-set variants agree bit for bit. Every
+// term is multiplied and added even when its coefficient is 0, so NaN/Inf in J reach `out` (a NaN
+// or an Inf in a column also makes p_k NaN: both comparisons fail, M = 0, and 0 * NaN is NaN).
+// GradDrop evaluates the formula through two exact identities:
+//  - with s_k = +1 if p_k > U_k, -1 if p_k < U_k, 0 otherwise (NaN p_k: 0), M[t,k] = [s_k x > 0]
+//    (x * (+-1) is exact; x * 0 is +-0 or NaN, never > 0);
+//  - for M in {0, 1} and leak in [0, 1], fp32 leak + (1 - leak) * M is exactly leak (M = 0) or
+//    exactly 1 (M = 1: 1 - leak is exact for leak >= 0.5 and otherwise within 2^-25 of it, so the
+//    sum rounds to 1), so the coefficient is a select between leak and 1.
+//
+// Uniforms: U_k = philox_uniform(seed, philox_offset + k) (uint64 wrap-around), bit-identical to
+// Triton 3.x `tl.rand(seed, offset)` with an int64 seed and int64 offsets: Philox4x32-10
+// (J. Salmon et al., "Parallel Random Numbers: As Easy as 1, 2, 3", SC 2011), counter
+// (offset_lo, offset_hi, 0, 0), key (seed_lo, seed_hi); the first output word, read as int32 x,
+// maps to float(x < 0 ? ~x : x) * 4.6566127342e-10f (conversion rounded to nearest, fp32 product).
+//
+// Conversions. bf16 -> fp32 is `bits << 16`, fp16 -> fp32 is exact (F16C or software); fp32 ->
+// bf16/fp16 rounds to nearest even, overflows to Inf and keeps NaN a (quiet) NaN.
+//
+// Instruction sets: an AVX2+F16C variant (function-level target attribute, chosen at run time
+// with __builtin_cpu_supports) and a portable scalar variant. The AVX2 target deliberately leaves
+// out FMA: GCC contracts a * b + c by default (-ffp-contract=fast, also with -std=c++17), which
+// would round differently from the portable variant. The scalar helpers are shared: they are the
+// portable variant's loops and the AVX2 variant's column tails.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "combine_kernels.h"
+
+#define GRADOPS_AVX2 __attribute__((target("avx2,f16c")))
+#define GRADOPS_INLINE inline __attribute__((always_inline))
+#define GRADOPS_AVX2_LAMBDA __attribute__((target("avx2,f16c"), always_inline))
+
+namespace gradops {
+namespace {
+
+// Block widths in columns (multiples of 32). combine: the fp32 accumulator (8 KiB) stays in L1.
+// GradDrop: four fp32 buffers (4 KiB) and the T x 256 block of J, re-read from L1 (L2 for large T).
+constexpr int64_t kCombineBlock = 2048;
+constexpr int64_t kGradDropBlock = 256;
+// Software prefetch distance along a row of J in combine's sweeps, in bytes.
+constexpr int64_t kPrefetchBytes = 2048;
+// Calls that move more bytes than this (J and out) write out / the mask with non-temporal
+// stores: more than a last-level cache, so the output would not stay cached for its consumer.
+constexpr int64_t kStreamBytes = int64_t{32} << 20;
+
+// Philox4x32 constants (Triton's names).
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
+constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
+constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
+constexpr int kPhiloxRounds = 10;
+constexpr float kUniformScale = 4.6566127342e-10f;
+
+// ---------------------------------------------------------------------------------------------
+// Scalar conversions.
+
+GRADOPS_INLINE uint32_t bits_of(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
+GRADOPS_INLINE float float_of(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+// Exact IEEE binary16 -> binary32 (subnormals, Inf, NaN).
+GRADOPS_INLINE float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t man = h & 0x3ffu;
+  if (exp == 0x1f) return float_of(sign | 0x7f800000u | (man << 13));      // Inf / NaN
+  if (exp != 0) return float_of(sign | ((exp + 112) << 23) | (man << 13));  // rebias 15 -> 127
+  return float_of(bits_of(static_cast<float>(man) * 0x1p-24f) | sign);      // zero / subnormal
+}
+
+GRADOPS_INLINE float bf16_to_float(uint16_t h) { return float_of(static_cast<uint32_t>(h) << 16); }
+
+// binary32 -> bfloat16, round to nearest even; NaN -> quiet NaN (same sign and top payload).
+GRADOPS_INLINE uint16_t float_to_bf16(float f) {
+  const uint32_t b = bits_of(f);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((b >> 16) | 0x40u);
+  return static_cast<uint16_t>((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+// binary32 -> binary16, round to nearest even, as F16C's vcvtps2ph in that mode: NaN -> quiet NaN
+// keeping the top payload bits, |f| >= 65520 -> Inf, subnormal results rounded exactly.
+GRADOPS_INLINE uint16_t float_to_half(float f) {
+  const uint32_t b = bits_of(f);
+  const uint32_t sign = (b >> 16) & 0x8000u;
+  const uint32_t ab = b & 0x7fffffffu;
+  uint32_t h;
+  if (ab > 0x7f800000u) {
+    h = 0x7e00u | ((ab >> 13) & 0x3ffu);  // NaN
+  } else if (ab >= 0x477ff000u) {
+    h = 0x7c00u;  // 65520 (halfway between 65504 and 2^16) and above round to Inf
+  } else if (ab >= 0x38800000u) {
+    // Normal: rebias 127 -> 15 (subtract 112 << 23), round the 13 dropped bits to nearest even;
+    // a carry out of the mantissa correctly bumps the exponent.
+    h = (ab - 0x38000000u + 0xfffu + ((ab >> 13) & 1u)) >> 13;
+  } else {
+    // |f| < 2^-14: the half is round(|f| * 2^24) (subnormal, or 0x400 = 2^-14). Adding 0.5f
+    // (ulp 2^-24) performs exactly that rounding, to nearest even.
+    h = bits_of(float_of(ab) + 0.5f) - 0x3f000000u;
+  }
+  return static_cast<uint16_t>(sign | h);
+}
+
+template <DType D>
+constexpr int64_t esize() {
+  return D == DType::F32 ? 4 : 2;
+}
+
+// Element k of a J row (`row`: the address of the row's first column in the block), as fp32.
+template <DType D>
+GRADOPS_INLINE float load1(const char* row, int64_t k) {
+  if constexpr (D == DType::F32) {
+    return reinterpret_cast<const float*>(row)[k];
+  } else {
+    const uint16_t h = reinterpret_cast<const uint16_t*>(row)[k];
+    return D == DType::F16 ? half_to_float(h) : bf16_to_float(h);
+  }
+}
+
+float philox_scalar(uint64_t seed, uint64_t offset) {
+  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32);
+  uint32_t c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    const uint64_t pb = static_cast<uint64_t>(kPhiloxRoundB) * c2;  // of the old c2
+    const uint64_t pa = static_cast<uint64_t>(kPhiloxRoundA) * c0;  // of the old c0
+    c0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
+    c2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(pb);
+    c3 = static_cast<uint32_t>(pa);
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  int32_t x;
+  std::memcpy(&x, &c0, 4);
+  if (x < 0) x = ~x;
+  return static_cast<float>(x) * kUniformScale;
+}
+
+// Whether non-temporal stores are used for an output of `bytes_out` bytes at `dst` (`align`:
+// the alignment the vector stores need) in a call moving `bytes_total` bytes.
+bool use_stream(int64_t bytes_total, const void* dst, uintptr_t align) {
+  return bytes_total > kStreamBytes && reinterpret_cast<uintptr_t>(dst) % align == 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar helpers over columns [k0, k1) of a block or part. Rows are p, p + rsb, ... (rsb: row
+// stride in bytes). `first`: this row group starts the reduction (from +0) instead of adding to
+// the buffers.
+
+// acc[k] (+)= sum_{i < R} w[i] * x_i[k].
+template <DType D>
+GRADOPS_INLINE void rows_scalar(const char* p, int64_t rsb, const float* w, int R, bool first,
+                                int64_t k0, int64_t k1, float* acc) {
+  for (int64_t k = k0; k < k1; ++k) {
+    float s = first ? 0.0f : acc[k];
+    for (int i = 0; i < R; ++i) s = s + w[i] * load1<D>(p + i * rsb, k);
+    acc[k] = s;
+  }
+}
+
+// S[k] (+)= sum_i x_i[k], A[k] (+)= sum_i |x_i[k]|.
+template <DType D>
+GRADOPS_INLINE void sums_scalar(const char* p, int64_t rsb, int R, bool first, int64_t k0,
+                                int64_t k1, float* S, float* A) {
+  for (int64_t k = k0; k < k1; ++k) {
+    float s = first ? 0.0f : S[k], a = first ? 0.0f : A[k];
+    for (int i = 0; i < R; ++i) {
+      const float x = load1<D>(p + i * rsb, k);
+      s = s + x;
+      a = a + float_of(bits_of(x) & 0x7fffffffu);
+    }
+    S[k] = s;
+    A[k] = a;
+  }
+}
+
+// Per column: p = 0.5 (1 + S / (A + eps)), U = noise[k] or Philox (counter off0 + k), and the
+// kept sign sgn = +1 (p > U), -1 (p < U) or 0.
+GRADOPS_INLINE void sign_scalar(const float* S, const float* A, float eps, const float* noise,
+                                uint64_t seed, uint64_t off0, int64_t k0, int64_t k1, float* sgn) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const float p = 0.5f * (1.0f + S[k] / (A[k] + eps));
+    const float u = noise != nullptr ? noise[k] : philox_scalar(seed, off0 + k);
+    sgn[k] = p > u ? 1.0f : (p < u ? -1.0f : 0.0f);
+  }
+}
+
+// acc[k] (+)= sum_{i < R} (M_i[k] ? 1 : leak[i]) * x_i[k] with M_i[k] = [sgn[k] * x_i[k] > 0];
+// M also stored to mask[i * mstride + k] when mask != nullptr.
+template <DType D>
+GRADOPS_INLINE void drop_scalar(const char* p, int64_t rsb, const float* leak, int R, bool first,
+                                int64_t k0, int64_t k1, const float* sgn, float* acc, bool* mask,
+                                int64_t mstride) {
+  for (int64_t k = k0; k < k1; ++k) {
+    float s = first ? 0.0f : acc[k];
+    for (int i = 0; i < R; ++i) {
+      const float x = load1<D>(p + i * rsb, k);
+      const bool m = sgn[k] * x > 0.0f;
+      s = s + (m ? 1.0f : leak[i]) * x;
+      if (mask != nullptr) mask[i * mstride + k] = m;
+    }
+    acc[k] = s;
+  }
+}
+
+// out[c0 + k] = acc[k] converted, k in [k0, k1).
+GRADOPS_INLINE void store_scalar(const float* acc, int64_t k0, int64_t k1, void* out, int64_t c0,
+                                 DType od) {
+  if (od == DType::F32) {
+    float* o = static_cast<float*>(out) + c0;
+    for (int64_t k = k0; k < k1; ++k) o[k] = acc[k];
+  } else {
+    uint16_t* o = static_cast<uint16_t*>(out) + c0;
+    for (int64_t k = k0; k < k1; ++k)
+      o[k] = od == DType::F16 ? float_to_half(acc[k]) : float_to_bf16(acc[k]);
+  }
+}
+
+// Calls f(t, R, first) for the row groups [t, t + R) that cover 0..T-1 in order (R = 4, then the
+// remainder), R a std::integral_constant.
+template <class F>
+GRADOPS_INLINE void for_row_groups(int64_t T, F f) {
+  int64_t t = 0;
+  for (; t + 4 <= T; t += 4) f(t, std::integral_constant<int, 4>(), t == 0);
+  switch (T - t) {
+    case 3: f(t, std::integral_constant<int, 3>(), t == 0); break;
+    case 2: f(t, std::integral_constant<int, 2>(), t == 0); break;
+    case 1: f(t, std::integral_constant<int, 1>(), t == 0); break;
+    default: break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Portable variant: the scalar helpers over whole blocks / parts (plain stores only).
+
+struct Portable {
+  // acc[0, n) = sum_t w[t] * J[t, 0..n) (rows p + t * rsb).
+  template <DType D>
+  static void accumulate(const char* p, int64_t rsb, int64_t T, const float* w, int64_t n,
+                         float* acc) {
+    for_row_groups(T, [&](int64_t t, auto R, bool first) {
+      rows_scalar<D>(p + t * rsb, rsb, w + t, R, first, 0, n, acc);
+    });
+  }
+
+  template <DType OD>
+  static void store(const float* acc, int64_t n, void* out, int64_t c0, bool /*stream*/) {
+    store_scalar(acc, 0, n, out, c0, OD);
+  }
+
+  // GradDrop over columns [0, n) (n <= kGradDropBlock) of a block (rows p + t * rsb), out and
+  // mask from column c0 on: S and A, the kept signs, the masked sum, through block buffers.
+  template <DType D, DType OD>
+  static void graddrop(const char* p, int64_t rsb, const GradDropArgs& a, int64_t c0, int64_t n,
+                       bool /*stream_out*/, bool /*stream_mask*/) {
+    float S[kGradDropBlock], A[kGradDropBlock], sgn[kGradDropBlock], acc[kGradDropBlock];
+    for_row_groups(a.T, [&](int64_t t, auto R, bool first) {
+      sums_scalar<D>(p + t * rsb, rsb, R, first, 0, n, S, A);
+    });
+    sign_scalar(S, A, a.eps, a.noise != nullptr ? a.noise + c0 : nullptr, a.seed,
+                a.philox_offset + static_cast<uint64_t>(c0), 0, n, sgn);
+    bool* mask = a.mask != nullptr ? a.mask + c0 : nullptr;
+    for_row_groups(a.T, [&](int64_t t, auto R, bool first) {
+      drop_scalar<D>(p + t * rsb, rsb, a.leak + t, R, first, 0, n, sgn, acc,
+                     mask != nullptr ? mask + t * a.P : nullptr, a.P);
+    });
+    store_scalar(acc, 0, n, a.out, c0, OD);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 + F16C variant: 8 columns per vector, the scalar helpers for the last n % 8 columns.
+
+// 8 elements of a J row as fp32.
+template <DType D>
+GRADOPS_AVX2 GRADOPS_INLINE __m256 load8(const char* row, int64_t k) {
+  if constexpr (D == DType::F32) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + k);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * k));
+    if constexpr (D == DType::F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+// out[k .. k+8) = v converted to OD (as store_scalar); Stream: non-temporal (out + k aligned).
+template <DType OD, bool Stream>
+GRADOPS_AVX2 GRADOPS_INLINE void store8(void* out, int64_t k, __m256 v) {
+  if constexpr (OD == DType::F32) {
+    float* o = static_cast<float*>(out) + k;
+    if constexpr (Stream) _mm256_stream_ps(o, v); else _mm256_storeu_ps(o, v);
+  } else {
+    __m128i h;
+    if constexpr (OD == DType::F16) {
+      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+    } else {  // bf16, as float_to_bf16
+      const __m256i b = _mm256_castps_si256(v);
+      const __m256i top = _mm256_srli_epi32(b, 16);
+      const __m256i rounded = _mm256_srli_epi32(
+          _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                               _mm256_and_si256(top, _mm256_set1_epi32(1)))),
+          16);
+      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      const __m256i h32 =
+          _mm256_blendv_epi8(rounded, _mm256_or_si256(top, _mm256_set1_epi32(0x40)), nan);
+      h = _mm_packus_epi32(_mm256_castsi256_si128(h32), _mm256_extracti128_si256(h32, 1));
+    }
+    __m128i* o = reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + k);
+    if constexpr (Stream) _mm_stream_si128(o, h); else _mm_storeu_si128(o, h);
+  }
+}
+
+GRADOPS_AVX2 GRADOPS_INLINE __m256i key(uint32_t k) {
+  return _mm256_set1_epi32(static_cast<int>(k));
+}
+
+// Philox4x32-10 on the 8 * G counters base + 0 .. 8G-1 -> their uniforms u[g] (as philox_scalar),
+// G independent groups interleaved for instruction-level parallelism. The counters are split
+// into even and odd columns, each held in the low words of 64-bit lanes (the high words are
+// ignored by _mm256_mul_epu32 and never reach the output), so one multiply gives both words of 4
+// products. Work that does not reach the output word is skipped: round 1 has c2 = c3 = 0 (one
+// product); when all the counters share their high word, round 2's A * c0 is one scalar product;
+// round 10 only needs c0.
+template <int G>
+GRADOPS_AVX2 GRADOPS_INLINE void philox(uint64_t seed, uint64_t base, __m256* u) {
+  constexpr int H = 2 * G;  // halves: even and odd columns of each group
+  const __m256i ma = _mm256_set1_epi64x(kPhiloxRoundA), mb = _mm256_set1_epi64x(kPhiloxRoundB);
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const uint32_t hi = static_cast<uint32_t>(base >> 32);
+  __m256i c0[H], c1[H], c2[H], c3[H];
+  for (int h = 0; h < H; ++h) {
+    // Round 1: c0 = hi ^ k0, c1 = 0, c2 = hi(A lo) ^ k1, c3 = lo(A lo).
+    const int64_t first = 8 * (h / 2) + (h % 2);
+    const __m256i ctr = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(base)),
+                                         _mm256_setr_epi64x(first, first + 2, first + 4, first + 6));
+    const __m256i pa = _mm256_mul_epu32(ctr, ma);
+    c0[h] = _mm256_xor_si256(_mm256_srli_epi64(ctr, 32), key(k0));
+    c2[h] = _mm256_xor_si256(_mm256_srli_epi64(pa, 32), key(k1));
+    c3[h] = pa;
+  }
+  // Round 2 (c1 = 0).
+  const uint32_t k0_2 = k0 + kPhiloxKeyA, k1_2 = k1 + kPhiloxKeyB;
+  if (static_cast<uint32_t>(base) <= 0xFFFFFFFFu - (8 * G - 1)) {  // c0 = hi ^ k0 in every lane
+    const uint64_t pa = static_cast<uint64_t>(kPhiloxRoundA) * (hi ^ k0);
+    for (int h = 0; h < H; ++h) {
+      const __m256i pb = _mm256_mul_epu32(c2[h], mb);
+      c0[h] = _mm256_xor_si256(_mm256_srli_epi64(pb, 32), key(k0_2));
+      c2[h] = _mm256_xor_si256(c3[h], key(static_cast<uint32_t>(pa >> 32) ^ k1_2));
+      c1[h] = pb;
+      c3[h] = key(static_cast<uint32_t>(pa));
+    }
+  } else {
+    for (int h = 0; h < H; ++h) {
+      const __m256i pb = _mm256_mul_epu32(c2[h], mb), pa = _mm256_mul_epu32(c0[h], ma);
+      c0[h] = _mm256_xor_si256(_mm256_srli_epi64(pb, 32), key(k0_2));
+      c2[h] = _mm256_xor_si256(_mm256_srli_epi64(pa, 32), _mm256_xor_si256(c3[h], key(k1_2)));
+      c1[h] = pb;
+      c3[h] = pa;
+    }
+  }
+  // Rounds 3 to 9 (the key is folded into c1 / c3 off the multiply chain).
+  for (uint32_t r = 2; r + 1 < kPhiloxRounds; ++r) {
+    const __m256i key0 = key(k0 + r * kPhiloxKeyA), key1 = key(k1 + r * kPhiloxKeyB);
+    for (int h = 0; h < H; ++h) {
+      const __m256i pb = _mm256_mul_epu32(c2[h], mb), pa = _mm256_mul_epu32(c0[h], ma);
+      c0[h] = _mm256_xor_si256(_mm256_srli_epi64(pb, 32), _mm256_xor_si256(c1[h], key0));
+      c2[h] = _mm256_xor_si256(_mm256_srli_epi64(pa, 32), _mm256_xor_si256(c3[h], key1));
+      c1[h] = pb;
+      c3[h] = pa;
+    }
+  }
+  // Round 10, c0 only.
+  const __m256i key0 = key(k0 + (kPhiloxRounds - 1) * kPhiloxKeyA);
+  for (int h = 0; h < H; ++h)
+    c0[h] = _mm256_xor_si256(_mm256_srli_epi64(_mm256_mul_epu32(c2[h], mb), 32),
+                             _mm256_xor_si256(c1[h], key0));
+  // Interleave the even and odd columns back: int32 x per column, then x < 0 ? ~x : x.
+  for (int g = 0; g < G; ++g) {
+    const __m256i x = _mm256_blend_epi32(c0[2 * g], _mm256_slli_epi64(c0[2 * g + 1], 32), 0xAA);
+    const __m256i y = _mm256_xor_si256(x, _mm256_srai_epi32(x, 31));
+    u[g] = _mm256_mul_ps(_mm256_cvtepi32_ps(y), _mm256_set1_ps(kUniformScale));
+  }
+}
+
+struct Avx2 {
+  // acc[0, n) (+)= sum_{i < R} w[i] * x_i[0, n), prefetching the R rows kPrefetchBytes ahead
+  // (once per 64-byte line).
+  template <DType D, int R>
+  GRADOPS_AVX2 static void rows(const char* p, int64_t rsb, const float* w, bool first,
+                                int64_t n, float* acc) {
+    constexpr int64_t line = 64 / esize<D>();  // columns per line: 16 or 32
+    __m256 wv[R];
+    for (int i = 0; i < R; ++i) wv[i] = _mm256_set1_ps(w[i]);
+    const int64_t n8 = n & ~int64_t{7};
+    for (int64_t k = 0; k < n8; k += 8) {
+      if (k % line == 0)
+        for (int i = 0; i < R; ++i)
+          _mm_prefetch(p + i * rsb + k * esize<D>() + kPrefetchBytes, _MM_HINT_T0);
+      __m256 s = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + k);
+      for (int i = 0; i < R; ++i)
+        s = _mm256_add_ps(s, _mm256_mul_ps(wv[i], load8<D>(p + i * rsb, k)));
+      _mm256_storeu_ps(acc + k, s);
+    }
+    rows_scalar<D>(p, rsb, w, R, first, n8, n, acc);
+  }
+
+  template <DType D>
+  static void accumulate(const char* p, int64_t rsb, int64_t T, const float* w, int64_t n,
+                         float* acc) {
+    for_row_groups(T, [&](int64_t t, auto R, bool first) {
+      rows<D, R>(p + t * rsb, rsb, w + t, first, n, acc);
+    });
+  }
+
+  // out[c0 + k] = acc[k] converted, k in [0, n); acc 32-byte aligned.
+  template <DType OD>
+  GRADOPS_AVX2 static void store(const float* acc, int64_t n, void* out, int64_t c0,
+                                 bool stream) {
+    const int64_t n8 = n & ~int64_t{7};
+    if (stream) {
+      for (int64_t k = 0; k < n8; k += 8) store8<OD, true>(out, c0 + k, _mm256_load_ps(acc + k));
+    } else {
+      for (int64_t k = 0; k < n8; k += 8) store8<OD, false>(out, c0 + k, _mm256_load_ps(acc + k));
+    }
+    store_scalar(acc, n8, n, out, c0, OD);
+  }
+
+  // S[0, n) (+)= sum_i x_i, A[0, n) (+)= sum_i |x_i| over whole vectors (n a multiple of 8).
+  template <DType D, int R>
+  GRADOPS_AVX2 static void sums_rows(const char* p, int64_t rsb, bool first, int64_t n, float* S,
+                                     float* A) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t k = 0; k < n; k += 8) {
+      __m256 s = first ? _mm256_setzero_ps() : _mm256_load_ps(S + k);
+      __m256 ab = first ? _mm256_setzero_ps() : _mm256_load_ps(A + k);
+      for (int i = 0; i < R; ++i) {
+        const __m256 x = load8<D>(p + i * rsb, k);
+        s = _mm256_add_ps(s, x);
+        ab = _mm256_add_ps(ab, _mm256_and_ps(x, abs_mask));
+      }
+      _mm256_store_ps(S + k, s);
+      _mm256_store_ps(A + k, ab);
+    }
+  }
+
+  // sgn[0, n) (n a multiple of 8) as sign_scalar, uniforms from noise or from Philox (16 columns
+  // at a time). Prefetches the T rows `next` (the next block), one 64-byte line per row every
+  // 64 bytes of columns.
+  template <DType D>
+  GRADOPS_AVX2 static void sign(const float* S, const float* A, float eps, const float* noise,
+                                uint64_t seed, uint64_t off0, int64_t n, float* sgn,
+                                const char* next, int64_t rsb, int64_t T) {
+    constexpr int64_t line = 64 / esize<D>();
+    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+    const __m256 minus_one = _mm256_set1_ps(-1.0f), epsv = _mm256_set1_ps(eps);
+    auto sign8 = [&](int64_t k, __m256 u) GRADOPS_AVX2_LAMBDA {
+      if (k % line == 0) {
+        const char* r = next + k * esize<D>();
+        for (int64_t t = 0; t < T; ++t, r += rsb) _mm_prefetch(r, _MM_HINT_T0);
+      }
+      const __m256 q =
+          _mm256_div_ps(_mm256_load_ps(S + k), _mm256_add_ps(_mm256_load_ps(A + k), epsv));
+      const __m256 p = _mm256_mul_ps(half, _mm256_add_ps(one, q));
+      _mm256_store_ps(sgn + k,
+                      _mm256_or_ps(_mm256_and_ps(_mm256_cmp_ps(p, u, _CMP_GT_OQ), one),
+                                   _mm256_and_ps(_mm256_cmp_ps(p, u, _CMP_LT_OQ), minus_one)));
+    };
+    int64_t k = 0;
+    if (noise != nullptr) {
+      for (; k < n; k += 8) sign8(k, _mm256_loadu_ps(noise + k));
+      return;
+    }
+    for (; k + 16 <= n; k += 16) {
+      __m256 u[2];
+      philox<2>(seed, off0 + k, u);
+      sign8(k, u[0]);
+      sign8(k + 8, u[1]);
+    }
+    for (; k < n; k += 8) {
+      __m256 u;
+      philox<1>(seed, off0 + k, &u);
+      sign8(k, u);
+    }
+  }
+
+  // acc[0, n) (+)= the masked terms of R rows (as drop_scalar) over whole vectors; the mask
+  // bytes with non-temporal 8-byte stores when stream_mask (mask rows 8-byte aligned).
+  template <DType D, int R>
+  GRADOPS_AVX2 static void drop_rows(const char* p, int64_t rsb, const float* leak, bool first,
+                                     int64_t n, const float* sgn, float* acc, bool* mask,
+                                     int64_t mstride, bool stream_mask) {
+    __m256 lv[R];
+    for (int i = 0; i < R; ++i) lv[i] = _mm256_set1_ps(leak[i]);
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    for (int64_t k = 0; k < n; k += 8) {
+      __m256 s = first ? zero : _mm256_load_ps(acc + k);
+      const __m256 sg = _mm256_load_ps(sgn + k);
+      for (int i = 0; i < R; ++i) {
+        const __m256 x = load8<D>(p + i * rsb, k);
+        const __m256 m = _mm256_cmp_ps(_mm256_mul_ps(sg, x), zero, _CMP_GT_OQ);
+        s = _mm256_add_ps(s, _mm256_mul_ps(_mm256_blendv_ps(lv[i], one, m), x));
+        if (mask != nullptr) {
+          // lanes 0 / -1 -> bytes 0 / 1
+          const __m256i m01 = _mm256_srli_epi32(_mm256_castps_si256(m), 31);
+          const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(m01),
+                                            _mm256_extracti128_si256(m01, 1));
+          const __m128i b = _mm_packs_epi16(w, w);
+          bool* dst = mask + i * mstride + k;
+          if (stream_mask)
+            _mm_stream_si64(reinterpret_cast<long long*>(dst), _mm_cvtsi128_si64(b));
+          else
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), b);
+        }
+      }
+      _mm256_store_ps(acc + k, s);
+    }
+  }
+
+  // GradDrop over columns [0, n) (n <= kGradDropBlock) of a block (rows p + t * rsb), out and
+  // mask from column c0 on: S and A (row sweeps into L1 buffers), the kept signs (Philox; this
+  // loop prefetches the next block), the masked sum (row sweeps again, the block now in L1).
+  template <DType D, DType OD>
+  GRADOPS_AVX2 static void graddrop(const char* p, int64_t rsb, const GradDropArgs& a,
+                                    int64_t c0, int64_t n, bool stream_out, bool stream_mask) {
+    alignas(32) float S[kGradDropBlock], A[kGradDropBlock], sgn[kGradDropBlock],
+        acc[kGradDropBlock];
+    const int64_t T = a.T, n8 = n & ~int64_t{7};
+    bool* mask = a.mask != nullptr ? a.mask + c0 : nullptr;
+    for_row_groups(T, [&](int64_t t, auto R, bool first) {
+      sums_rows<D, R>(p + t * rsb, rsb, first, n8, S, A);
+    });
+    sign<D>(S, A, a.eps, a.noise != nullptr ? a.noise + c0 : nullptr, a.seed,
+            a.philox_offset + static_cast<uint64_t>(c0), n8, sgn, p + n * esize<D>(), rsb, T);
+    for_row_groups(T, [&](int64_t t, auto R, bool first) {
+      drop_rows<D, R>(p + t * rsb, rsb, a.leak + t, first, n8, sgn, acc,
+                      mask != nullptr ? mask + t * a.P : nullptr, a.P, stream_mask);
+    });
+    store<OD>(acc, n8, a.out, c0, stream_out);
+    if (n8 < n)  // the last n % 8 columns, as the portable variant
+      Portable::graddrop<D, OD>(p + n8 * esize<D>(), rsb, a, c0 + n8, n - n8, false, false);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Drivers (shared by both variants). A thread's non-temporal stores are fenced before the end of
+// the parallel region.
+
+template <class Isa, DType D, DType OD>
+void combine_blocks(const CombineArgs& a) {
+  const int64_t P = a.P, T = a.T, L = a.L;
+  const int64_t rsb = a.row_stride * esize<D>();
+  const char* J = static_cast<const char*>(a.J);
+  const int64_t* off = a.offsets;
+  const int64_t nb = (P + kCombineBlock - 1) / kCombineBlock;
+  const bool stream = use_stream((T * esize<D>() + esize<OD>()) * P, a.out, 8 * esize<OD>());
+#pragma omp parallel if (nb > 1)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t b = 0; b < nb; ++b) {
+      alignas(32) float acc[kCombineBlock];
+      const int64_t c0 = b * kCombineBlock, c1 = std::min(P, c0 + kCombineBlock);
+      if (off == nullptr) {
+        Isa::template accumulate<D>(J + c0 * esize<D>(), rsb, T, a.weights, c1 - c0, acc);
+      } else {
+        // The segment holding column c0, then the following ones up to c1 (an empty segment
+        // holds no column, so upper_bound passes over it).
+        int64_t l = std::upper_bound(off, off + L + 1, c0) - off - 1;
+        for (; l < L && off[l] < c1; ++l) {
+          const int64_t s0 = std::max(off[l], c0), s1 = std::min(off[l + 1], c1);
+          if (s0 < s1)
+            Isa::template accumulate<D>(J + s0 * esize<D>(), rsb, T, a.weights + l * T, s1 - s0,
+                                        acc + (s0 - c0));
+        }
+      }
+      Isa::template store<OD>(acc, c1 - c0, a.out, c0, stream);
+    }
+    if (stream) _mm_sfence();
+  }
+}
+
+template <class Isa, DType D, DType OD>
+void graddrop_blocks(const GradDropArgs& a) {
+  const int64_t P = a.P, T = a.T;
+  const int64_t rsb = a.row_stride * esize<D>();
+  const char* J = static_cast<const char*>(a.J);
+  const int64_t nb = (P + kGradDropBlock - 1) / kGradDropBlock;
+  const int64_t bytes = (T * esize<D>() + esize<OD>() + (a.mask != nullptr ? T : 0)) * P;
+  const bool stream_out = use_stream(bytes, a.out, 8 * esize<OD>());
+  const bool stream_mask = a.mask != nullptr && P % 8 == 0 && use_stream(bytes, a.mask, 8);
+#pragma omp parallel if (nb > 1)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t c0 = b * kGradDropBlock, n = std::min(P - c0, kGradDropBlock);
+      Isa::template graddrop<D, OD>(J + c0 * esize<D>(), rsb, a, c0, n, stream_out, stream_mask);
+    }
+    if (stream_out || stream_mask) _mm_sfence();
+  }
+}
+
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+// Dispatch on (J dtype, out dtype).
+template <template <class, DType, DType> class Kernel, class Isa, DType D, class Args>
+void run_out(const Args& a) {
+  switch (a.out_dtype) {
+    case DType::BF16: Kernel<Isa, D, DType::BF16>::run(a); break;
+    case DType::F16: Kernel<Isa, D, DType::F16>::run(a); break;
+    default: Kernel<Isa, D, DType::F32>::run(a); break;
+  }
+}
+
+template <template <class, DType, DType> class Kernel, class Isa, class Args>
+void run_in(const Args& a) {
+  switch (a.dtype) {
+    case DType::BF16: run_out<Kernel, Isa, DType::BF16>(a); break;
+    case DType::F16: run_out<Kernel, Isa, DType::F16>(a); break;
+    default: run_out<Kernel, Isa, DType::F32>(a); break;
+  }
+}
+
+template <template <class, DType, DType> class Kernel, class Args>
+void run(const Args& a) {
+  if (cpu_has_avx2())
+    run_in<Kernel, Avx2>(a);
+  else
+    run_in<Kernel, Portable>(a);
+}
+
+template <class Isa, DType D, DType OD>
+struct Combine {
+  static void run(const CombineArgs& a) { combine_blocks<Isa, D, OD>(a); }
+};
+
+template <class Isa, DType D, DType OD>
+struct GradDrop {
+  static void run(const GradDropArgs& a) { graddrop_blocks<Isa, D, OD>(a); }
+};
+
+}  // namespace
+
+void combine_cpu(const CombineArgs& a) {
+  if (a.P > 0) run<Combine>(a);
+}
+
+void graddrop_cpu(const GradDropArgs& a) {
+  if (a.P > 0) run<GradDrop>(a);
+}
+
+float philox_uniform(uint64_t seed, uint64_t offset) { return philox_scalar(seed, offset); }
+
+}  // namespace gradops

@@ -1,0 +1,676 @@
+// gradops CPU kernel: per-segment Gram matrices and sign-conflict counts in one pass over J
+// (SPEC.md §1: Gram G^(l) = J_l J_l^T and the sign-conflict ratio opposite / both_nonzero).
+// Interface and math: gram_kernels.h.
+//
+// Decomposition (fixed, so results are bit-identical for any OpenMP thread count):
+//  - Columns are cut into pieces of `piece_cols(T)` columns at multiples of that size (a function
+//    of T only). A piece meets a run of segments; each (piece, segment) intersection is a *part*.
+//  - A part is reduced in tiles of kTileCols columns starting at the part's first column. Inside
+//    a tile the dot products run in fp32 (8-lane vector accumulators, lanes summed in a fixed
+//    order); each tile's sums are added to the part's fp64 accumulators.
+//  - A segment that lies inside one piece is written straight from its part accumulators. A
+//    segment crossing piece boundaries leaves one partial per piece in a "slot"; after the
+//    parallel loop its slots are summed in piece order (fp64), then rounded to fp32.
+//  - Threads take whole pieces (schedule(dynamic)); nothing depends on which thread runs which.
+//
+// Sign counts (optional, same pass): per tile, each row gets two bitmaps, bit k set when
+// J[i,k] > 0 (resp. < 0). -0.0, +0.0 and NaN set neither bit, so they count in neither table
+// (NaN is neither zero nor of a sign); +-Inf count with their sign. Then
+//   both_nonzero += popcount((pos_i | neg_i) & (pos_j | neg_j)),
+//   opposite     += popcount((pos_i & neg_j) | (neg_i & pos_j)).
+// NaN and Inf always propagate into the Gram entries of the rows that hold them.
+//
+// Instruction sets: an AVX2+FMA+F16C variant (function-level target attributes, chosen at run
+// time with __builtin_cpu_supports) and a portable variant (GCC vector extensions). Both convert
+// each tile to fp32 into a small per-thread buffer (bf16: `bits << 16`; fp16: F16C, or an exact
+// software conversion with subnormals, Inf and NaN), whose rows are an odd number of cache lines
+// apart so they never collide in L1 however J's rows are strided. The AVX2 variant fills the
+// buffer during its first pass of register blocks over the tile, which reads J directly (and
+// prefetches the same rows one tile ahead), so J is read once, inside the FMA loops.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "gram_kernels.h"
+
+#define GRADOPS_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define GRADOPS_INLINE inline __attribute__((always_inline))
+
+namespace gradops {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Fixed decomposition sizes.
+
+// Tile width: the fp32 accumulation length (64 columns per vector lane), a multiple of 64 (one
+// bitmap word). T = 8 tile rows take 16 KiB (L1), T = 64 rows 128 KiB (L2).
+constexpr int64_t kTileCols = 512;
+
+// Piece width: at least 2^17 elements of J per piece (the per-piece bookkeeping is negligible),
+// at least 256*T columns (a piece's partial slots, O(T^2), stay a few % of the piece's data), a
+// multiple of kTileCols.
+int64_t piece_cols(int64_t T) {
+  const int64_t c = std::max((int64_t{1} << 17) / T, 256 * T);
+  return (c + kTileCols - 1) / kTileCols * kTileCols;
+}
+
+struct Plan {
+  int64_t T;
+  int64_t Tp;   // T rounded up to a multiple of 4: rows of the tile buffer, stride of accumulators
+  int64_t ldb;  // row stride of the tile buffer: kTileCols + 16 floats (33 cache lines)
+  bool counts;
+};
+
+constexpr int64_t kWords = kTileCols / 64;  // bitmap words per tile row
+
+// Prefetch distance of the AVX2 variant's J reads, in rows (see Avx2::gram).
+constexpr int64_t kPrefetchRows = 4;
+
+// Per-thread scratch. Accumulators are [Tp, Tp] row-major; only i <= j < T entries are meaningful.
+struct Scratch {
+  explicit Scratch(const Plan& p)
+      : acc(p.Tp * p.Tp),
+        opp(p.counts ? p.Tp * p.Tp : 0),
+        both(p.counts ? p.Tp * p.Tp : 0),
+        pos(p.counts ? p.Tp * kWords : 0),
+        neg(p.counts ? p.Tp * kWords : 0),
+        buf_store(p.Tp * p.ldb + 16) {  // rows T..Tp-1 stay zero
+    // 64-byte aligned view of buf_store (16 spare floats).
+    const uintptr_t u = reinterpret_cast<uintptr_t>(buf_store.data());
+    buf = buf_store.data() + ((64 - u % 64) % 64) / sizeof(float);
+  }
+  void clear() {
+    std::fill(acc.begin(), acc.end(), 0.0);
+    std::fill(opp.begin(), opp.end(), 0);
+    std::fill(both.begin(), both.end(), 0);
+  }
+  std::vector<double> acc;
+  std::vector<int64_t> opp, both;
+  std::vector<uint64_t> pos, neg;  // sign bitmaps of the current tile ([kWords, Tp] or [T, kWords])
+  std::vector<float> buf_store;
+  float* buf;  // [Tp, ldb] fp32 copy of the current tile
+};
+
+// Exact IEEE binary16 -> binary32 (subnormals, Inf, NaN payloads).
+GRADOPS_INLINE float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);  // Inf / NaN
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);  // normal: rebias 15 -> 127
+  } else {
+    const float mag = static_cast<float>(man) * 0x1p-24f;  // zero / subnormal, exact
+    std::memcpy(&bits, &mag, 4);
+    bits |= sign;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+GRADOPS_INLINE float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+constexpr int64_t elem_size(DType d) { return d == DType::F32 ? 4 : 2; }
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA + F16C variant.
+//
+// Gram of a tile: register blocks over row groups of 4 (see for_each_block); no pair is computed
+// twice and rows T..Tp-1 of the tile buffer are zero. All accumulators hold 8 lanes; lane sums
+// are reduced in a fixed order, ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)), then added to the fp64
+// accumulators.
+
+// Lanes [0, r) set.
+GRADOPS_AVX2 inline __m256i lane_mask(int64_t r) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(r)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// Elements [k, k+8) of a J row as fp32; load8_tail: only the first r (< 8) of them, zeros after.
+template <DType D>
+GRADOPS_AVX2 inline __m256 load8(const char* row, int64_t k) {
+  if constexpr (D == DType::F32) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + k);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * k));
+    if constexpr (D == DType::F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+template <DType D>
+GRADOPS_AVX2 inline __m256 load8_tail(const char* row, int64_t k, int64_t r) {
+  if constexpr (D == DType::F32) {
+    return _mm256_maskload_ps(reinterpret_cast<const float*>(row) + k, lane_mask(r));
+  } else {
+    uint16_t tmp[8] = {};
+    std::memcpy(tmp, row + 2 * k, static_cast<size_t>(r) * 2);
+    return load8<D>(reinterpret_cast<const char*>(tmp), 0);
+  }
+}
+
+// Where a register block gets a row of the tile. Buf: the fp32 tile buffer. FromJ<D>: J itself
+// (the first pass over a tile): converts to fp32, stores into the tile buffer, and prefetches the
+// same columns of the row the first pass reads kPrefetchRows rows later (see Avx2::gram). get(k)
+// loads columns [k, k+8); tail(k, r) the last r (< 8) columns of the tile, zero-padded.
+struct Buf {
+  const float* p;
+  GRADOPS_AVX2 __m256 get(int64_t k) const { return _mm256_load_ps(p + k); }
+  GRADOPS_AVX2 __m256 tail(int64_t k, int64_t) const { return get(k); }
+};
+template <DType D>
+struct FromJ {
+  const char* src;  // J row at the tile's first column (or a zero row of the tile buffer)
+  float* dst;       // tile buffer row
+  const char* pf;   // prefetched row
+  GRADOPS_AVX2 __m256 get(int64_t k) const {
+    __builtin_prefetch(pf + k * elem_size(D));
+    const __m256 v = load8<D>(src, k);
+    _mm256_store_ps(dst + k, v);
+    return v;
+  }
+  GRADOPS_AVX2 __m256 tail(int64_t k, int64_t r) const {
+    const __m256 v = load8_tail<D>(src, k, r);
+    _mm256_store_ps(dst + k, v);
+    return v;
+  }
+};
+
+// [sum a, sum b, sum c, sum d] as doubles.
+GRADOPS_AVX2 inline __m256d reduce4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm256_cvtps_pd(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+
+GRADOPS_AVX2 inline void add2(double* p, __m128d v) {
+  _mm_storeu_pd(p, _mm_add_pd(_mm_loadu_pd(p), v));
+}
+GRADOPS_AVX2 inline void add4(double* p, __m256d v) {
+  _mm256_storeu_pd(p, _mm256_add_pd(_mm256_loadu_pd(p), v));
+}
+
+// Keeps a loaded vector in a register: GCC would otherwise re-load it inside each FMA.
+#define GRADOPS_IN_REG(v) __asm__("" : "+x"(v))
+
+// Pairs (i, j), i0 <= i <= j < i0+R (R <= 4), over the n columns of the tile:
+// acc[i][j] += x[i] . x[j], with rows x[i0+m] from src[m]; R(R+1)/2 accumulators.
+template <int R, class Src>
+GRADOPS_AVX2 void gram_tri_avx2(const Src src[R], int64_t n, int64_t i0, double* acc,
+                                int64_t ld_acc) {
+  // Local copies: the stores of FromJ (through may_alias vector types) would otherwise force a
+  // reload of the row pointers at every step.
+  Src rows[R];
+  for (int m = 0; m < R; ++m) rows[m] = src[m];
+  __m256 s[R][R];
+  for (int m = 0; m < R; ++m)
+    for (int q = m; q < R; ++q) s[m][q] = _mm256_setzero_ps();
+  auto step = [&](__m256 (&x)[R]) GRADOPS_AVX2 __attribute__((always_inline)) {
+    for (int m = 0; m < R; ++m) GRADOPS_IN_REG(x[m]);
+    for (int m = 0; m < R; ++m)
+      for (int q = m; q < R; ++q) s[m][q] = _mm256_fmadd_ps(x[m], x[q], s[m][q]);
+  };
+  const int64_t n8 = n / 8 * 8;
+  for (int64_t k = 0; k < n8; k += 8) {
+    __m256 x[R];
+    for (int m = 0; m < R; ++m) x[m] = rows[m].get(k);
+    step(x);
+  }
+  if (n8 < n) {
+    __m256 x[R];
+    for (int m = 0; m < R; ++m) x[m] = rows[m].tail(n8, n - n8);
+    step(x);
+  }
+  const __m256 z = _mm256_setzero_ps();
+  for (int m = 0; m < R; ++m) {  // row i0+m: columns i0+m .. i0+R-1
+    alignas(32) double d[4];
+    _mm256_store_pd(d, reduce4(s[m][m], m + 1 < R ? s[m][m + 1] : z, m + 2 < R ? s[m][m + 2] : z,
+                               m + 3 < R ? s[m][m + 3] : z));
+    double* a = acc + (i0 + m) * ld_acc + i0 + m;
+    for (int q = 0; q < R - m; ++q) a[q] += d[q];
+  }
+}
+
+template <class Src>
+GRADOPS_AVX2 void gram_tri_any(int64_t R, const Src src[4], int64_t n, int64_t i0, double* acc,
+                               int64_t ld_acc) {
+  switch (R) {
+    case 1: return gram_tri_avx2<1>(src, n, i0, acc, ld_acc);
+    case 2: return gram_tri_avx2<2>(src, n, i0, acc, ld_acc);
+    case 3: return gram_tri_avx2<3>(src, n, i0, acc, ld_acc);
+    default: return gram_tri_avx2<4>(src, n, i0, acc, ld_acc);
+  }
+}
+
+// Pairs (i, j), i in [i0, i0+4) (rows from the tile buffer x), j in [j0, j0+NJ) (rows from
+// y[q]). NJ = 3: 12 accumulators, so the FMA latency is hidden; NJ = 2: the remainder blocks.
+template <int NJ, class Src>
+GRADOPS_AVX2 void gram_4xn_avx2(const float* x, int64_t ldb, const Src y[NJ], int64_t n,
+                                int64_t i0, int64_t j0, double* acc, int64_t ld_acc) {
+  Src yr[NJ];  // local copies (see gram_tri_avx2)
+  for (int q = 0; q < NJ; ++q) yr[q] = y[q];
+  __m256 s[4][NJ];
+  for (int m = 0; m < 4; ++m)
+    for (int q = 0; q < NJ; ++q) s[m][q] = _mm256_setzero_ps();
+  auto step = [&](const __m256 (&yv)[NJ], int64_t k) GRADOPS_AVX2 __attribute__((always_inline)) {
+    for (int m = 0; m < 4; ++m) {
+      __m256 xv = _mm256_load_ps(x + m * ldb + k);
+      GRADOPS_IN_REG(xv);
+      for (int q = 0; q < NJ; ++q) s[m][q] = _mm256_fmadd_ps(xv, yv[q], s[m][q]);
+    }
+  };
+  const int64_t n8 = n / 8 * 8;
+  for (int64_t k = 0; k < n8; k += 8) {
+    __m256 yv[NJ];
+    for (int q = 0; q < NJ; ++q) yv[q] = yr[q].get(k);
+    step(yv, k);
+  }
+  if (n8 < n) {
+    __m256 yv[NJ];
+    for (int q = 0; q < NJ; ++q) yv[q] = yr[q].tail(n8, n - n8);
+    step(yv, n8);
+  }
+  double* r = acc + i0 * ld_acc + j0;
+  for (int m = 0; m < 4; m += 2) {  // columns j0, j0+1 of rows i0+m, i0+m+1
+    const __m256d c = reduce4(s[m][0], s[m][1], s[m + 1][0], s[m + 1][1]);
+    add2(r + m * ld_acc, _mm256_castpd256_pd128(c));
+    add2(r + (m + 1) * ld_acc, _mm256_extractf128_pd(c, 1));
+  }
+  if constexpr (NJ == 3) {  // column j0+2
+    alignas(32) double c2[4];
+    _mm256_store_pd(c2, reduce4(s[0][2], s[1][2], s[2][2], s[3][2]));
+    for (int m = 0; m < 4; ++m) r[m * ld_acc + 2] += c2[m];
+  }
+}
+
+// The Gram blocks of a tile, f(kind, i0, j0): for each group of 4 rows i0 = 0, 4, ...: the
+// triangle (kind 0), then the w = T - i0 - 4 rows j >= i0 + 4 in 4x3 blocks (kind 3) and at most
+// two 4x2 blocks (kind 2): w % 3 == 2 -> one 4x2; w % 3 == 1 -> two 4x2 instead of the last 4x3
+// (one 4x2 with a zero row when w == 1: then T % 4 == 1, so row T < Tp exists). The blocks of
+// group 0 touch every row once more, in order, before any other group's: they are the first pass.
+template <class F>
+GRADOPS_INLINE void for_each_block(int64_t T, F f) {
+  for (int64_t i0 = 0; i0 < T; i0 += 4) {
+    f(0, i0, i0);
+    const int64_t w = std::max<int64_t>(0, T - i0 - 4);
+    int64_t n3 = w / 3, n2 = (w % 3 + 1) / 2;
+    if (w % 3 == 1 && n3 > 0) {
+      n3 -= 1;
+      n2 = 2;
+    }
+    int64_t j0 = i0 + 4;
+    for (int64_t b = 0; b < n3; ++b, j0 += 3) f(3, i0, j0);
+    for (int64_t b = 0; b < n2; ++b, j0 += 2) f(2, i0, j0);
+  }
+}
+
+// 64 compare masks (8 vectors of 32-bit all-ones / zero lanes) -> 64 bits, in the (fixed) lane
+// order of the saturating packs.
+GRADOPS_AVX2 inline uint64_t bits64(const __m256i m[8]) {
+  const __m256i lo =
+      _mm256_packs_epi16(_mm256_packs_epi32(m[0], m[1]), _mm256_packs_epi32(m[2], m[3]));
+  const __m256i hi =
+      _mm256_packs_epi16(_mm256_packs_epi32(m[4], m[5]), _mm256_packs_epi32(m[6], m[7]));
+  return static_cast<uint32_t>(_mm256_movemask_epi8(lo)) |
+         static_cast<uint64_t>(static_cast<uint32_t>(_mm256_movemask_epi8(hi))) << 32;
+}
+
+// Per-byte popcount (nibble lookup).
+GRADOPS_AVX2 inline __m256i popcount8(__m256i v) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,  //
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  return _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(v, low4)),
+                         _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4)));
+}
+
+struct Avx2 {
+  // Gram of the n (<= kTileCols) columns of J starting at column t0, added to acc; fills buf
+  // with the tile (fp32, zero-padded to a multiple of 64 columns) on the way.
+  template <DType D>
+  GRADOPS_AVX2 static void gram(const SegGramArgs& a, int64_t t0, int64_t n, const Plan& p,
+                                float* buf, double* acc) {
+    const int64_t T = p.T, ldb = p.ldb, esize = elem_size(D);
+    // Zero padding of rows < T (rows >= T are zero); the first pass writes columns < ceil8(n).
+    const int64_t n8 = (n + 7) / 8 * 8, n64 = (n + 63) / 64 * 64;
+    for (int64_t i = 0; i < T; ++i) std::fill(buf + i * ldb + n8, buf + i * ldb + n64, 0.0f);
+    // Row r of the first pass (a zero row of buf when r >= T). The first pass reads rows
+    // 0, 1, ..., T-1 of this tile, then of the next: row r prefetches row q = r + kPrefetchRows of
+    // that sequence, i.e. row q % T of the tile q / T tiles ahead (little enough ahead that the
+    // lines in flight fit the 8 ways of L1 and L2 even when all rows of J alias in them).
+    const char* J = static_cast<const char*>(a.J);
+    auto from_j = [&](int64_t r) {
+      float* d = buf + r * ldb;
+      if (r >= T) return FromJ<D>{reinterpret_cast<const char*>(d), d, reinterpret_cast<const char*>(d)};
+      const int64_t q = r + kPrefetchRows;
+      return FromJ<D>{J + (r * a.row_stride + t0) * esize, d,
+                      J + ((q % T) * a.row_stride + t0 + q / T * kTileCols) * esize};
+    };
+    auto from_buf = [&](int64_t r) { return Buf{buf + r * ldb}; };
+    for_each_block(T, [&](int kind, int64_t i0, int64_t j0) {
+      if (kind == 0) {
+        const int64_t rows = std::min<int64_t>(4, T - i0);  // < 4 only for the last rows
+        if (i0 == 0) {
+          const FromJ<D> src[4] = {from_j(0), from_j(1), from_j(2), from_j(3)};
+          gram_tri_any(rows, src, n, i0, acc, p.Tp);
+        } else {
+          const Buf src[4] = {from_buf(i0), from_buf(i0 + 1), from_buf(i0 + 2), from_buf(i0 + 3)};
+          gram_tri_any(rows, src, n, i0, acc, p.Tp);
+        }
+      } else if (kind == 3) {
+        if (i0 == 0) {
+          const FromJ<D> y[3] = {from_j(j0), from_j(j0 + 1), from_j(j0 + 2)};
+          gram_4xn_avx2<3>(buf + i0 * ldb, ldb, y, n, i0, j0, acc, p.Tp);
+        } else {
+          const Buf y[3] = {from_buf(j0), from_buf(j0 + 1), from_buf(j0 + 2)};
+          gram_4xn_avx2<3>(buf + i0 * ldb, ldb, y, n, i0, j0, acc, p.Tp);
+        }
+      } else {
+        if (i0 == 0) {
+          const FromJ<D> y[2] = {from_j(j0), from_j(j0 + 1)};
+          gram_4xn_avx2<2>(buf + i0 * ldb, ldb, y, n, i0, j0, acc, p.Tp);
+        } else {
+          const Buf y[2] = {from_buf(j0), from_buf(j0 + 1)};
+          gram_4xn_avx2<2>(buf + i0 * ldb, ldb, y, n, i0, j0, acc, p.Tp);
+        }
+      }
+    });
+  }
+
+  // Sign bitmaps of the tile, transposed: pos[w * Tp + i] bit b set when column 64w + (a fixed
+  // permutation of b) of row i is > 0; neg likewise for < 0 (the permutation, from the pack
+  // instructions, is the same for every row, so pair counts are unaffected). Then, for each row i
+  // and 4 rows j at a time, popcounts of (pos_i & neg_j) | (neg_i & pos_j) and of
+  // (pos_i | neg_i) & (pos_j | neg_j) via a nibble lookup, in byte counters (at most 8 per word,
+  // kWords = 8 words per tile: no overflow), summed per 64-bit lane (one lane per j) at the end.
+  GRADOPS_AVX2 static void counts(const float* buf, int64_t n, const Plan& p, Scratch& s) {
+    const int64_t T = p.T, Tp = p.Tp, words = (n + 63) / 64;
+    uint64_t* pos = s.pos.data();
+    uint64_t* neg = s.neg.data();
+    const __m256 zero = _mm256_setzero_ps();
+    for (int64_t i = 0; i < T; ++i)
+      for (int64_t w = 0; w < words; ++w) {
+        const float* r = buf + i * p.ldb + 64 * w;
+        __m256i gt[8], lt[8];
+        for (int v = 0; v < 8; ++v) {
+          const __m256 x = _mm256_load_ps(r + 8 * v);
+          gt[v] = _mm256_castps_si256(_mm256_cmp_ps(x, zero, _CMP_GT_OQ));
+          lt[v] = _mm256_castps_si256(_mm256_cmp_ps(x, zero, _CMP_LT_OQ));
+        }
+        pos[w * Tp + i] = bits64(gt);
+        neg[w * Tp + i] = bits64(lt);
+      }
+    for (int64_t i = 0; i < T; ++i)
+      for (int64_t j0 = i / 4 * 4; j0 < T; j0 += 4) {
+        __m256i co = _mm256_setzero_si256(), cb = _mm256_setzero_si256();
+        for (int64_t w = 0; w < words; ++w) {
+          const __m256i pi = _mm256_set1_epi64x(static_cast<long long>(pos[w * Tp + i]));
+          const __m256i ni = _mm256_set1_epi64x(static_cast<long long>(neg[w * Tp + i]));
+          const __m256i pj =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pos + w * Tp + j0));
+          const __m256i nj =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(neg + w * Tp + j0));
+          const __m256i opp = _mm256_or_si256(_mm256_and_si256(pi, nj), _mm256_and_si256(ni, pj));
+          const __m256i both = _mm256_and_si256(_mm256_or_si256(pi, ni), _mm256_or_si256(pj, nj));
+          co = _mm256_add_epi8(co, popcount8(opp));
+          cb = _mm256_add_epi8(cb, popcount8(both));
+        }
+        __m256i* o = reinterpret_cast<__m256i*>(s.opp.data() + i * Tp + j0);
+        __m256i* b = reinterpret_cast<__m256i*>(s.both.data() + i * Tp + j0);
+        const __m256i z = _mm256_setzero_si256();
+        _mm256_storeu_si256(o, _mm256_add_epi64(_mm256_loadu_si256(o), _mm256_sad_epu8(co, z)));
+        _mm256_storeu_si256(b, _mm256_add_epi64(_mm256_loadu_si256(b), _mm256_sad_epu8(cb, z)));
+      }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Portable variant (any x86-64 / other architecture): GCC vector extensions, one pair at a time.
+
+typedef float v8f __attribute__((vector_size(32)));
+
+struct Portable {
+  // Gram of the n (<= kTileCols) columns of J starting at column t0, added to acc; fills buf
+  // with the tile (fp32, zero-padded to a multiple of 8 columns) first.
+  template <DType D>
+  static void gram(const SegGramArgs& a, int64_t t0, int64_t n, const Plan& p, float* buf,
+                   double* acc) {
+    const int64_t T = p.T, n8 = (n + 7) / 8 * 8;
+    for (int64_t i = 0; i < T; ++i) {
+      float* d = buf + i * p.ldb;
+      if constexpr (D == DType::F32) {
+        std::memcpy(d, static_cast<const float*>(a.J) + i * a.row_stride + t0,
+                    static_cast<size_t>(n) * sizeof(float));
+      } else {
+        const uint16_t* r = static_cast<const uint16_t*>(a.J) + i * a.row_stride + t0;
+        for (int64_t k = 0; k < n; ++k)
+          d[k] = D == DType::F16 ? half_to_float(r[k]) : bf16_to_float(r[k]);
+      }
+      std::fill(d + n, d + n8, 0.0f);
+    }
+    for (int64_t i = 0; i < T; ++i) {
+      const float* x = buf + i * p.ldb;
+      for (int64_t j = i; j < T; ++j) {
+        const float* y = buf + j * p.ldb;
+        v8f s = {};
+        for (int64_t k = 0; k < n8; k += 8) {
+          v8f u, v;
+          std::memcpy(&u, x + k, sizeof u);
+          std::memcpy(&v, y + k, sizeof v);
+          s += u * v;
+        }
+        acc[i * p.Tp + j] += ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+      }
+    }
+  }
+
+  // Sign bitmaps of the tile rows ([i * kWords + w], bit b = column 64w + b), then the pair
+  // counts with scalar popcounts.
+  static void counts(const float* buf, int64_t n, const Plan& p, Scratch& s) {
+    const int64_t T = p.T, words = (n + 63) / 64;
+    for (int64_t i = 0; i < T; ++i) {
+      const float* row = buf + i * p.ldb;
+      for (int64_t w = 0; w < words; ++w) {
+        uint64_t pw = 0, nw = 0;
+        const int64_t end = std::min(n - w * 64, int64_t{64});
+        for (int64_t b = 0; b < end; ++b) {
+          const float x = row[w * 64 + b];
+          pw |= static_cast<uint64_t>(x > 0.0f) << b;
+          nw |= static_cast<uint64_t>(x < 0.0f) << b;
+        }
+        s.pos[i * kWords + w] = pw;
+        s.neg[i * kWords + w] = nw;
+      }
+    }
+    for (int64_t i = 0; i < T; ++i) {
+      const uint64_t* pi = s.pos.data() + i * kWords;
+      const uint64_t* ni = s.neg.data() + i * kWords;
+      for (int64_t j = i; j < T; ++j) {
+        const uint64_t* pj = s.pos.data() + j * kWords;
+        const uint64_t* nj = s.neg.data() + j * kWords;
+        int64_t o = 0, b = 0;
+        for (int64_t w = 0; w < words; ++w) {
+          o += __builtin_popcountll((pi[w] & nj[w]) | (ni[w] & pj[w]));
+          b += __builtin_popcountll((pi[w] | ni[w]) & (pj[w] | nj[w]));
+        }
+        s.opp[i * p.Tp + j] += o;
+        s.both[i * p.Tp + j] += b;
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Shared driver.
+
+// Adds the Gram (and counts) of columns [c0, c1) to s.acc (s.opp, s.both), tile by tile.
+template <class Isa, DType D>
+void part(const SegGramArgs& a, int64_t c0, int64_t c1, const Plan& p, Scratch& s) {
+  for (int64_t t0 = c0; t0 < c1; t0 += kTileCols) {
+    const int64_t n = std::min(kTileCols, c1 - t0);
+    Isa::template gram<D>(a, t0, n, p, s.buf, s.acc.data());
+    if (p.counts) Isa::counts(s.buf, n, p, s);
+  }
+}
+
+using PartFn = void (*)(const SegGramArgs&, int64_t, int64_t, const Plan&, Scratch&);
+
+template <class Isa>
+PartFn part_for(DType d) {
+  switch (d) {
+    case DType::BF16: return &part<Isa, DType::BF16>;
+    case DType::F16: return &part<Isa, DType::F16>;
+    default: return &part<Isa, DType::F32>;
+  }
+}
+
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+// Upper triangles (i <= j, row-major, packed) of part accumulators, one per slot.
+struct Slots {
+  int64_t tri = 0;
+  std::vector<double> gram;
+  std::vector<int64_t> opp, both;
+};
+
+void store_slot(const Plan& p, const Scratch& s, int64_t slot, Slots& sl) {
+  int64_t q = slot * sl.tri;
+  for (int64_t i = 0; i < p.T; ++i)
+    for (int64_t j = i; j < p.T; ++j, ++q) {
+      sl.gram[q] = s.acc[i * p.Tp + j];
+      if (p.counts) {
+        sl.opp[q] = s.opp[i * p.Tp + j];
+        sl.both[q] = s.both[i * p.Tp + j];
+      }
+    }
+}
+
+// Writes segment l of the outputs (both triangles) from upper-triangle values gram(i, j), ...
+template <class G, class O, class B>
+void emit(const SegGramArgs& a, int64_t l, G gram, O opp, B both) {
+  const int64_t T = a.T;
+  float* g = a.gram + l * T * T;
+  for (int64_t i = 0; i < T; ++i)
+    for (int64_t j = i; j < T; ++j) g[i * T + j] = g[j * T + i] = static_cast<float>(gram(i, j));
+  if (a.opposite == nullptr) return;
+  int64_t* o = a.opposite + l * T * T;
+  int64_t* b = a.both_nonzero + l * T * T;
+  for (int64_t i = 0; i < T; ++i)
+    for (int64_t j = i; j < T; ++j) {
+      o[i * T + j] = o[j * T + i] = opp(i, j);
+      b[i * T + j] = b[j * T + i] = both(i, j);
+    }
+}
+
+}  // namespace
+
+void segment_gram_cpu(const SegGramArgs& a) {
+  Plan p;
+  p.T = a.T;
+  p.Tp = (a.T + 3) / 4 * 4;
+  p.ldb = kTileCols + 16;
+  p.counts = a.opposite != nullptr;
+  const int64_t T = a.T, Tp = p.Tp, L = a.L, P = a.P, C = piece_cols(a.T);
+  const int64_t* off = a.offsets;
+  const int64_t pieces = (P + C - 1) / C;
+
+  // Slots of the segments that cross piece boundaries: tail[c] = the part of piece c belonging to
+  // a segment that starts in c and ends after it; head[c] = the part of piece c belonging to a
+  // segment that started before c. Numbered in column order.
+  std::vector<int64_t> head(pieces, -1), tail(pieces, -1);
+  int64_t nslots = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    if (off[l] == off[l + 1]) continue;
+    const int64_t cs = off[l] / C, ce = (off[l + 1] - 1) / C;
+    if (cs == ce) continue;
+    tail[cs] = nslots++;
+    for (int64_t c = cs + 1; c <= ce; ++c) head[c] = nslots++;
+  }
+  Slots sl;
+  sl.tri = T * (T + 1) / 2;
+  sl.gram.resize(nslots * sl.tri);
+  if (p.counts) {
+    sl.opp.resize(nslots * sl.tri);
+    sl.both.resize(nslots * sl.tri);
+  }
+
+  const PartFn part_fn = cpu_has_avx2() ? part_for<Avx2>(a.dtype) : part_for<Portable>(a.dtype);
+
+#pragma omp parallel if (pieces > 1)
+  {
+    Scratch s(p);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < pieces; ++c) {
+      const int64_t start = c * C, end = std::min(P, start + C);
+      // First segment holding column `start` (non-empty), then the following ones.
+      int64_t l = std::upper_bound(off, off + L + 1, start) - off - 1;
+      for (; l < L && off[l] < end; ++l) {
+        const int64_t c0 = std::max(off[l], start), c1 = std::min(off[l + 1], end);
+        if (c0 >= c1) continue;  // empty segment: written after the loop
+        s.clear();
+        part_fn(a, c0, c1, p, s);
+        if (off[l] < start) {
+          store_slot(p, s, head[c], sl);
+        } else if (off[l + 1] > end) {
+          store_slot(p, s, tail[c], sl);
+        } else {  // the whole segment is in this piece
+          emit(
+              a, l, [&](int64_t i, int64_t j) { return s.acc[i * Tp + j]; },
+              [&](int64_t i, int64_t j) { return s.opp[i * Tp + j]; },
+              [&](int64_t i, int64_t j) { return s.both[i * Tp + j]; });
+        }
+      }
+    }
+  }
+
+  // Empty segments (zeros) and crossing segments (their slots summed in column order).
+#pragma omp parallel for schedule(dynamic, 16) if (L > 1)
+  for (int64_t l = 0; l < L; ++l) {
+    if (off[l] == off[l + 1]) {
+      emit(
+          a, l, [](int64_t, int64_t) { return 0.0; }, [](int64_t, int64_t) { return int64_t{0}; },
+          [](int64_t, int64_t) { return int64_t{0}; });
+      continue;
+    }
+    const int64_t cs = off[l] / C, ce = (off[l + 1] - 1) / C;
+    if (cs == ce) continue;
+    // Slots tail[cs], head[cs+1..ce] are consecutive: first = tail[cs], count = ce - cs + 1.
+    const int64_t first = tail[cs], count = ce - cs + 1;
+    std::vector<double> g(sl.gram.begin() + first * sl.tri, sl.gram.begin() + (first + 1) * sl.tri);
+    std::vector<int64_t> o, b;
+    if (p.counts) {
+      o.assign(sl.opp.begin() + first * sl.tri, sl.opp.begin() + (first + 1) * sl.tri);
+      b.assign(sl.both.begin() + first * sl.tri, sl.both.begin() + (first + 1) * sl.tri);
+    }
+    for (int64_t r = 1; r < count; ++r) {
+      const int64_t q0 = (first + r) * sl.tri;
+      for (int64_t q = 0; q < sl.tri; ++q) g[q] += sl.gram[q0 + q];
+      if (p.counts)
+        for (int64_t q = 0; q < sl.tri; ++q) {
+          o[q] += sl.opp[q0 + q];
+          b[q] += sl.both[q0 + q];
+        }
+    }
+    // Packed upper-triangle index of (i, j), i <= j.
+    auto tri = [T](int64_t i, int64_t j) { return i * T - i * (i - 1) / 2 + (j - i); };
+    emit(
+        a, l, [&](int64_t i, int64_t j) { return g[tri(i, j)]; },
+        [&](int64_t i, int64_t j) { return o[tri(i, j)]; },
+        [&](int64_t i, int64_t j) { return b[tri(i, j)]; });
+  }
+}
+
+}  // namespace gradops
