@@ -4,7 +4,7 @@
         --benchmark-group-by=param:T --benchmark-columns=median,iqr,rounds
 
 Compares gradops against ``J @ J.T``, per-segment matmul loops and the one-read floor
-(``J.sum(0)``) on the same tensor in one run. ``GRADOPS_BENCH_P`` sets P (default 4,194,304);
+(a flat ``J.sum()``) on the same tensor in one run. ``GRADOPS_BENCH_P`` sets P (default 4,194,304);
 ``GRADOPS_BENCH_DEVICE=cuda`` runs on a GPU. For a single table with GB/s and ratios to the floor,
 use ``gradops bench``.
 """

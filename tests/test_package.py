@@ -55,7 +55,7 @@ def test_cli_info_and_bench(tmp_path):
     assert "| gram | gradops | 2 |" in out and "| segment_gram | gradops | 3 |" in out
     lines = csv_path.read_text().strip().splitlines()
     assert lines[0].startswith("op,impl,T,P,L,dtype,device,ms")
-    assert len(lines) == 1 + 2 * 7
+    assert len(lines) == 1 + 2 * 8
     out = subprocess.run([sys.executable, "-m", "gradops", "bench", "--suite", "methods", "--T", "3",
                           "--P", "5000", "--rounds", "3"],
                          capture_output=True, text=True, env=env, check=True).stdout
