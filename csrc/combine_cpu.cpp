@@ -521,8 +521,9 @@ struct Avx2 {
     }
   }
 
-  // acc[0, n) (+)= the masked terms of R rows (as drop_scalar) over whole vectors; the mask
-  // bytes with non-temporal 8-byte stores when stream_mask (mask rows 8-byte aligned).
+  // acc[0, n) (+)= the masked terms of R rows (as drop_scalar) over whole vectors. With
+  // stream_mask (mask rows 32-byte aligned), the mask rows are gathered in L1 and written with
+  // whole-line non-temporal stores.
   template <DType D, int R>
   GRADOPS_AVX2 static void drop_rows(const char* p, int64_t rsb, const float* leak, bool first,
                                      int64_t n, const float* sgn, float* acc, bool* mask,
@@ -530,6 +531,7 @@ struct Avx2 {
     __m256 lv[R];
     for (int i = 0; i < R; ++i) lv[i] = _mm256_set1_ps(leak[i]);
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    alignas(32) uint8_t mbuf[R][kGradDropBlock];
     for (int64_t k = 0; k < n; k += 8) {
       __m256 s = first ? zero : _mm256_load_ps(acc + k);
       const __m256 sg = _mm256_load_ps(sgn + k);
@@ -543,14 +545,21 @@ struct Avx2 {
           const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(m01),
                                             _mm256_extracti128_si256(m01, 1));
           const __m128i b = _mm_packs_epi16(w, w);
-          bool* dst = mask + i * mstride + k;
-          if (stream_mask)
-            _mm_stream_si64(reinterpret_cast<long long*>(dst), _mm_cvtsi128_si64(b));
-          else
-            _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), b);
+          void* dst = stream_mask ? static_cast<void*>(mbuf[i] + k) : mask + i * mstride + k;
+          _mm_storel_epi64(static_cast<__m128i*>(dst), b);
         }
       }
       _mm256_store_ps(acc + k, s);
+    }
+    if (stream_mask) {
+      for (int i = 0; i < R; ++i) {
+        bool* dst = mask + i * mstride;
+        int64_t k = 0;
+        for (; k + 32 <= n; k += 32)
+          _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + k),
+                              _mm256_load_si256(reinterpret_cast<const __m256i*>(mbuf[i] + k)));
+        std::memcpy(dst + k, mbuf[i] + k, static_cast<size_t>(n - k));
+      }
     }
   }
 
@@ -581,10 +590,15 @@ struct Avx2 {
 
 // ---------------------------------------------------------------------------------------------
 // Drivers (shared by both variants). A thread's non-temporal stores are fenced before the end of
-// the parallel region.
+// the parallel region. Prefetches may run past the end of J; they never fault.
 
 template <class Isa, DType D, DType OD>
-void combine_blocks(const CombineArgs& a) {
+struct Combine {
+  static void run(const CombineArgs& a);
+};
+
+template <class Isa, DType D, DType OD>
+void Combine<Isa, D, OD>::run(const CombineArgs& a) {
   const int64_t P = a.P, T = a.T, L = a.L;
   const int64_t rsb = a.row_stride * esize<D>();
   const char* J = static_cast<const char*>(a.J);
@@ -617,14 +631,19 @@ void combine_blocks(const CombineArgs& a) {
 }
 
 template <class Isa, DType D, DType OD>
-void graddrop_blocks(const GradDropArgs& a) {
+struct GradDrop {
+  static void run(const GradDropArgs& a);
+};
+
+template <class Isa, DType D, DType OD>
+void GradDrop<Isa, D, OD>::run(const GradDropArgs& a) {
   const int64_t P = a.P, T = a.T;
   const int64_t rsb = a.row_stride * esize<D>();
   const char* J = static_cast<const char*>(a.J);
   const int64_t nb = (P + kGradDropBlock - 1) / kGradDropBlock;
   const int64_t bytes = (T * esize<D>() + esize<OD>() + (a.mask != nullptr ? T : 0)) * P;
   const bool stream_out = use_stream(bytes, a.out, 8 * esize<OD>());
-  const bool stream_mask = a.mask != nullptr && P % 8 == 0 && use_stream(bytes, a.mask, 8);
+  const bool stream_mask = a.mask != nullptr && P % 32 == 0 && use_stream(bytes, a.mask, 32);
 #pragma omp parallel if (nb > 1)
   {
 #pragma omp for schedule(static) nowait
@@ -641,7 +660,7 @@ bool cpu_has_avx2() {
   return ok;
 }
 
-// Dispatch on (J dtype, out dtype).
+// Kernel<Isa, J dtype, out dtype>::run(a), Isa by the CPU's features.
 template <template <class, DType, DType> class Kernel, class Isa, DType D, class Args>
 void run_out(const Args& a) {
   switch (a.out_dtype) {
@@ -667,16 +686,6 @@ void run(const Args& a) {
   else
     run_in<Kernel, Portable>(a);
 }
-
-template <class Isa, DType D, DType OD>
-struct Combine {
-  static void run(const CombineArgs& a) { combine_blocks<Isa, D, OD>(a); }
-};
-
-template <class Isa, DType D, DType OD>
-struct GradDrop {
-  static void run(const GradDropArgs& a) { graddrop_blocks<Isa, D, OD>(a); }
-};
 
 }  // namespace
 

@@ -25,8 +25,9 @@
 // each tile to fp32 into a small per-thread buffer (bf16: `bits << 16`; fp16: F16C, or an exact
 // software conversion with subnormals, Inf and NaN), whose rows are an odd number of cache lines
 // apart so they never collide in L1 however J's rows are strided. The AVX2 variant fills the
-// buffer during its first pass of register blocks over the tile, which reads J directly (and
-// prefetches the same rows one tile ahead), so J is read once, inside the FMA loops.
+// buffer during its first pass of register blocks over the tile, which reads J directly, so J is
+// read once, inside the FMA loops; its rows are software-prefetched a few blocks ahead (see
+// block_schedule).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -49,6 +50,9 @@ namespace {
 // bitmap word). T = 8 tile rows take 16 KiB (L1), T = 64 rows 128 KiB (L2).
 constexpr int64_t kTileCols = 512;
 
+// Prefetch distance of the AVX2 variant's J reads, in Gram blocks (see block_schedule).
+constexpr int64_t kPrefetchBlocks = 2;
+
 // Piece width: at least 2^17 elements of J per piece (the per-piece bookkeeping is negligible),
 // at least 256*T columns (a piece's partial slots, O(T^2), stay a few % of the piece's data), a
 // multiple of kTileCols.
@@ -57,17 +61,107 @@ int64_t piece_cols(int64_t T) {
   return (c + kTileCols - 1) / kTileCols * kTileCols;
 }
 
+// The Gram blocks of a tile, f(kind, i0, j0): for each group of 4 rows i0 = 0, 4, ...: the
+// triangle (kind 0), then the w = T - i0 - 4 rows j >= i0 + 4 in 4x3 blocks (kind 3) and at most
+// two 4x2 blocks (kind 2): w % 3 == 2 -> one 4x2; w % 3 == 1 -> two 4x2 instead of the last 4x3
+// (one 4x2 with a zero row when w == 1: then T % 4 == 1, so row T < Tp exists). The blocks of
+// group 0 touch every row, in order: they are the first pass.
+template <class F>
+GRADOPS_INLINE void for_each_block(int64_t T, F f) {
+  for (int64_t i0 = 0; i0 < T; i0 += 4) {
+    f(0, i0, i0);
+    const int64_t w = std::max<int64_t>(0, T - i0 - 4);
+    int64_t n3 = w / 3, n2 = (w % 3 + 1) / 2;
+    if (w % 3 == 1 && n3 > 0) {
+      n3 -= 1;
+      n2 = 2;
+    }
+    int64_t j0 = i0 + 4;
+    for (int64_t b = 0; b < n3; ++b, j0 += 3) f(3, i0, j0);
+    for (int64_t b = 0; b < n2; ++b, j0 += 2) f(2, i0, j0);
+  }
+}
+
+struct Block {
+  int kind;  // 0: triangle of rows i0.. (up to 4), 2 / 3: 4 x 2 / 4 x 3 block at (i0, j0)
+  int64_t i0, j0;
+  // J rows this block prefetches alongside its own columns: row pf_row[m] of the tile pf_tile[m]
+  // tiles ahead, m < pf_count.
+  int pf_count = 0;
+  int64_t pf_row[4] = {}, pf_tile[4] = {};
+};
+
+// The order of the Gram blocks of a tile (AVX2 variant). The first-pass blocks (group 0, which
+// read J) come in row order; the other blocks are spread between them, in proportion to their
+// FMA work, as soon as the rows they use have been read: J is then read at a steady pace through
+// the tile instead of all at its start. Every pair belongs to one block, so the order changes no
+// result. Each J row read by a first-pass block is prefetched by one of the blocks at least
+// kPrefetchBlocks places before it (in the sequence of tiles), the latest one with a free slot:
+// early enough to hide the memory latency, late enough that the lines are still cached when read
+// even when all rows of J alias in the cache sets, and spread over the blocks (as few rows per
+// block as T allows) so that J streams at an even rate.
+std::vector<Block> block_schedule(int64_t T) {
+  std::vector<Block> first, rest, out;
+  for_each_block(T, [&](int kind, int64_t i0, int64_t j0) {
+    (i0 == 0 ? first : rest).push_back(Block{kind, i0, j0});
+  });
+  auto work = [T](const Block& b) {
+    const int64_t r = std::min<int64_t>(4, T - b.i0);
+    return b.kind == 0 ? r * (r + 1) / 2 : 4 * b.kind;
+  };
+  auto last_row = [T](const Block& b) {
+    return std::min(T - 1, b.kind == 0 ? b.i0 + 3 : b.j0 + b.kind - 1);
+  };
+  int64_t rest_work = 0;
+  for (const Block& b : rest) rest_work += work(b);
+  // After each first-pass block, the other blocks get rest_work / first.size() more work to do
+  // (scaled by first.size() to stay in integers).
+  const int64_t nfirst = static_cast<int64_t>(first.size());
+  std::vector<bool> done(rest.size(), false);
+  size_t lo = 0;  // rest[0, lo) are all done
+  int64_t budget = 0, loaded = 0;
+  for (const Block& f : first) {
+    out.push_back(f);
+    loaded = last_row(f) + 1;
+    budget += rest_work;
+    for (size_t i = lo; i < rest.size() && budget > 0; ++i) {
+      if (done[i] || last_row(rest[i]) >= loaded) continue;
+      done[i] = true;
+      budget -= work(rest[i]) * nfirst;
+      out.push_back(rest[i]);
+    }
+    while (lo < rest.size() && done[lo]) ++lo;
+  }
+  for (size_t i = lo; i < rest.size(); ++i)
+    if (!done[i]) out.push_back(rest[i]);
+  const int64_t len = static_cast<int64_t>(out.size());
+  const int cap = static_cast<int>(std::min<int64_t>(4, (T + len - 1) / len));  // rows per block
+  for (int64_t q = 0; q < len; ++q) {
+    const Block t = out[q];
+    if (t.i0 != 0) continue;
+    const int64_t r_end = std::min(T, t.kind == 0 ? int64_t{4} : t.j0 + t.kind);
+    int64_t back = kPrefetchBlocks;  // distance of the prefetching block
+    for (int64_t r = t.j0; r < r_end; ++r) {
+      while (out[((q - back) % len + len) % len].pf_count == cap) ++back;
+      Block& pb = out[((q - back) % len + len) % len];
+      pb.pf_row[pb.pf_count] = r;
+      // Tiles from the prefetching block's tile to this one: ceil((back - q) / len) if back > q.
+      pb.pf_tile[pb.pf_count] = back > q ? (back - q + len - 1) / len : 0;
+      ++pb.pf_count;
+    }
+  }
+  return out;
+}
+
 struct Plan {
   int64_t T;
   int64_t Tp;   // T rounded up to a multiple of 4: rows of the tile buffer, stride of accumulators
   int64_t ldb;  // row stride of the tile buffer: kTileCols + 16 floats (33 cache lines)
   bool counts;
+  std::vector<Block> blocks;  // block_schedule(T)
 };
 
 constexpr int64_t kWords = kTileCols / 64;  // bitmap words per tile row
-
-// Prefetch distance of the AVX2 variant's J reads, in rows (see Avx2::gram).
-constexpr int64_t kPrefetchRows = 4;
 
 // Per-thread scratch. Accumulators are [Tp, Tp] row-major; only i <= j < T entries are meaningful.
 struct Scratch {
@@ -126,7 +220,7 @@ constexpr int64_t elem_size(DType d) { return d == DType::F32 ? 4 : 2; }
 // ---------------------------------------------------------------------------------------------
 // AVX2 + FMA + F16C variant.
 //
-// Gram of a tile: register blocks over row groups of 4 (see for_each_block); no pair is computed
+// Gram of a tile: register blocks over row groups of 4 (see block_schedule); no pair is computed
 // twice and rows T..Tp-1 of the tile buffer are zero. All accumulators hold 8 lanes; lane sums
 // are reduced in a fixed order, ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)), then added to the fp64
 // accumulators.
@@ -160,9 +254,8 @@ GRADOPS_AVX2 inline __m256 load8_tail(const char* row, int64_t k, int64_t r) {
 }
 
 // Where a register block gets a row of the tile. Buf: the fp32 tile buffer. FromJ<D>: J itself
-// (the first pass over a tile): converts to fp32, stores into the tile buffer, and prefetches the
-// same columns of the row the first pass reads kPrefetchRows rows later (see Avx2::gram). get(k)
-// loads columns [k, k+8); tail(k, r) the last r (< 8) columns of the tile, zero-padded.
+// (the first pass over a tile): converts to fp32 and stores into the tile buffer. get(k) loads
+// columns [k, k+8); tail(k, r) the last r (< 8) columns of the tile, zero-padded.
 struct Buf {
   const float* p;
   GRADOPS_AVX2 __m256 get(int64_t k) const { return _mm256_load_ps(p + k); }
@@ -172,9 +265,7 @@ template <DType D>
 struct FromJ {
   const char* src;  // J row at the tile's first column (or a zero row of the tile buffer)
   float* dst;       // tile buffer row
-  const char* pf;   // prefetched row
   GRADOPS_AVX2 __m256 get(int64_t k) const {
-    __builtin_prefetch(pf + k * elem_size(D));
     const __m256 v = load8<D>(src, k);
     _mm256_store_ps(dst + k, v);
     return v;
@@ -183,6 +274,19 @@ struct FromJ {
     const __m256 v = load8_tail<D>(src, k, r);
     _mm256_store_ps(dst + k, v);
     return v;
+  }
+};
+
+// The J rows a block prefetches (addresses of their first column; unused entries point at the
+// tile buffer, already cached): at step k, the cache line of each row holding column k, once per
+// line. Integer addresses: a prefetched row may lie beyond the end of J (a prefetch never faults).
+struct Prefetch4 {
+  uintptr_t row[4];
+  int64_t esize;
+  GRADOPS_INLINE void at(int64_t k) const {
+    if ((k * esize) % 64 != 0) return;
+    const uintptr_t off = static_cast<uintptr_t>(k * esize);
+    for (int m = 0; m < 4; ++m) __builtin_prefetch(reinterpret_cast<const void*>(row[m] + off));
   }
 };
 
@@ -205,63 +309,87 @@ GRADOPS_AVX2 inline void add4(double* p, __m256d v) {
 // Pairs (i, j), i0 <= i <= j < i0+R (R <= 4), over the n columns of the tile:
 // acc[i][j] += x[i] . x[j], with rows x[i0+m] from src[m]; R(R+1)/2 accumulators.
 template <int R, class Src>
-GRADOPS_AVX2 void gram_tri_avx2(const Src src[R], int64_t n, int64_t i0, double* acc,
-                                int64_t ld_acc) {
+GRADOPS_AVX2 void gram_tri_avx2(const Src src[4], const Prefetch4& prefetch, int64_t n,
+                                int64_t i0, double* acc, int64_t ld_acc) {
   // Local copies: the stores of FromJ (through may_alias vector types) would otherwise force a
   // reload of the row pointers at every step.
-  Src rows[R];
-  for (int m = 0; m < R; ++m) rows[m] = src[m];
-  __m256 s[R][R];
-  for (int m = 0; m < R; ++m)
-    for (int q = m; q < R; ++q) s[m][q] = _mm256_setzero_ps();
-  auto step = [&](__m256 (&x)[R]) GRADOPS_AVX2 __attribute__((always_inline)) {
-    for (int m = 0; m < R; ++m) GRADOPS_IN_REG(x[m]);
-    for (int m = 0; m < R; ++m)
-      for (int q = m; q < R; ++q) s[m][q] = _mm256_fmadd_ps(x[m], x[q], s[m][q]);
+  const Src r0 = src[0], r1 = src[1], r2 = src[2], r3 = src[3];
+  const Prefetch4 pf = prefetch;
+  __m256 s00 = _mm256_setzero_ps(), s01 = s00, s02 = s00, s03 = s00, s11 = s00, s12 = s00,
+         s13 = s00, s22 = s00, s23 = s00, s33 = s00;
+  auto step = [&](__m256 x0, __m256 x1, __m256 x2, __m256 x3)
+                  GRADOPS_AVX2 __attribute__((always_inline)) {
+    GRADOPS_IN_REG(x0);
+    s00 = _mm256_fmadd_ps(x0, x0, s00);
+    if constexpr (R > 1) {
+      GRADOPS_IN_REG(x1);
+      s01 = _mm256_fmadd_ps(x0, x1, s01);
+      s11 = _mm256_fmadd_ps(x1, x1, s11);
+    }
+    if constexpr (R > 2) {
+      GRADOPS_IN_REG(x2);
+      s02 = _mm256_fmadd_ps(x0, x2, s02);
+      s12 = _mm256_fmadd_ps(x1, x2, s12);
+      s22 = _mm256_fmadd_ps(x2, x2, s22);
+    }
+    if constexpr (R > 3) {
+      GRADOPS_IN_REG(x3);
+      s03 = _mm256_fmadd_ps(x0, x3, s03);
+      s13 = _mm256_fmadd_ps(x1, x3, s13);
+      s23 = _mm256_fmadd_ps(x2, x3, s23);
+      s33 = _mm256_fmadd_ps(x3, x3, s33);
+    }
   };
+  const __m256 z = _mm256_setzero_ps();
   const int64_t n8 = n / 8 * 8;
   for (int64_t k = 0; k < n8; k += 8) {
-    __m256 x[R];
-    for (int m = 0; m < R; ++m) x[m] = rows[m].get(k);
-    step(x);
+    pf.at(k);
+    step(r0.get(k), R > 1 ? r1.get(k) : z, R > 2 ? r2.get(k) : z, R > 3 ? r3.get(k) : z);
   }
   if (n8 < n) {
-    __m256 x[R];
-    for (int m = 0; m < R; ++m) x[m] = rows[m].tail(n8, n - n8);
-    step(x);
+    const int64_t r = n - n8;
+    step(r0.tail(n8, r), R > 1 ? r1.tail(n8, r) : z, R > 2 ? r2.tail(n8, r) : z,
+         R > 3 ? r3.tail(n8, r) : z);
   }
-  const __m256 z = _mm256_setzero_ps();
-  for (int m = 0; m < R; ++m) {  // row i0+m: columns i0+m .. i0+R-1
-    alignas(32) double d[4];
-    _mm256_store_pd(d, reduce4(s[m][m], m + 1 < R ? s[m][m + 1] : z, m + 2 < R ? s[m][m + 2] : z,
-                               m + 3 < R ? s[m][m + 3] : z));
-    double* a = acc + (i0 + m) * ld_acc + i0 + m;
-    for (int q = 0; q < R - m; ++q) a[q] += d[q];
-  }
+  // Row i0+m gets columns i0+m .. i0+R-1 (the accumulators beyond R are zero and unused).
+  const __m256d d0 = reduce4(s00, s01, s02, s03), d1 = reduce4(s11, s12, s13, z),
+                d2 = reduce4(s22, s23, s33, z);
+  alignas(32) double v[3][4];
+  _mm256_store_pd(v[0], d0);
+  _mm256_store_pd(v[1], d1);
+  _mm256_store_pd(v[2], d2);
+  double* a = acc + i0 * ld_acc + i0;
+  for (int q = 0; q < R; ++q) a[q] += v[0][q];
+  for (int q = 1; q < R; ++q) a[ld_acc + q] += v[1][q - 1];
+  for (int q = 2; q < R; ++q) a[2 * ld_acc + q] += v[2][q - 2];
+  if constexpr (R > 3) a[3 * ld_acc + 3] += v[2][2];
 }
 
 template <class Src>
-GRADOPS_AVX2 void gram_tri_any(int64_t R, const Src src[4], int64_t n, int64_t i0, double* acc,
-                               int64_t ld_acc) {
-  switch (R) {
-    case 1: return gram_tri_avx2<1>(src, n, i0, acc, ld_acc);
-    case 2: return gram_tri_avx2<2>(src, n, i0, acc, ld_acc);
-    case 3: return gram_tri_avx2<3>(src, n, i0, acc, ld_acc);
-    default: return gram_tri_avx2<4>(src, n, i0, acc, ld_acc);
+GRADOPS_AVX2 void gram_tri_any(int64_t R, const Src src[4], const Prefetch4& pf, int64_t n,
+                               int64_t i0, double* acc, int64_t ld_acc) {
+  switch (R) {  // R < 4 only for the last rows
+    case 1: return gram_tri_avx2<1>(src, pf, n, i0, acc, ld_acc);
+    case 2: return gram_tri_avx2<2>(src, pf, n, i0, acc, ld_acc);
+    case 3: return gram_tri_avx2<3>(src, pf, n, i0, acc, ld_acc);
+    default: return gram_tri_avx2<4>(src, pf, n, i0, acc, ld_acc);
   }
 }
 
 // Pairs (i, j), i in [i0, i0+4) (rows from the tile buffer x), j in [j0, j0+NJ) (rows from
 // y[q]). NJ = 3: 12 accumulators, so the FMA latency is hidden; NJ = 2: the remainder blocks.
 template <int NJ, class Src>
-GRADOPS_AVX2 void gram_4xn_avx2(const float* x, int64_t ldb, const Src y[NJ], int64_t n,
-                                int64_t i0, int64_t j0, double* acc, int64_t ld_acc) {
+GRADOPS_AVX2 void gram_4xn_avx2(const float* x, int64_t ldb, const Src y[NJ],
+                                const Prefetch4& prefetch, int64_t n, int64_t i0, int64_t j0,
+                                double* acc, int64_t ld_acc) {
   Src yr[NJ];  // local copies (see gram_tri_avx2)
   for (int q = 0; q < NJ; ++q) yr[q] = y[q];
+  const Prefetch4 pf = prefetch;
   __m256 s[4][NJ];
   for (int m = 0; m < 4; ++m)
     for (int q = 0; q < NJ; ++q) s[m][q] = _mm256_setzero_ps();
-  auto step = [&](const __m256 (&yv)[NJ], int64_t k) GRADOPS_AVX2 __attribute__((always_inline)) {
+  auto step = [&](const __m256 (&yv)[NJ], int64_t k)
+                  GRADOPS_AVX2 __attribute__((always_inline)) {
     for (int m = 0; m < 4; ++m) {
       __m256 xv = _mm256_load_ps(x + m * ldb + k);
       GRADOPS_IN_REG(xv);
@@ -270,6 +398,7 @@ GRADOPS_AVX2 void gram_4xn_avx2(const float* x, int64_t ldb, const Src y[NJ], in
   };
   const int64_t n8 = n / 8 * 8;
   for (int64_t k = 0; k < n8; k += 8) {
+    pf.at(k);
     __m256 yv[NJ];
     for (int q = 0; q < NJ; ++q) yv[q] = yr[q].get(k);
     step(yv, k);
@@ -289,27 +418,6 @@ GRADOPS_AVX2 void gram_4xn_avx2(const float* x, int64_t ldb, const Src y[NJ], in
     alignas(32) double c2[4];
     _mm256_store_pd(c2, reduce4(s[0][2], s[1][2], s[2][2], s[3][2]));
     for (int m = 0; m < 4; ++m) r[m * ld_acc + 2] += c2[m];
-  }
-}
-
-// The Gram blocks of a tile, f(kind, i0, j0): for each group of 4 rows i0 = 0, 4, ...: the
-// triangle (kind 0), then the w = T - i0 - 4 rows j >= i0 + 4 in 4x3 blocks (kind 3) and at most
-// two 4x2 blocks (kind 2): w % 3 == 2 -> one 4x2; w % 3 == 1 -> two 4x2 instead of the last 4x3
-// (one 4x2 with a zero row when w == 1: then T % 4 == 1, so row T < Tp exists). The blocks of
-// group 0 touch every row once more, in order, before any other group's: they are the first pass.
-template <class F>
-GRADOPS_INLINE void for_each_block(int64_t T, F f) {
-  for (int64_t i0 = 0; i0 < T; i0 += 4) {
-    f(0, i0, i0);
-    const int64_t w = std::max<int64_t>(0, T - i0 - 4);
-    int64_t n3 = w / 3, n2 = (w % 3 + 1) / 2;
-    if (w % 3 == 1 && n3 > 0) {
-      n3 -= 1;
-      n2 = 2;
-    }
-    int64_t j0 = i0 + 4;
-    for (int64_t b = 0; b < n3; ++b, j0 += 3) f(3, i0, j0);
-    for (int64_t b = 0; b < n2; ++b, j0 += 2) f(2, i0, j0);
   }
 }
 
@@ -343,47 +451,48 @@ struct Avx2 {
     // Zero padding of rows < T (rows >= T are zero); the first pass writes columns < ceil8(n).
     const int64_t n8 = (n + 7) / 8 * 8, n64 = (n + 63) / 64 * 64;
     for (int64_t i = 0; i < T; ++i) std::fill(buf + i * ldb + n8, buf + i * ldb + n64, 0.0f);
-    // Row r of the first pass (a zero row of buf when r >= T). The first pass reads rows
-    // 0, 1, ..., T-1 of this tile, then of the next: row r prefetches row q = r + kPrefetchRows of
-    // that sequence, i.e. row q % T of the tile q / T tiles ahead (little enough ahead that the
-    // lines in flight fit the 8 ways of L1 and L2 even when all rows of J alias in them).
     const char* J = static_cast<const char*>(a.J);
-    auto from_j = [&](int64_t r) {
+    auto from_j = [&](int64_t r) {  // row r of the first pass (a zero row of buf when r >= T)
       float* d = buf + r * ldb;
-      if (r >= T) return FromJ<D>{reinterpret_cast<const char*>(d), d, reinterpret_cast<const char*>(d)};
-      const int64_t q = r + kPrefetchRows;
-      return FromJ<D>{J + (r * a.row_stride + t0) * esize, d,
-                      J + ((q % T) * a.row_stride + t0 + q / T * kTileCols) * esize};
+      return FromJ<D>{r < T ? J + (r * a.row_stride + t0) * esize : reinterpret_cast<char*>(d), d};
     };
     auto from_buf = [&](int64_t r) { return Buf{buf + r * ldb}; };
-    for_each_block(T, [&](int kind, int64_t i0, int64_t j0) {
-      if (kind == 0) {
-        const int64_t rows = std::min<int64_t>(4, T - i0);  // < 4 only for the last rows
+    for (const Block& b : p.blocks) {
+      const int64_t i0 = b.i0, j0 = b.j0;
+      Prefetch4 pf{{}, esize};
+      for (int m = 0; m < 4; ++m) {
+        const uintptr_t e = static_cast<uintptr_t>(
+            (b.pf_row[m] * a.row_stride + t0 + b.pf_tile[m] * kTileCols) * esize);
+        pf.row[m] = m < b.pf_count ? reinterpret_cast<uintptr_t>(J) + e
+                                   : reinterpret_cast<uintptr_t>(buf);
+      }
+      if (b.kind == 0) {
+        const int64_t rows = std::min<int64_t>(4, T - i0);
         if (i0 == 0) {
           const FromJ<D> src[4] = {from_j(0), from_j(1), from_j(2), from_j(3)};
-          gram_tri_any(rows, src, n, i0, acc, p.Tp);
+          gram_tri_any(rows, src, pf, n, i0, acc, p.Tp);
         } else {
           const Buf src[4] = {from_buf(i0), from_buf(i0 + 1), from_buf(i0 + 2), from_buf(i0 + 3)};
-          gram_tri_any(rows, src, n, i0, acc, p.Tp);
+          gram_tri_any(rows, src, pf, n, i0, acc, p.Tp);
         }
-      } else if (kind == 3) {
+      } else if (b.kind == 3) {
         if (i0 == 0) {
           const FromJ<D> y[3] = {from_j(j0), from_j(j0 + 1), from_j(j0 + 2)};
-          gram_4xn_avx2<3>(buf + i0 * ldb, ldb, y, n, i0, j0, acc, p.Tp);
+          gram_4xn_avx2<3>(buf + i0 * ldb, ldb, y, pf, n, i0, j0, acc, p.Tp);
         } else {
           const Buf y[3] = {from_buf(j0), from_buf(j0 + 1), from_buf(j0 + 2)};
-          gram_4xn_avx2<3>(buf + i0 * ldb, ldb, y, n, i0, j0, acc, p.Tp);
+          gram_4xn_avx2<3>(buf + i0 * ldb, ldb, y, pf, n, i0, j0, acc, p.Tp);
         }
       } else {
         if (i0 == 0) {
           const FromJ<D> y[2] = {from_j(j0), from_j(j0 + 1)};
-          gram_4xn_avx2<2>(buf + i0 * ldb, ldb, y, n, i0, j0, acc, p.Tp);
+          gram_4xn_avx2<2>(buf + i0 * ldb, ldb, y, pf, n, i0, j0, acc, p.Tp);
         } else {
           const Buf y[2] = {from_buf(j0), from_buf(j0 + 1)};
-          gram_4xn_avx2<2>(buf + i0 * ldb, ldb, y, n, i0, j0, acc, p.Tp);
+          gram_4xn_avx2<2>(buf + i0 * ldb, ldb, y, pf, n, i0, j0, acc, p.Tp);
         }
       }
-    });
+    }
   }
 
   // Sign bitmaps of the tile, transposed: pos[w * Tp + i] bit b set when column 64w + (a fixed
@@ -434,7 +543,7 @@ struct Avx2 {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Portable variant (any x86-64 / other architecture): GCC vector extensions, one pair at a time.
+// Portable variant (x86-64 without AVX2 / FMA / F16C): GCC vector extensions, one pair at a time.
 
 typedef float v8f __attribute__((vector_size(32)));
 
@@ -583,6 +692,7 @@ void segment_gram_cpu(const SegGramArgs& a) {
   p.Tp = (a.T + 3) / 4 * 4;
   p.ldb = kTileCols + 16;
   p.counts = a.opposite != nullptr;
+  if (cpu_has_avx2()) p.blocks = block_schedule(a.T);
   const int64_t T = a.T, Tp = p.Tp, L = a.L, P = a.P, C = piece_cols(a.T);
   const int64_t* off = a.offsets;
   const int64_t pieces = (P + C - 1) / C;
