@@ -50,14 +50,20 @@ Result allocate(const at::Tensor& J, int64_t L, bool with_counts) {
   return {G, opp, nz};
 }
 
-gradops::SegGramArgs make_args(const at::Tensor& J, const at::Tensor& offsets, Result& out,
-                               bool with_counts) {
-  gradops::SegGramArgs a;
+// The fields every kernel argument struct has for J: base pointer, dtype, shape, row stride.
+template <class Args>
+void set_matrix(Args& a, const at::Tensor& J) {
   a.J = J.data_ptr();
   a.dtype = dtype_code(J);
   a.T = J.size(0);
   a.P = J.size(1);
   a.row_stride = J.size(0) > 1 ? J.stride(0) : J.size(1);
+}
+
+gradops::SegGramArgs make_args(const at::Tensor& J, const at::Tensor& offsets, Result& out,
+                               bool with_counts) {
+  gradops::SegGramArgs a;
+  set_matrix(a, J);
   a.offsets = offsets.data_ptr<int64_t>();
   a.L = offsets.numel() - 1;
   a.gram = std::get<0>(out).data_ptr<float>();
@@ -111,11 +117,7 @@ void combine_cpu(const at::Tensor& J_in, const at::Tensor& weights,
   } else {
     TORCH_CHECK(a.L == 1, "gradops: combine_cpu with L > 1 weight rows needs offsets");
   }
-  a.J = J.data_ptr();
-  a.dtype = dtype_code(J);
-  a.T = J.size(0);
-  a.P = J.size(1);
-  a.row_stride = J.size(0) > 1 ? J.stride(0) : J.size(1);
+  set_matrix(a, J);
   a.weights = weights.data_ptr<float>();
   a.out = out.data_ptr();
   a.out_dtype = dtype_code(out);
@@ -134,11 +136,7 @@ void graddrop_cpu(const at::Tensor& J_in, const at::Tensor& leak, int64_t seed,
               "gradops: graddrop_cpu leak must be contiguous f32 [T]");
   TORCH_CHECK(out.is_contiguous() && out.numel() == P, "gradops: graddrop_cpu out must be contiguous [P]");
   gradops::GradDropArgs a;
-  a.J = J.data_ptr();
-  a.dtype = dtype_code(J);
-  a.T = T;
-  a.P = P;
-  a.row_stride = T > 1 ? J.stride(0) : P;
+  set_matrix(a, J);
   a.leak = leak.data_ptr<float>();
   a.noise = nullptr;
   if (noise.has_value()) {

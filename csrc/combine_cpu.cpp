@@ -55,6 +55,7 @@
 #include <type_traits>
 
 #include "combine_kernels.h"
+#include "cpu_simd.h"
 
 #define GRADOPS_AVX2 __attribute__((target("avx2,f16c")))
 #define GRADOPS_INLINE inline __attribute__((always_inline))
@@ -309,17 +310,7 @@ struct Portable {
 // ---------------------------------------------------------------------------------------------
 // AVX2 + F16C variant: 8 columns per vector, the scalar helpers for the last n % 8 columns.
 
-// 8 elements of a J row as fp32.
-template <DType D>
-GRADOPS_AVX2 GRADOPS_INLINE __m256 load8(const char* row, int64_t k) {
-  if constexpr (D == DType::F32) {
-    return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + k);
-  } else {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * k));
-    if constexpr (D == DType::F16) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-}
+using simd::load8;  // 8 elements of a J row as fp32 (cpu_simd.h)
 
 // out[k .. k+8) = v converted to OD (as store_scalar); Stream: non-temporal (out + k aligned).
 template <DType OD, bool Stream>

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "gram_kernels.h"
+#include "cpu_simd.h"
 
 #define GRADOPS_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define GRADOPS_INLINE inline __attribute__((always_inline))
@@ -231,17 +232,9 @@ GRADOPS_AVX2 inline __m256i lane_mask(int64_t r) {
                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// Elements [k, k+8) of a J row as fp32; load8_tail: only the first r (< 8) of them, zeros after.
-template <DType D>
-GRADOPS_AVX2 inline __m256 load8(const char* row, int64_t k) {
-  if constexpr (D == DType::F32) {
-    return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + k);
-  } else {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * k));
-    if constexpr (D == DType::F16) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-}
+using simd::load8;  // elements [k, k+8) of a J row as fp32 (cpu_simd.h)
+
+// As load8, but only the first r (< 8) elements; zeros after.
 template <DType D>
 GRADOPS_AVX2 inline __m256 load8_tail(const char* row, int64_t k, int64_t r) {
   if constexpr (D == DType::F32) {
