@@ -145,7 +145,6 @@ void graddrop_cpu(const at::Tensor& J_in, const at::Tensor& leak, int64_t seed,
     a.noise = noise->data_ptr<float>();
   }
   a.seed = static_cast<uint64_t>(seed);
-  a.philox_offset = 0;
   a.eps = static_cast<float>(eps);
   a.out = out.data_ptr();
   a.out_dtype = dtype_code(out);
@@ -216,7 +215,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("graddrop_cpu", &graddrop_cpu, "GradDrop on CPU", pybind11::arg("J"), pybind11::arg("leak"),
         pybind11::arg("seed"), pybind11::arg("noise"), pybind11::arg("out"), pybind11::arg("mask"),
         pybind11::arg("eps"));
-  m.def("philox_uniform", &gradops::philox_uniform, "Philox uniform (as Triton's tl.rand)",
+  m.def("philox_uniform", &gradops::philox_uniform, "GradDrop's uniform of column k (Philox4x32-10, word k % 4 of counter k / 4)",
         pybind11::arg("seed"), pybind11::arg("offset"));
   m.def("cuda_built", &cuda_built, "Whether the CUDA kernels were compiled in");
   m.def("openmp_max_threads", &openmp_max_threads, "OpenMP threads the CPU kernels use");

@@ -13,19 +13,21 @@
 // of blocks (schedule(static)). A block is swept row by row, rows in groups of four, into fp32
 // buffers that stay in L1, so every element of J comes from memory once and `out` is written once,
 // converted, after the last row. GradDrop sweeps its narrow block twice (S and A, then the masked
-// sum, which finds the block in L1); between the sweeps it draws the block's uniforms, and that
-// loop, the most compute-heavy one, prefetches the next block's rows so that memory keeps
-// streaming meanwhile. combine's sweeps prefetch their rows kPrefetchBytes ahead. When a call
-// streams more than kStreamBytes, `out` (and the mask) are written with non-temporal stores: they
-// would leave the cache before use anyway, and this saves reading their lines before writing.
+// sum, which finds the block in L1/L2) and draws the block's uniforms in between; these three
+// loops share the prefetching of the next block's rows in proportion to their running time, so
+// that memory keeps streaming through the compute-heavy ones (Philox, the masked sum). combine's
+// sweeps prefetch their rows kPrefetchBytes ahead. When a call streams more than kStreamBytes,
+// `out` (and the mask) are written with non-temporal stores: they would leave the cache before
+// use anyway, and this saves reading their lines before writing them.
 //
 // Arithmetic (fp32 whatever the dtypes). Each column is reduced on its own, in the order
 // t = 0..T-1, from +0: acc = ((0 + c_0 x_0) + c_1 x_1) + ..., every product rounded to fp32 before
 // its add (no FMA); S and A likewise, and p_k is evaluated as written above. A column's result
 // depends on nothing but its inputs: not on the block width, the thread count, or whether it falls
-// in a vector lane or a scalar tail, and both instruction-set variants agree bit for bit. Every
-// term is multiplied and added even when its coefficient is 0, so NaN/Inf in J reach `out` (a NaN
-// or an Inf in a column also makes p_k NaN: both comparisons fail, M = 0, and 0 * NaN is NaN).
+// in a vector lane or a scalar tail, and both instruction-set variants agree bit for bit (up to
+// NaN payloads). Every term is multiplied and added even when its coefficient is 0, so NaN/Inf in
+// J reach `out` (a NaN or an Inf in a column also makes p_k NaN: both comparisons fail, M = 0,
+// and 0 * NaN is NaN).
 // GradDrop evaluates the formula through two exact identities:
 //  - with s_k = +1 if p_k > U_k, -1 if p_k < U_k, 0 otherwise (NaN p_k: 0), M[t,k] = [s_k x > 0]
 //    (x * (+-1) is exact; x * 0 is +-0 or NaN, never > 0);
@@ -33,11 +35,11 @@
 //    exactly 1 (M = 1: 1 - leak is exact for leak >= 0.5 and otherwise within 2^-25 of it, so the
 //    sum rounds to 1), so the coefficient is a select between leak and 1.
 //
-// Uniforms: U_k = philox_uniform(seed, philox_offset + k) (uint64 wrap-around), bit-identical to
-// Triton 3.x `tl.rand(seed, offset)` with an int64 seed and int64 offsets: Philox4x32-10
-// (J. Salmon et al., "Parallel Random Numbers: As Easy as 1, 2, 3", SC 2011), counter
-// (offset_lo, offset_hi, 0, 0), key (seed_lo, seed_hi); the first output word, read as int32 x,
-// maps to float(x < 0 ? ~x : x) * 4.6566127342e-10f (conversion rounded to nearest, fp32 product).
+// Uniforms: U_k = philox_uniform(seed, k): Philox4x32-10 (J. Salmon et al., "Parallel Random
+// Numbers: As Easy as 1, 2, 3", SC 2011) at counter (j_lo, j_hi, 0, 0) with j = k / 4, key
+// (seed_lo, seed_hi); output word k % 4, read as int32 x, maps to float(x < 0 ? ~x : x) *
+// 4.6566127342e-10f (conversion rounded to nearest, fp32 product). One Philox call serves four
+// consecutive columns, bit-identical to Triton 3.x `tl.rand4x(seed, j)` (int64 seed and j).
 //
 // Conversions. bf16 -> fp32 is `bits << 16`, fp16 -> fp32 is exact (F16C or software); fp32 ->
 // bf16/fp16 rounds to nearest even, overflows to Inf and keeps NaN a (quiet) NaN.
@@ -155,8 +157,10 @@ GRADOPS_INLINE float load1(const char* row, int64_t k) {
   }
 }
 
-float philox_scalar(uint64_t seed, uint64_t offset) {
-  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32);
+// The uniform of column `column`: word column % 4 of Philox4x32-10 at counter column / 4.
+float philox_scalar(uint64_t seed, uint64_t column) {
+  const uint64_t counter = column >> 2;
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
   uint32_t c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int r = 0; r < kPhiloxRounds; ++r) {
@@ -169,8 +173,9 @@ float philox_scalar(uint64_t seed, uint64_t offset) {
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
+  const uint32_t words[4] = {c0, c1, c2, c3};
   int32_t x;
-  std::memcpy(&x, &c0, 4);
+  std::memcpy(&x, &words[column & 3], 4);
   if (x < 0) x = ~x;
   return static_cast<float>(x) * kUniformScale;
 }
@@ -255,16 +260,25 @@ GRADOPS_INLINE void store_scalar(const float* acc, int64_t k0, int64_t k1, void*
   }
 }
 
-// Calls f(t, R, first) for the row groups [t, t + R) that cover 0..T-1 in order (R = 4, then the
-// remainder), R a std::integral_constant.
+// Calls f(t, R, First) for the row groups [t, t + R) that cover 0..T-1 (T >= 1) in order: R = 4,
+// then the remainder. R and First (t == 0: the group that starts the reductions) are
+// std::integral_constants.
 template <class F>
 GRADOPS_INLINE void for_row_groups(int64_t T, F f) {
-  int64_t t = 0;
-  for (; t + 4 <= T; t += 4) f(t, std::integral_constant<int, 4>(), t == 0);
+  using First = std::true_type;
+  using Next = std::false_type;
+  switch (T) {
+    case 1: f(0, std::integral_constant<int, 1>(), First()); return;
+    case 2: f(0, std::integral_constant<int, 2>(), First()); return;
+    case 3: f(0, std::integral_constant<int, 3>(), First()); return;
+    default: f(0, std::integral_constant<int, 4>(), First()); break;
+  }
+  int64_t t = 4;
+  for (; t + 4 <= T; t += 4) f(t, std::integral_constant<int, 4>(), Next());
   switch (T - t) {
-    case 3: f(t, std::integral_constant<int, 3>(), t == 0); break;
-    case 2: f(t, std::integral_constant<int, 2>(), t == 0); break;
-    case 1: f(t, std::integral_constant<int, 1>(), t == 0); break;
+    case 3: f(t, std::integral_constant<int, 3>(), Next()); break;
+    case 2: f(t, std::integral_constant<int, 2>(), Next()); break;
+    case 1: f(t, std::integral_constant<int, 1>(), Next()); break;
     default: break;
   }
 }
@@ -277,7 +291,7 @@ struct Portable {
   template <DType D>
   static void accumulate(const char* p, int64_t rsb, int64_t T, const float* w, int64_t n,
                          float* acc) {
-    for_row_groups(T, [&](int64_t t, auto R, bool first) {
+    for_row_groups(T, [&](int64_t t, auto R, auto first) {
       rows_scalar<D>(p + t * rsb, rsb, w + t, R, first, 0, n, acc);
     });
   }
@@ -293,13 +307,13 @@ struct Portable {
   static void graddrop(const char* p, int64_t rsb, const GradDropArgs& a, int64_t c0, int64_t n,
                        bool /*stream_out*/, bool /*stream_mask*/) {
     float S[kGradDropBlock], A[kGradDropBlock], sgn[kGradDropBlock], acc[kGradDropBlock];
-    for_row_groups(a.T, [&](int64_t t, auto R, bool first) {
+    for_row_groups(a.T, [&](int64_t t, auto R, auto first) {
       sums_scalar<D>(p + t * rsb, rsb, R, first, 0, n, S, A);
     });
     sign_scalar(S, A, a.eps, a.noise != nullptr ? a.noise + c0 : nullptr, a.seed,
-                a.philox_offset + static_cast<uint64_t>(c0), 0, n, sgn);
+                static_cast<uint64_t>(c0), 0, n, sgn);
     bool* mask = a.mask != nullptr ? a.mask + c0 : nullptr;
-    for_row_groups(a.T, [&](int64_t t, auto R, bool first) {
+    for_row_groups(a.T, [&](int64_t t, auto R, auto first) {
       drop_scalar<D>(p + t * rsb, rsb, a.leak + t, R, first, 0, n, sgn, acc,
                      mask != nullptr ? mask + t * a.P : nullptr, a.P);
     });
@@ -343,16 +357,17 @@ GRADOPS_AVX2 GRADOPS_INLINE __m256i key(uint32_t k) {
   return _mm256_set1_epi32(static_cast<int>(k));
 }
 
-// Philox4x32-10 on the 8 * G counters base + 0 .. 8G-1 -> their uniforms u[g] (as philox_scalar),
-// G independent groups interleaved for instruction-level parallelism. The counters are split
-// into even and odd columns, each held in the low words of 64-bit lanes (the high words are
-// ignored by _mm256_mul_epu32 and never reach the output), so one multiply gives both words of 4
-// products. Work that does not reach the output word is skipped: round 1 has c2 = c3 = 0 (one
-// product); when all the counters share their high word, round 2's A * c0 is one scalar product;
-// round 10 only needs c0.
+// Philox4x32-10 on the 8 * G counters base + 0 .. 8G-1 -> the uniforms of their 32 * G columns:
+// u[4 g + v] holds columns 4 (base + 8 g) + 8 v .. + 7 (as philox_scalar: counter j gives columns
+// 4j .. 4j+3, its four output words in order). G independent groups are interleaved for
+// instruction-level parallelism. The counters are split into even and odd ones, each held in the
+// low words of 64-bit lanes (the high words are ignored by _mm256_mul_epu32 and never reach the
+// output), so one multiply gives both words of 4 products. Work that does not reach the output is
+// skipped: round 1 has c2 = c3 = 0 (one product); when all the counters share their high word,
+// round 2's A * c0 is one scalar product.
 template <int G>
-GRADOPS_AVX2 GRADOPS_INLINE void philox(uint64_t seed, uint64_t base, __m256* u) {
-  constexpr int H = 2 * G;  // halves: even and odd columns of each group
+GRADOPS_AVX2 GRADOPS_INLINE void philox4(uint64_t seed, uint64_t base, __m256* u) {
+  constexpr int H = 2 * G;  // halves: even and odd counters of each group
   const __m256i ma = _mm256_set1_epi64x(kPhiloxRoundA), mb = _mm256_set1_epi64x(kPhiloxRoundB);
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   const uint32_t hi = static_cast<uint32_t>(base >> 32);
@@ -387,8 +402,8 @@ GRADOPS_AVX2 GRADOPS_INLINE void philox(uint64_t seed, uint64_t base, __m256* u)
       c3[h] = pa;
     }
   }
-  // Rounds 3 to 9 (the key is folded into c1 / c3 off the multiply chain).
-  for (uint32_t r = 2; r + 1 < kPhiloxRounds; ++r) {
+  // Rounds 3 to 10 (the key is folded into c1 / c3 off the multiply chain).
+  for (uint32_t r = 2; r < kPhiloxRounds; ++r) {
     const __m256i key0 = key(k0 + r * kPhiloxKeyA), key1 = key(k1 + r * kPhiloxKeyB);
     for (int h = 0; h < H; ++h) {
       const __m256i pb = _mm256_mul_epu32(c2[h], mb), pa = _mm256_mul_epu32(c0[h], ma);
@@ -398,25 +413,72 @@ GRADOPS_AVX2 GRADOPS_INLINE void philox(uint64_t seed, uint64_t base, __m256* u)
       c3[h] = pa;
     }
   }
-  // Round 10, c0 only.
-  const __m256i key0 = key(k0 + (kPhiloxRounds - 1) * kPhiloxKeyA);
-  for (int h = 0; h < H; ++h)
-    c0[h] = _mm256_xor_si256(_mm256_srli_epi64(_mm256_mul_epu32(c2[h], mb), 32),
-                             _mm256_xor_si256(c1[h], key0));
-  // Interleave the even and odd columns back: int32 x per column, then x < 0 ? ~x : x.
+  const __m256 scale = _mm256_set1_ps(kUniformScale);
+  auto uniform = [&](__m256i x) GRADOPS_AVX2_LAMBDA {  // int32 x -> float(x < 0 ? ~x : x) * scale
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_xor_si256(x, _mm256_srai_epi32(x, 31))), scale);
+  };
   for (int g = 0; g < G; ++g) {
-    const __m256i x = _mm256_blend_epi32(c0[2 * g], _mm256_slli_epi64(c0[2 * g + 1], 32), 0xAA);
-    const __m256i y = _mm256_xor_si256(x, _mm256_srai_epi32(x, 31));
-    u[g] = _mm256_mul_ps(_mm256_cvtepi32_ps(y), _mm256_set1_ps(kUniformScale));
+    // Word w of counters 0..7 (even and odd counters interleaved back), then a 4 x 8 transpose
+    // so that each vector holds 8 consecutive columns.
+    auto words = [&](const __m256i* c) GRADOPS_AVX2_LAMBDA {
+      return _mm256_blend_epi32(c[2 * g], _mm256_slli_epi64(c[2 * g + 1], 32), 0xAA);
+    };
+    const __m256i x0 = words(c0), x1 = words(c1), x2 = words(c2), x3 = words(c3);
+    const __m256i t0 = _mm256_unpacklo_epi32(x0, x1), t1 = _mm256_unpackhi_epi32(x0, x1);
+    const __m256i t2 = _mm256_unpacklo_epi32(x2, x3), t3 = _mm256_unpackhi_epi32(x2, x3);
+    const __m256i a0 = _mm256_unpacklo_epi64(t0, t2);  // counters 0 | 4, words 0..3
+    const __m256i a1 = _mm256_unpackhi_epi64(t0, t2);  // counters 1 | 5
+    const __m256i a2 = _mm256_unpacklo_epi64(t1, t3);  // counters 2 | 6
+    const __m256i a3 = _mm256_unpackhi_epi64(t1, t3);  // counters 3 | 7
+    u[4 * g + 0] = uniform(_mm256_permute2x128_si256(a0, a1, 0x20));
+    u[4 * g + 1] = uniform(_mm256_permute2x128_si256(a2, a3, 0x20));
+    u[4 * g + 2] = uniform(_mm256_permute2x128_si256(a0, a1, 0x31));
+    u[4 * g + 3] = uniform(_mm256_permute2x128_si256(a2, a3, 0x31));
   }
+}
+
+// Which of GradDrop's three loops over a block (the S/A sweeps, the signs, the masked-sum sweeps)
+// prefetch the next block's rows: line j of each row (64-byte lines) is prefetched by the loop
+// whose 16-bit mask has bit j % 16 set. A block of up to 16 KiB is prefetched whole by the sign
+// loop (the next block then sits in L1 next to the current one). A larger block does not fit in
+// L1 anyway; its lines are spread over the loops in proportion to their running time (estimated
+// from instruction counts per 8 columns: ~40 for the Philox, ~15 with given noise, ~10 T + 30
+// for the two sweeps), so that memory streams through the whole block rather than in bursts.
+// (Measured on a 2-core AMD EPYC VM: the first rule is best at T = 8, the second at T = 40.)
+struct LineShares {
+  uint32_t sums, sign, drop;
+};
+
+LineShares line_shares(int64_t T, int64_t block_bytes, bool noise) {
+  if (block_bytes <= 16384) return {0, 0xFFFFu, 0};
+  const int64_t sign_cost = noise ? 15 : 40, sweep_cost = 10 * T + 30;
+  const int64_t s16 = (16 * sign_cost + (sign_cost + sweep_cost) / 2) / (sign_cost + sweep_cost);
+  const uint32_t sign = (1u << s16) - 1;
+  return {0x5555u & ~sign, sign, 0xAAAAu & ~sign};
+}
+
+// Runs body(k) for k = 0, 8, .. < n (n a multiple of 8), and prefetch(k) at the start of each
+// 64-byte line j (Line columns) whose bit j % 16 is set in `lines`.
+template <int64_t Line, class Prefetch, class Body>
+GRADOPS_AVX2 GRADOPS_INLINE void sweep(int64_t n, uint32_t lines, Prefetch prefetch, Body body) {
+  int64_t k = 0;
+  if (lines == 0) {
+    for (; k < n; k += 8) body(k);
+    return;
+  }
+  for (uint32_t j = 0; k + Line <= n; ++j, k += Line) {
+    if ((lines >> (j & 15)) & 1) prefetch(k);
+    for (int64_t v = 0; v < Line; v += 8) body(k + v);
+  }
+  for (; k < n; k += 8) body(k);
 }
 
 struct Avx2 {
   // acc[0, n) (+)= sum_{i < R} w[i] * x_i[0, n), prefetching the R rows kPrefetchBytes ahead
   // (once per 64-byte line).
-  template <DType D, int R>
-  GRADOPS_AVX2 static void rows(const char* p, int64_t rsb, const float* w, bool first,
-                                int64_t n, float* acc) {
+  template <DType D, int R, bool first>
+  GRADOPS_AVX2 static void rows(const char* p, int64_t rsb, const float* w, int64_t n,
+                                float* acc) {
     constexpr int64_t line = 64 / esize<D>();  // columns per line: 16 or 32
     __m256 wv[R];
     for (int i = 0; i < R; ++i) wv[i] = _mm256_set1_ps(w[i]);
@@ -436,8 +498,8 @@ struct Avx2 {
   template <DType D>
   static void accumulate(const char* p, int64_t rsb, int64_t T, const float* w, int64_t n,
                          float* acc) {
-    for_row_groups(T, [&](int64_t t, auto R, bool first) {
-      rows<D, R>(p + t * rsb, rsb, w + t, first, n, acc);
+    for_row_groups(T, [&](int64_t t, auto R, auto first) {
+      rows<D, R, first>(p + t * rsb, rsb, w + t, n, acc);
     });
   }
 
@@ -455,35 +517,40 @@ struct Avx2 {
   }
 
   // S[0, n) (+)= sum_i x_i, A[0, n) (+)= sum_i |x_i| over whole vectors (n a multiple of 8).
-  template <DType D, int R>
-  GRADOPS_AVX2 static void sums_rows(const char* p, int64_t rsb, bool first, int64_t n, float* S,
-                                     float* A) {
+  template <DType D, int R, bool first>
+  GRADOPS_AVX2 static void sums_rows(const char* p, int64_t rsb, int64_t n, float* S, float* A,
+                                     uint32_t lines) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    for (int64_t k = 0; k < n; k += 8) {
-      __m256 s = first ? _mm256_setzero_ps() : _mm256_load_ps(S + k);
-      __m256 ab = first ? _mm256_setzero_ps() : _mm256_load_ps(A + k);
-      for (int i = 0; i < R; ++i) {
-        const __m256 x = load8<D>(p + i * rsb, k);
-        s = _mm256_add_ps(s, x);
-        ab = _mm256_add_ps(ab, _mm256_and_ps(x, abs_mask));
-      }
-      _mm256_store_ps(S + k, s);
-      _mm256_store_ps(A + k, ab);
-    }
+    const char* next = p + kGradDropBlock * esize<D>();
+    sweep<64 / esize<D>()>(
+        n, lines,
+        [&](int64_t k) GRADOPS_AVX2_LAMBDA {
+          for (int i = 0; i < R; ++i) _mm_prefetch(next + i * rsb + k * esize<D>(), _MM_HINT_T0);
+        },
+        [&](int64_t k) GRADOPS_AVX2_LAMBDA {
+          __m256 s = first ? _mm256_setzero_ps() : _mm256_load_ps(S + k);
+          __m256 ab = first ? _mm256_setzero_ps() : _mm256_load_ps(A + k);
+          for (int i = 0; i < R; ++i) {
+            const __m256 x = load8<D>(p + i * rsb, k);
+            s = _mm256_add_ps(s, x);
+            ab = _mm256_add_ps(ab, _mm256_and_ps(x, abs_mask));
+          }
+          _mm256_store_ps(S + k, s);
+          _mm256_store_ps(A + k, ab);
+        });
   }
 
-  // sgn[0, n) (n a multiple of 8) as sign_scalar, uniforms from noise or from Philox (16 columns
-  // at a time). Prefetches the T rows `next` (the next block), one 64-byte line per row every
-  // 64 bytes of columns.
+  // sgn[0, n) (n a multiple of 8) as sign_scalar, uniforms from noise or from Philox (64 columns
+  // at a time). Prefetches its share `lines` of the T rows `next` (the next block).
   template <DType D>
   GRADOPS_AVX2 static void sign(const float* S, const float* A, float eps, const float* noise,
                                 uint64_t seed, uint64_t off0, int64_t n, float* sgn,
-                                const char* next, int64_t rsb, int64_t T) {
+                                const char* next, int64_t rsb, int64_t T, uint32_t lines) {
     constexpr int64_t line = 64 / esize<D>();
     const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
     const __m256 minus_one = _mm256_set1_ps(-1.0f), epsv = _mm256_set1_ps(eps);
     auto sign8 = [&](int64_t k, __m256 u) GRADOPS_AVX2_LAMBDA {
-      if (k % line == 0) {
+      if (k % line == 0 && ((lines >> ((k / line) & 15)) & 1) != 0) {
         const char* r = next + k * esize<D>();
         for (int64_t t = 0; t < T; ++t, r += rsb) _mm_prefetch(r, _MM_HINT_T0);
       }
@@ -499,49 +566,54 @@ struct Avx2 {
       for (; k < n; k += 8) sign8(k, _mm256_loadu_ps(noise + k));
       return;
     }
-    for (; k + 16 <= n; k += 16) {
-      __m256 u[2];
-      philox<2>(seed, off0 + k, u);
-      sign8(k, u[0]);
-      sign8(k + 8, u[1]);
+    for (; k + 64 <= n; k += 64) {  // off0 is a multiple of 4: counters (off0 + k) / 4 ..
+      __m256 u[8];
+      philox4<2>(seed, (off0 + k) >> 2, u);
+      for (int v = 0; v < 8; ++v) sign8(k + 8 * v, u[v]);
     }
-    for (; k < n; k += 8) {
-      __m256 u;
-      philox<1>(seed, off0 + k, &u);
-      sign8(k, u);
+    for (; k < n; k += 32) {
+      __m256 u[4];
+      philox4<1>(seed, (off0 + k) >> 2, u);
+      for (int v = 0; v < 4 && k + 8 * v < n; ++v) sign8(k + 8 * v, u[v]);
     }
   }
 
   // acc[0, n) (+)= the masked terms of R rows (as drop_scalar) over whole vectors. With
   // stream_mask (mask rows 32-byte aligned), the mask rows are gathered in L1 and written with
   // whole-line non-temporal stores.
-  template <DType D, int R>
-  GRADOPS_AVX2 static void drop_rows(const char* p, int64_t rsb, const float* leak, bool first,
-                                     int64_t n, const float* sgn, float* acc, bool* mask,
-                                     int64_t mstride, bool stream_mask) {
+  template <DType D, int R, bool first>
+  GRADOPS_AVX2 static void drop_rows(const char* p, int64_t rsb, const float* leak, int64_t n,
+                                     const float* sgn, float* acc, bool* mask, int64_t mstride,
+                                     bool stream_mask, uint32_t lines) {
+    const char* next = p + kGradDropBlock * esize<D>();
     __m256 lv[R];
     for (int i = 0; i < R; ++i) lv[i] = _mm256_set1_ps(leak[i]);
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
     alignas(32) uint8_t mbuf[R][kGradDropBlock];
-    for (int64_t k = 0; k < n; k += 8) {
-      __m256 s = first ? zero : _mm256_load_ps(acc + k);
-      const __m256 sg = _mm256_load_ps(sgn + k);
-      for (int i = 0; i < R; ++i) {
-        const __m256 x = load8<D>(p + i * rsb, k);
-        const __m256 m = _mm256_cmp_ps(_mm256_mul_ps(sg, x), zero, _CMP_GT_OQ);
-        s = _mm256_add_ps(s, _mm256_mul_ps(_mm256_blendv_ps(lv[i], one, m), x));
-        if (mask != nullptr) {
-          // lanes 0 / -1 -> bytes 0 / 1
-          const __m256i m01 = _mm256_srli_epi32(_mm256_castps_si256(m), 31);
-          const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(m01),
-                                            _mm256_extracti128_si256(m01, 1));
-          const __m128i b = _mm_packs_epi16(w, w);
-          void* dst = stream_mask ? static_cast<void*>(mbuf[i] + k) : mask + i * mstride + k;
-          _mm_storel_epi64(static_cast<__m128i*>(dst), b);
-        }
-      }
-      _mm256_store_ps(acc + k, s);
-    }
+    sweep<64 / esize<D>()>(
+        n, lines,
+        [&](int64_t k) GRADOPS_AVX2_LAMBDA {
+          for (int i = 0; i < R; ++i) _mm_prefetch(next + i * rsb + k * esize<D>(), _MM_HINT_T0);
+        },
+        [&](int64_t k) GRADOPS_AVX2_LAMBDA {
+          __m256 s = first ? zero : _mm256_load_ps(acc + k);
+          const __m256 sg = _mm256_load_ps(sgn + k);
+          for (int i = 0; i < R; ++i) {
+            const __m256 x = load8<D>(p + i * rsb, k);
+            const __m256 m = _mm256_cmp_ps(_mm256_mul_ps(sg, x), zero, _CMP_GT_OQ);
+            s = _mm256_add_ps(s, _mm256_mul_ps(_mm256_blendv_ps(lv[i], one, m), x));
+            if (mask != nullptr) {
+              // lanes 0 / -1 -> bytes 0 / 1
+              const __m256i m01 = _mm256_srli_epi32(_mm256_castps_si256(m), 31);
+              const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(m01),
+                                                _mm256_extracti128_si256(m01, 1));
+              const __m128i b = _mm_packs_epi16(w, w);
+              void* dst = stream_mask ? static_cast<void*>(mbuf[i] + k) : mask + i * mstride + k;
+              _mm_storel_epi64(static_cast<__m128i*>(dst), b);
+            }
+          }
+          _mm256_store_ps(acc + k, s);
+        });
     if (stream_mask) {
       for (int i = 0; i < R; ++i) {
         bool* dst = mask + i * mstride;
@@ -555,8 +627,8 @@ struct Avx2 {
   }
 
   // GradDrop over columns [0, n) (n <= kGradDropBlock) of a block (rows p + t * rsb), out and
-  // mask from column c0 on: S and A (row sweeps into L1 buffers), the kept signs (Philox; this
-  // loop prefetches the next block), the masked sum (row sweeps again, the block now in L1).
+  // mask from column c0 on: S and A (row sweeps into L1 buffers), the kept signs (Philox), the
+  // masked sum (row sweeps again, the block now in L1/L2), prefetching the next block meanwhile.
   template <DType D, DType OD>
   GRADOPS_AVX2 static void graddrop(const char* p, int64_t rsb, const GradDropArgs& a,
                                     int64_t c0, int64_t n, bool stream_out, bool stream_mask) {
@@ -564,14 +636,16 @@ struct Avx2 {
         acc[kGradDropBlock];
     const int64_t T = a.T, n8 = n & ~int64_t{7};
     bool* mask = a.mask != nullptr ? a.mask + c0 : nullptr;
-    for_row_groups(T, [&](int64_t t, auto R, bool first) {
-      sums_rows<D, R>(p + t * rsb, rsb, first, n8, S, A);
+    const LineShares pf = line_shares(T, T * kGradDropBlock * esize<D>(), a.noise != nullptr);
+    for_row_groups(T, [&](int64_t t, auto R, auto first) {
+      sums_rows<D, R, first>(p + t * rsb, rsb, n8, S, A, pf.sums);
     });
     sign<D>(S, A, a.eps, a.noise != nullptr ? a.noise + c0 : nullptr, a.seed,
-            a.philox_offset + static_cast<uint64_t>(c0), n8, sgn, p + n * esize<D>(), rsb, T);
-    for_row_groups(T, [&](int64_t t, auto R, bool first) {
-      drop_rows<D, R>(p + t * rsb, rsb, a.leak + t, first, n8, sgn, acc,
-                      mask != nullptr ? mask + t * a.P : nullptr, a.P, stream_mask);
+            static_cast<uint64_t>(c0), n8, sgn, p + kGradDropBlock * esize<D>(),
+            rsb, T, pf.sign);
+    for_row_groups(T, [&](int64_t t, auto R, auto first) {
+      drop_rows<D, R, first>(p + t * rsb, rsb, a.leak + t, n8, sgn, acc,
+                             mask != nullptr ? mask + t * a.P : nullptr, a.P, stream_mask, pf.drop);
     });
     store<OD>(acc, n8, a.out, c0, stream_out);
     if (n8 < n)  // the last n % 8 columns, as the portable variant
@@ -688,6 +762,6 @@ void graddrop_cpu(const GradDropArgs& a) {
   if (a.P > 0) run<GradDrop>(a);
 }
 
-float philox_uniform(uint64_t seed, uint64_t offset) { return philox_scalar(seed, offset); }
+float philox_uniform(uint64_t seed, uint64_t column) { return philox_scalar(seed, column); }
 
 }  // namespace gradops

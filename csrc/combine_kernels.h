@@ -28,10 +28,9 @@ struct CombineArgs {
   DType out_dtype;          // may alias nothing in J
 };
 
-// Counter-based uniform numbers shared by every backend, bit-identical to Triton's
-// `tl.rand(seed, offset)` (Philox4x32, 10 rounds, counter (offset_lo, offset_hi, 0, 0), key
-// (seed_lo, seed_hi), first output word x -> int32, x < 0 ? ~x : x, times 4.6566127342e-10f).
-// U_k = uniform(seed, philox_offset + k).
+// Counter-based uniform numbers shared by every backend: U_k is word k % 4 of Philox4x32-10 at
+// counter (j_lo, j_hi, 0, 0), j = k / 4, key (seed_lo, seed_hi), read as int32 x, x < 0 ? ~x : x,
+// times 4.6566127342e-10f; bit-identical to Triton's `tl.rand4x(seed, k // 4)[k % 4]`.
 struct GradDropArgs {
   const void* J;
   DType dtype;
@@ -40,7 +39,6 @@ struct GradDropArgs {
   const float* leak;        // [T] fp32, each in [0, 1]
   const float* noise;       // [P] fp32 U_k given by the caller, or nullptr: use Philox below
   uint64_t seed;            // Philox key
-  uint64_t philox_offset;   // Philox counter of column 0
   float eps;                // in the purity denominator
   void* out;                // [P], element type out_dtype
   DType out_dtype;
@@ -49,6 +47,6 @@ struct GradDropArgs {
 
 void combine_cpu(const CombineArgs& a);
 void graddrop_cpu(const GradDropArgs& a);
-float philox_uniform(uint64_t seed, uint64_t offset);  // exposed for tests
+float philox_uniform(uint64_t seed, uint64_t column);  // U_k of column k, exposed for tests
 
 }  // namespace gradops

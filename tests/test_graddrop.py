@@ -63,10 +63,37 @@ def test_cpp_philox_matches_reference():
     if _C is None:
         pytest.skip("extension not built")
     for seed in (0, 12345, 2**33 + 7, 2**62 + 99):
-        offs = [0, 1, 2, 999, 2**32 - 1, 2**32, 2**40 + 3]
+        offs = [0, 1, 2, 3, 4, 999, 2**32 - 1, 2**32, 2**34 + 2, 2**40 + 3]
         ref = philox_uniform_reference(seed, torch.tensor(offs))
         got = torch.tensor([_C.philox_uniform(seed, o) for o in offs], dtype=torch.float32)
         assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
+
+
+def test_reference_stream_is_tritons_rand4x():
+    """The documented stream is Triton's own ``tl.rand4x(seed, k // 4)[k % 4]`` (checked against
+    Triton's implementation, here under the interpreter), including counters past 2^32."""
+    from gradops import _backend
+    if not (_backend.triton_importable()[0] and _backend.triton_interpret()):
+        pytest.skip("needs Triton under TRITON_INTERPRET=1")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rand4x_kernel(seed_ptr, ctr_ptr, out_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        a, b, c, d = tl.rand4x(tl.load(seed_ptr), tl.load(ctr_ptr + i))
+        tl.store(out_ptr + 4 * i, a)
+        tl.store(out_ptr + 4 * i + 1, b)
+        tl.store(out_ptr + 4 * i + 2, c)
+        tl.store(out_ptr + 4 * i + 3, d)
+
+    ctrs = torch.tensor([0, 1, 2, 249, 2**30 - 1, 2**32 - 1, 2**32, 2**38 + 5], dtype=torch.int64)
+    for seed in (0, 12345, 2**33 + 7, 2**62 + 99):
+        out = torch.empty(4 * len(ctrs))
+        rand4x_kernel[(1,)](torch.tensor([seed]), ctrs, out, N=len(ctrs))
+        cols = (4 * ctrs[:, None] + torch.arange(4)).reshape(-1)
+        ref = philox_uniform_reference(seed, cols)
+        assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
 
 
 def test_keep_probability_matches_purity(cpu_backend):

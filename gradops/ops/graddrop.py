@@ -50,7 +50,10 @@ if _backend.triton_importable()[0]:
         if HAS_NOISE:
             u = tl.load(noise_ptr + cols, mask=ok, other=0.5)
         else:
-            u = tl.rand(tl.load(seed_ptr), cols)
+            # columns 4j .. 4j+3 take the four words of Philox at counter j (BLOCK % 4 == 0)
+            ctr = tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+            u0, u1, u2, u3 = tl.rand4x(tl.load(seed_ptr), ctr)
+            u = tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3))
         keep_pos = purity > u
         keep_neg = purity < u
         g = tl.zeros([BLOCK], dtype=tl.float32)

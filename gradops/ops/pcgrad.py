@@ -20,7 +20,7 @@ import torch
 
 from .. import _backend
 from .._backend import register_op, select_backend
-from .._validate import check_matrix
+from .._validate import _is_fake, check_matrix
 from .combine import combine
 from .gram import gram, segment_gram
 
@@ -110,11 +110,6 @@ def _check_weights_args(G, perms, reduction, eps) -> None:
                          f"got {reduction!r}")
     if not eps >= 0:
         raise ValueError(f"gradops.pcgrad_weights: eps must be >= 0, got {eps}")
-
-
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-    return isinstance(t, FakeTensor)
 
 
 @torch.library.custom_op("gradops::pcgrad_weights", mutates_args=())
