@@ -75,7 +75,8 @@ def build_extensions():
     os.environ.setdefault("MAX_JOBS", "2")
     # torch >= 2.10 headers need C++20 (bindings.cpp); the kernel files are plain C++17/CUDA
     cxx = ["-O3", "-std=c++20", "-fopenmp"]
-    sources = ["csrc/bindings.cpp", "csrc/gram_cpu.cpp", "csrc/combine_cpu.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/gram_cpu.cpp", "csrc/combine_cpu.cpp",
+               "csrc/pcgrad_cpu.cpp"]
     define_macros = []
     extra_link = ["-fopenmp"]
 

@@ -8,6 +8,7 @@
 
 #include "combine_kernels.h"
 #include "gram_kernels.h"
+#include "pcgrad_kernels.h"
 
 #ifdef GRADOPS_WITH_CUDA
 // Only the light c10 headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers that a
@@ -199,6 +200,23 @@ int openmp_max_threads() {
 #endif
 }
 
+// PCGrad's coefficient matrices C [B, T, T] from Grams G [B, T, T] (f32) and orders (int64).
+at::Tensor pcgrad_coefficients_cpu(const at::Tensor& G, const at::Tensor& perms, double eps) {
+  TORCH_CHECK(G.device().is_cpu() && perms.device().is_cpu(), "gradops: pcgrad_coefficients_cpu needs CPU tensors");
+  TORCH_CHECK(G.scalar_type() == at::kFloat && G.dim() == 3 && G.size(1) == G.size(2) && G.is_contiguous(),
+              "gradops: pcgrad_coefficients_cpu G must be contiguous f32 [B, T, T]");
+  TORCH_CHECK(perms.scalar_type() == at::kLong && perms.sizes() == G.sizes() && perms.is_contiguous(),
+              "gradops: pcgrad_coefficients_cpu perms must be contiguous int64 of G's shape");
+  auto C = at::empty_like(G);
+  const int64_t T = G.size(1);
+  const int64_t* p = perms.data_ptr<int64_t>();
+  for (int64_t n = 0; n < perms.numel(); ++n)
+    TORCH_CHECK(p[n] >= 0 && p[n] < T, "gradops: pcgrad_coefficients_cpu perms entries must be in [0, T)");
+  gradops::pcgrad_coefficients_cpu(G.data_ptr<float>(), p, C.data_ptr<float>(), G.size(0), T,
+                                   static_cast<float>(eps));
+  return C;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -217,6 +235,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("eps"));
   m.def("philox_uniform", &gradops::philox_uniform, "GradDrop's uniform of column k (Philox4x32-10, word k % 4 of counter k / 4)",
         pybind11::arg("seed"), pybind11::arg("offset"));
+  m.def("pcgrad_coefficients_cpu", &pcgrad_coefficients_cpu, "PCGrad coefficient matrices on CPU",
+        pybind11::arg("G"), pybind11::arg("perms"), pybind11::arg("eps"));
   m.def("cuda_built", &cuda_built, "Whether the CUDA kernels were compiled in");
   m.def("openmp_max_threads", &openmp_max_threads, "OpenMP threads the CPU kernels use");
 }

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from .._backend import register_op, select_backend
+from .._backend import _C, register_op, select_backend
 from .._validate import _is_fake, check_matrix
 from .combine import combine
 from .gram import gram, segment_gram
@@ -27,7 +27,7 @@ from .gram import gram, segment_gram
 __all__ = ["pcgrad", "pcgrad_weights", "random_orders"]
 
 REDUCTIONS = ("sum", "mean")
-register_op("pcgrad_weights", ("triton", "torch"))
+register_op("pcgrad_weights", ("triton", "cpp", "torch"))
 
 if _backend.triton_importable()[0]:
     import triton
@@ -73,6 +73,15 @@ def _coefficients_torch(G: torch.Tensor, perms: torch.Tensor, eps: float) -> tor
                            torch.where(den > 0, d / den, torch.zeros_like(d)))
         C.scatter_add_(2, j[:, :, None], -coef[:, :, None])
     return C
+
+
+def _coefficients_cpp(G: torch.Tensor, perms: torch.Tensor, eps: float) -> torch.Tensor:
+    """The recurrence in C++ (``csrc/pcgrad_cpu.cpp``): no per-step torch dispatch on CPU."""
+    return _C.pcgrad_coefficients_cpu(G, perms, eps)
+
+
+_COEFFICIENTS = {"triton": _coefficients_triton, "cpp": _coefficients_cpp,
+                 "torch": _coefficients_torch}
 
 
 def random_orders(T: int, batch: tuple[int, ...] = (), *, generator: torch.Generator | None = None,
@@ -121,7 +130,7 @@ def _pcgrad_weights_op(G: torch.Tensor, perms: torch.Tensor, reduction: str, eps
     G3 = G.to(torch.float32).reshape(-1, T, T).contiguous()
     P3 = perms.reshape(-1, T, T).contiguous()
     backend = select_backend("pcgrad_weights", G.device, T)
-    C = (_coefficients_triton if backend == "triton" else _coefficients_torch)(G3, P3, eps)
+    C = _COEFFICIENTS[backend](G3, P3, eps)
     w = C.sum(-2)
     if reduction == "mean":
         w = w / T
