@@ -75,8 +75,10 @@ def build_extensions():
     os.environ.setdefault("MAX_JOBS", "2")
     # torch >= 2.10 headers need C++20 (bindings.cpp); the kernel files are plain C++17/CUDA
     cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    # sparse_adamw_cpu.cpp turns fp contraction off itself (a pragma: per-file flags are not
+    # possible here, and the other kernels keep the default)
     sources = ["csrc/bindings.cpp", "csrc/gram_cpu.cpp", "csrc/combine_cpu.cpp",
-               "csrc/pcgrad_cpu.cpp"]
+               "csrc/pcgrad_cpu.cpp", "csrc/topk_cpu.cpp", "csrc/sparse_adamw_cpu.cpp"]
     define_macros = []
     extra_link = ["-fopenmp"]
 

@@ -3,12 +3,15 @@
 // User-facing validation (error messages naming the argument) happens in Python
 // (gradops/_validate.py); the TORCH_CHECKs here only guard the kernels' own preconditions.
 #include <torch/extension.h>
+#include <ATen/Config.h>  // AT_MKL_ENABLED
 
 #include <tuple>
 
 #include "combine_kernels.h"
 #include "gram_kernels.h"
 #include "pcgrad_kernels.h"
+#include "sparse_adamw_kernels.h"
+#include "topk_kernels.h"
 
 #ifdef GRADOPS_WITH_CUDA
 // Only the light c10 headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers that a
@@ -217,6 +220,113 @@ at::Tensor pcgrad_coefficients_cpu(const at::Tensor& G, const at::Tensor& perms,
   return C;
 }
 
+// Per-row top-K magnitude selection of a CPU W [R, F] (1 <= K <= F) into `mask` (bool [R, F])
+// and/or `idx` (int32 [R, K], kept columns increasing), both contiguous.
+void topk_cpu(const at::Tensor& W_in, int64_t K, const c10::optional<at::Tensor>& mask,
+              const c10::optional<at::Tensor>& idx) {
+  TORCH_CHECK(W_in.device().is_cpu(), "gradops: topk_cpu needs a CPU tensor");
+  auto W = unit_column_stride(W_in);
+  const int64_t R = W.size(0), F = W.size(1);
+  TORCH_CHECK(K >= 1 && K <= F, "gradops: topk_cpu needs 1 <= K <= F, got K = ", K, ", F = ", F);
+  gradops::TopkArgs a;
+  switch (W.scalar_type()) {
+    case at::kFloat: a.dtype = gradops::TopkDType::F32; break;
+    case at::kBFloat16: a.dtype = gradops::TopkDType::BF16; break;
+    case at::kHalf: a.dtype = gradops::TopkDType::F16; break;
+    case at::kDouble: a.dtype = gradops::TopkDType::F64; break;
+    default: TORCH_CHECK(false, "gradops: topk_cpu W must be float32/bfloat16/float16/float64, got ",
+                         W.scalar_type());
+  }
+  a.W = W.data_ptr();
+  a.R = R;
+  a.F = F;
+  a.row_stride = R > 1 ? W.stride(0) : F;
+  a.K = K;
+  a.mask = nullptr;
+  a.idx = nullptr;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kBool && mask->is_contiguous() &&
+                mask->dim() == 2 && mask->size(0) == R && mask->size(1) == F,
+                "gradops: topk_cpu mask must be a contiguous CPU bool [R, F]");
+    a.mask = mask->data_ptr<bool>();
+  }
+  if (idx.has_value()) {
+    TORCH_CHECK(idx->device().is_cpu() && idx->scalar_type() == at::kInt && idx->is_contiguous() &&
+                idx->dim() == 2 && idx->size(0) == R && idx->size(1) == K,
+                "gradops: topk_cpu idx must be a contiguous CPU int32 [R, K]");
+    a.idx = idx->data_ptr<int32_t>();
+  }
+  pybind11::gil_scoped_release no_gil;
+  gradops::topk_cpu(a);
+}
+
+#if AT_MKL_ENABLED() && !defined(__APPLE__)
+// torch.sqrt on CPU float tensors is MKL's vmsSqrt in MKL builds of torch (ATen/cpu/vml.h, mode
+// VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE), which is not always correctly rounded; libtorch_cpu
+// exports it. n is declared 64-bit: right for ILP64 and, n being small, for LP64 (which reads the
+// low half). Weak: where it is missing, the kernel uses IEEE sqrt.
+extern "C" void vmsSqrt(long long n, const float* a, float* r, long long mode) __attribute__((weak));
+
+void torch_cpu_sqrt(const float* in, float* out, int64_t n) {
+  vmsSqrt(static_cast<long long>(n), in, out, 0x2 | 0x140000 | 0x100);
+}
+
+gradops::SqrtFn torch_sqrt_fn() { return vmsSqrt != nullptr ? &torch_cpu_sqrt : nullptr; }
+#else
+gradops::SqrtFn torch_sqrt_fn() { return nullptr; }  // torch's CPU sqrt is the IEEE one here
+#endif
+
+// SparseAdamW's update of the entries `idx` selects (gradops/optim/sparse_adamw.py), in place:
+// p, grad contiguous of one dtype (f32/bf16/f16), viewed as [R, C]; idx int32/int64 [R, K];
+// m, v, vmax fp32 [R, K], contiguous. The scalars are AdamW's, as Python floats (rounded to fp32
+// here, as torch rounds them).
+void sparse_adamw_cpu(at::Tensor& p, const at::Tensor& grad, const at::Tensor& idx, at::Tensor& m,
+                      at::Tensor& v, const c10::optional<at::Tensor>& vmax, bool has_decay,
+                      double decay, double lerp_w, double beta2, double one_minus_beta2,
+                      double bc2_sqrt, double eps, double neg_step_size, bool maximize) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&p, &grad, &idx, &m, &v})
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(),
+                "gradops: sparse_adamw_cpu needs contiguous CPU tensors");
+  TORCH_CHECK(idx.dim() == 2 && (idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong),
+              "gradops: sparse_adamw_cpu idx must be int32/int64 [R, K]");
+  const int64_t R = idx.size(0), K = idx.size(1);
+  TORCH_CHECK(grad.scalar_type() == p.scalar_type() && grad.numel() == p.numel(),
+              "gradops: sparse_adamw_cpu grad must match p's dtype and size");
+  TORCH_CHECK(R > 0 && p.numel() % R == 0, "gradops: sparse_adamw_cpu p.numel() must be a multiple of R");
+  auto moment_ok = [&](const at::Tensor& t) {
+    return t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == at::kFloat &&
+           t.numel() == R * K;
+  };
+  TORCH_CHECK(moment_ok(m) && moment_ok(v) && (!vmax.has_value() || moment_ok(*vmax)),
+              "gradops: sparse_adamw_cpu moments must be contiguous CPU float32 [R, K]");
+  gradops::SparseAdamWArgs a;
+  a.p = p.data_ptr();
+  a.grad = grad.data_ptr();
+  a.dtype = dtype_code(p);
+  a.idx = idx.data_ptr();
+  a.idx64 = idx.scalar_type() == at::kLong;
+  a.R = R;
+  a.K = K;
+  a.C = p.numel() / R;
+  a.m = m.data_ptr<float>();
+  a.v = v.data_ptr<float>();
+  a.vmax = vmax.has_value() ? vmax->data_ptr<float>() : nullptr;
+  a.has_decay = has_decay;
+  a.decay = static_cast<float>(decay);
+  a.lerp_w = static_cast<float>(lerp_w);
+  a.beta2 = static_cast<float>(beta2);
+  a.one_minus_beta2 = static_cast<float>(one_minus_beta2);
+  a.bc2_sqrt = static_cast<float>(bc2_sqrt);
+  a.eps = static_cast<float>(eps);
+  a.neg_step_size = static_cast<float>(neg_step_size);
+  a.maximize = maximize;
+  a.sqrt_fn = torch_sqrt_fn();   // the denominators' sqrt as torch.sqrt computes it
+  pybind11::gil_scoped_release no_gil;
+  const int64_t bad = gradops::sparse_adamw_index_errors(a);
+  TORCH_CHECK(bad == 0, "gradops: sparse_adamw_cpu idx has ", bad, " entries outside [0, ", a.C, ")");
+  gradops::sparse_adamw_cpu(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -237,6 +347,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("seed"), pybind11::arg("offset"));
   m.def("pcgrad_coefficients_cpu", &pcgrad_coefficients_cpu, "PCGrad coefficient matrices on CPU",
         pybind11::arg("G"), pybind11::arg("perms"), pybind11::arg("eps"));
+  m.def("topk_cpu", &topk_cpu, "Per-row top-K magnitude mask / packed indices on CPU",
+        pybind11::arg("W"), pybind11::arg("K"), pybind11::arg("mask"), pybind11::arg("idx"));
+  m.def("sparse_adamw_cpu", &sparse_adamw_cpu, "SparseAdamW's update of the selected entries on CPU",
+        pybind11::arg("p"), pybind11::arg("grad"), pybind11::arg("idx"), pybind11::arg("m"),
+        pybind11::arg("v"), pybind11::arg("vmax"), pybind11::arg("has_decay"), pybind11::arg("decay"),
+        pybind11::arg("lerp_w"), pybind11::arg("beta2"), pybind11::arg("one_minus_beta2"),
+        pybind11::arg("bc2_sqrt"), pybind11::arg("eps"), pybind11::arg("neg_step_size"),
+        pybind11::arg("maximize"));
   m.def("cuda_built", &cuda_built, "Whether the CUDA kernels were compiled in");
   m.def("openmp_max_threads", &openmp_max_threads, "OpenMP threads the CPU kernels use");
 }

@@ -104,16 +104,19 @@ def pcgrad_reference(J: torch.Tensor, perms: torch.Tensor, reduction: str = "sum
     return out / T if reduction == "mean" else out
 
 
-def philox_uniform_reference(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Uniform numbers in [0, 1) from Philox4x32-10, identical to Triton's ``tl.rand(seed, offset)``
-    and to gradops' C++ kernels (counter ``(offset_lo, offset_hi, 0, 0)``, key
-    ``(seed_lo, seed_hi)``). ``offsets``: int64 tensor. Returns float32 of the same shape."""
+def philox_uniform_reference(seed: int, columns: torch.Tensor) -> torch.Tensor:
+    """GradDrop's uniform numbers in [0, 1): ``U_k`` is output word ``k % 4`` of Philox4x32-10
+    (Salmon et al., SC 2011) at counter ``(j_lo, j_hi, 0, 0)``, ``j = k // 4``, key
+    ``(seed_lo, seed_hi)``, i.e. Triton's ``tl.rand4x(seed, k // 4)[k % 4]``; one Philox call
+    serves four consecutive columns. Identical in the C++ kernels. ``columns``: int64 tensor of
+    column indices ``k``. Returns float32 of the same shape."""
     M32 = 0xFFFFFFFF
-    off = offsets.to(torch.int64)
-    c0 = off & M32
-    c1 = (off >> 32) & M32
-    c2 = torch.zeros_like(off)
-    c3 = torch.zeros_like(off)
+    col = columns.to(torch.int64)
+    ctr = col >> 2
+    c0 = ctr & M32
+    c1 = (ctr >> 32) & M32
+    c2 = torch.zeros_like(ctr)
+    c3 = torch.zeros_like(ctr)
     k0, k1 = seed & M32, (seed >> 32) & M32
     for _ in range(10):
         hi0, lo0 = _mulhilo32(0xCD9E8D57, c2)  # 32x32-bit products split: int64 would overflow
@@ -121,8 +124,9 @@ def philox_uniform_reference(seed: int, offsets: torch.Tensor) -> torch.Tensor:
         c0, c1, c2, c3 = hi0 ^ c1 ^ k0, lo0, hi1 ^ c3 ^ k1, lo1
         k0 = (k0 + 0x9E3779B9) & M32
         k1 = (k1 + 0xBB67AE85) & M32
-    x = torch.where(c0 >= 1 << 31, c0 - (1 << 32), c0)  # as int32
-    x = torch.where(x < 0, -x - 1, x)                     # ~x
+    word = torch.stack([c0, c1, c2, c3]).gather(0, (col & 3)[None]).squeeze(0)
+    x = torch.where(word >= 1 << 31, word - (1 << 32), word)  # as int32
+    x = torch.where(x < 0, -x - 1, x)                         # ~x
     return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
@@ -159,3 +163,24 @@ def graddrop_reference(J: torch.Tensor, leak: torch.Tensor, noise: torch.Tensor,
     lk = leak.to(X.dtype)[:, None]
     g = ((lk + (1 - lk) * M.to(X.dtype)) * X).sum(0)
     return g.to(J.dtype), M
+
+
+def topk_mask_reference(W: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-neuron top-K magnitude mask (PSN, the sparse-training paper's Sec. 3.4; SPEC §5).
+
+    ``W`` is viewed as ``[out, F]`` (dim 0 = output neurons, the rest flattened: a conv weight
+    ``[out, in, kh, kw]`` has ``F = in * kh * kw``); in each row the ``min(k, F)`` entries of
+    largest ``|W|`` are kept, ties broken by lower column index (a stable sort). Returns a bool
+    mask of ``W``'s shape. NaN magnitudes count as largest (they sort first)."""
+    if W.dim() == 0:
+        raise ValueError("gradops.topk_mask: W must have at least one dimension")
+    rows = W.reshape(W.shape[0], -1)   # a 1-D W is [out, 1]
+    F = rows.shape[1]
+    K = min(int(k), F)
+    mag = rows.abs().to(torch.float32)
+    mag = torch.where(torch.isnan(mag), torch.full_like(mag, float("inf")), mag)
+    # descending, stable: equal magnitudes keep their column order, so the lower index wins
+    order = torch.sort(mag, dim=1, descending=True, stable=True).indices[:, :K]
+    mask = torch.zeros(rows.shape, dtype=torch.bool, device=W.device)
+    mask.scatter_(1, order, True)
+    return mask.reshape(W.shape)

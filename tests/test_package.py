@@ -94,3 +94,15 @@ def test_offsets_from_numels():
         gradops.offsets_from_numels([])
     with pytest.raises(ValueError, match=">= 0"):
         gradops.offsets_from_numels([2, -1])
+
+
+def test_cli_bench_mtl_smoke(tmp_path):
+    """`gradops bench --suite mtl` runs end to end on a small model and writes its CSV."""
+    csv_path = tmp_path / "mtl.csv"
+    out = subprocess.run([sys.executable, "-m", "gradops", "bench", "--suite", "mtl", "--quick",
+                          "--T", "2", "--methods", "ew,pcgrad", "--rounds", "2", "--budget", "1",
+                          "--csv", str(csv_path)],
+                         capture_output=True, text=True, env=dict(os.environ), check=True).stdout
+    assert "| 2 | pcgrad |" in out and "PCGrad" in out
+    lines = csv_path.read_text().strip().splitlines()
+    assert len(lines) >= 1 + 2 and "pcgrad" in csv_path.read_text()

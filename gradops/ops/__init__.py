@@ -3,6 +3,8 @@ from .combine import combine
 from .graddrop import graddrop
 from .gram import GramWithSignCounts, gram, segment_gram
 from .pcgrad import pcgrad, pcgrad_weights, random_orders
+from .topk_mask import topk_indices, topk_mask
 
 __all__ = ["GramWithSignCounts", "combine", "graddrop", "gram", "pcgrad", "pcgrad_weights",
            "random_orders", "segment_gram"]
+__all__ += ["topk_indices", "topk_mask"]

@@ -1,0 +1,664 @@
+"""``MTLOptimizer``: any torch optimizer, driven by a multi-task gradient method.
+
+The data path (SPEC §0)::
+
+    losses -> T backward passes (torch.autograd.grad), each writing task t's gradient of the shared
+    parameters into row t of one flat [T, P] buffer J with one torch.cat(out=J[t])
+    -> Gram G = J J^T (one pass; per-layer Grams with per_layer/stats, same pass)
+    -> weights from G on J's device (gradops.weighting; PCGrad's recurrence; GradVac's)
+    -> combined gradient w^T J (one pass) written into one flat [P] buffer whose views are the
+       shared parameters' .grad
+    -> (clip, GradScaler, ...) -> inner optimizer step.
+
+Task-specific parameters (reached by one task's loss, or not listed in ``shared``) accumulate the
+ordinary sum of their tasks' gradients in their own ``.grad``, as with ``sum(losses).backward()``.
+
+No host synchronisation in :meth:`MTLOptimizer.backward` (no ``.item()``, no data-dependent
+Python branch): the solvers run fixed iteration budgets on device, random orders and seeds are
+drawn on device from the optimizer's own generator. Remaining host work per step: the Python
+loop over the T backward passes and the pointer swaps of ``.grad``; reading :meth:`stats`
+synchronises (once per epoch). The first step also walks the autograd graph to find the shared
+parameters when ``shared="auto"``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.autograd.graph import GradientEdge
+
+from .. import metrics
+from ..ops.combine import combine
+from ..ops.graddrop import draw_seed, graddrop
+from ..ops.gram import gram, segment_gram
+from ..ops.pcgrad import pcgrad_weights, random_orders
+from ..segments import offsets_from_numels
+from ._methods import SCALE_INVARIANT, MethodSpec, gradvac_weights, resolve_method
+from ._wrapper import OptimizerWrapper
+from .sparse_training import SparseTraining, resolve_masks
+
+__all__ = ["MTLOptimizer", "MTLStepInfo"]
+
+
+@dataclass
+class MTLStepInfo:
+    """What :meth:`MTLOptimizer.backward` returns; every field is a device tensor (or None).
+
+    Attributes:
+        weights: the combination weights, ``[T]`` (``[L, T]`` for per-layer methods; None for
+            GradDrop).
+        gram: ``G = J J^T`` ``[T, T]`` of this step's per-task gradients (None when the method
+            needed no per-task gradients this step: EW without stats, ``update_every`` steps).
+        conflict_incidence: fraction of task pairs with negative cosine (0-dim), or None.
+        layer_gram: per-layer Grams ``[L, T, T]`` (``stats=True`` or per-layer methods).
+        layer_conflicts: per-layer count of conflicting pairs (Recon's S-score with S = 0,
+            ``[L]``), with ``stats=True``.
+        layer_gms: per-layer mean over pairs of the gradient magnitude similarity ``[L]``, with
+            ``stats=True``.
+        converged: whether the solver converged (0-dim bool), for iterative solvers.
+    """
+
+    weights: torch.Tensor | None = None
+    gram: torch.Tensor | None = None
+    conflict_incidence: torch.Tensor | None = None
+    layer_gram: torch.Tensor | None = None
+    layer_conflicts: torch.Tensor | None = None
+    layer_gms: torch.Tensor | None = None
+    converged: torch.Tensor | None = None
+
+
+def _as_params(shared: Any) -> list[torch.Tensor]:
+    if isinstance(shared, (nn.Module, torch.Tensor)):
+        shared = [shared]
+    out: list[torch.Tensor] = []
+    for item in shared:
+        if isinstance(item, nn.Module):
+            out.extend(item.parameters())
+        elif isinstance(item, torch.Tensor):
+            out.append(item)
+        else:
+            raise TypeError(f"MTLOptimizer: shared must hold parameters or modules, got "
+                            f"{type(item).__name__}")
+    return out
+
+
+def _reached_leaves(root: torch.Tensor | GradientEdge) -> set[int]:
+    """ids of the leaf tensors whose AccumulateGrad nodes the graph of ``root`` reaches."""
+    if isinstance(root, GradientEdge):
+        stack, out = [root.node], set()
+    elif root.grad_fn is None:
+        return {id(root)} if root.requires_grad else set()
+    else:
+        stack, out = [root.grad_fn], set()
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None:
+            out.add(id(var))
+        stack.extend(f for f, _ in node.next_functions)
+    return out
+
+
+# per-element operations with one differentiable input that may sit between torch.stack and the
+# losses handed to backward (GradScaler.scale, casts, a constant factor)
+_ELEMENTWISE = frozenset({"MulBackward0", "DivBackward0", "ToCopyBackward0", "CloneBackward0",
+                          "AliasBackward0"})
+
+
+def _stack_node(losses: torch.Tensor):
+    """The ``StackBackward0`` node that made the 1-D ``losses`` (through per-element ops with a
+    single differentiable input), or None."""
+    fn = losses.grad_fn
+    while fn is not None and type(fn).__name__ in _ELEMENTWISE:
+        nxt = [f for f, _ in fn.next_functions if f is not None]
+        if len(nxt) != 1:
+            return None
+        fn = nxt[0]
+    if fn is None or type(fn).__name__ != "StackBackward0":
+        return None
+    if len(fn.next_functions) != losses.numel() or any(f is None for f, _ in fn.next_functions):
+        return None
+    return fn
+
+
+class MTLOptimizer(OptimizerWrapper):
+    """Wrap ``optimizer`` so that :meth:`backward` applies a multi-task gradient method.
+
+    Usage::
+
+        opt = gradops.optim.MTLOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-4),
+                                         method="pcgrad", shared=model.encoder)
+        for batch in loader:
+            losses = model.losses(batch)   # list or 1-D tensor of T task losses
+            opt.zero_grad()
+            info = opt.backward(losses)    # per-task grads -> method -> combined .grad
+            opt.step()
+
+    Args:
+        optimizer: any :class:`torch.optim.Optimizer` over all the model's parameters.
+        method: ``"ew"``, ``"pcgrad"``, ``"graddrop"``, ``"mgda"``, ``"cagrad"``, ``"imtlg"``,
+            ``"nashmtl"``, ``"alignedmtl"``, ``"gradvac"`` (per layer), or a callable
+            ``f(G [T, T]) -> w [T]`` (e.g. a TorchJD ``Weighting``).
+        shared: the parameters (or modules) shared by all tasks, or ``"auto"`` (default): on the
+            first step, the parameters that more than one task's loss reaches.
+        per_layer: per-layer PCGrad (one PCGrad per parameter tensor: weights ``[L, T]``).
+        update_every: recompute the weights every N steps (Gram-weighted methods; the Nash-MTL
+            paper's option); in between, one backward of ``sum_t w_t L_t`` with the last weights.
+        sparse: masks for sparse training (``{param: bool mask}``, or a
+            :class:`gradops.sparse.SparseMasks` with ``module=``): the inner optimizer is wrapped
+            in :class:`SparseTraining` and per-task gradients are masked before the Gram. An inner
+            :class:`SparseTraining` is used the same way.
+        stats: per step, per-layer Grams, conflict counts and GMS in ``info`` (same pass), and
+            per-task gradients even for EW.
+        generator: the source of random orders (PCGrad, GradVac) and GradDrop's seeds; default:
+            a new generator seeded from torch's global RNG (saved in :meth:`state_dict`).
+        grad_scaler: the :class:`torch.amp.GradScaler` whose scaled losses reach :meth:`backward`;
+            weightings that are not scale-invariant (Nash-MTL, MGDA with loss normalisation) then
+            see the unscaled Gram. Scale-invariant methods need not pass it.
+        ddp_model: a :class:`~torch.nn.parallel.DistributedDataParallel` model: its reducer is
+            switched off (``require_backward_grad_sync = False``) and this optimizer all-reduces
+            the per-task buffer once per step instead of T times; implies its process group.
+        process_group: a process group for a plain (not DDP-wrapped) model: gradients are
+            averaged over its ranks (as DDP does) before the method.
+        sync: ``"global"`` (default): all-reduce the per-task gradients, then run the method on
+            the global batch's gradients (equal to single-process training on the global batch);
+            ``"local"``: run the method per rank and average the combined gradients (cheaper
+            traffic, a different method: documented, not equal to the global one).
+        bucket_mb: all-reduce bucket size.
+        **options: the method's options, e.g. ``c=0.4`` (CAGrad), ``leak=0.2`` (GradDrop),
+            ``max_norm=1.0`` (Nash-MTL), ``normalization="l2"`` (MGDA), ``beta=0.5`` (GradVac),
+            ``reduction="mean"``.
+
+    AMP: pass ``scaler.scale(losses)`` to :meth:`backward`; ``scaler.unscale_(opt)`` /
+    ``scaler.step(opt)`` work as for a plain optimizer (an overflow makes the combined gradient
+    non-finite and the step is skipped; method state is not updated from non-finite values).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, method: str | Callable = "ew",
+                 shared: Any = "auto", *, per_layer: bool = False, update_every: int = 1,
+                 sparse: Any = None, module: nn.Module | None = None, stats: bool = False,
+                 generator: torch.Generator | None = None,
+                 grad_scaler: torch.amp.GradScaler | None = None,
+                 ddp_model: nn.Module | None = None, process_group: Any = None,
+                 sync: str = "global", bucket_mb: float = 25.0, **options: Any):
+        if isinstance(optimizer, MTLOptimizer):
+            raise TypeError("MTLOptimizer: the inner optimizer is already an MTLOptimizer")
+        if sparse is not None:
+            if isinstance(optimizer, SparseTraining):
+                raise ValueError("MTLOptimizer: pass sparse= or an inner SparseTraining, not both")
+            optimizer = SparseTraining(optimizer, sparse, module)
+        super().__init__(optimizer, "MTLOptimizer")
+        self.spec: MethodSpec = resolve_method(method, per_layer, options)
+        if not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"MTLOptimizer: update_every must be an int >= 1, got {update_every!r}")
+        if update_every > 1 and (self.spec.kind != "gram" or self.spec.random):
+            raise ValueError("MTLOptimizer: update_every > 1 needs a Gram-weighted method with "
+                             f"weights [T] (mgda, cagrad, imtlg, nashmtl, alignedmtl, a callable),"
+                             f" not {self.spec.name!r}")
+        if sync not in ("global", "local"):
+            raise ValueError(f"MTLOptimizer: sync must be 'global' or 'local', got {sync!r}")
+        self.update_every = update_every
+        self.stats_enabled = bool(stats)
+        self.grad_scaler = grad_scaler
+        self.sync = sync
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self._shared_arg = shared
+        self._own_generator = generator is None
+        if generator is None:   # on the parameters' device, seeded from torch's global RNG
+            params = self._params()
+            generator = torch.Generator(device=params[0].device if params else "cpu")
+            generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        self._generator = generator
+        self._ddp = ddp_model
+        if ddp_model is not None:
+            if not isinstance(ddp_model, nn.parallel.DistributedDataParallel):
+                raise TypeError("MTLOptimizer: ddp_model must be a DistributedDataParallel module")
+            ddp_model.require_backward_grad_sync = False   # its reducer stays idle; we reduce
+            process_group = ddp_model.process_group
+        self.process_group = process_group
+        self._layout_ready = False
+        self._step = 0
+        self._weights: torch.Tensor | None = None           # last weights (update_every, state)
+        self._method_state: dict[str, torch.Tensor] = {}     # e.g. GradVac targets
+        self._acc: dict[str, torch.Tensor] = {}
+        self._acc_steps = 0
+        self._nonconverged_total: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        return f"MTLOptimizer(method={self.spec.name!r}, {self.optimizer!r})"
+
+    # --- layout: shared parameters, the flat buffers and their views --------------------------
+    def _resolve_shared(self, roots: Sequence[torch.Tensor | GradientEdge]) -> list[torch.Tensor]:
+        params = [p for p in self._params() if p.requires_grad]
+        if isinstance(self._shared_arg, str):
+            if self._shared_arg != "auto":
+                raise ValueError(f"MTLOptimizer: shared must be parameters, modules or 'auto', "
+                                 f"got {self._shared_arg!r}")
+            hits: dict[int, int] = {}
+            for r in roots:
+                for i in _reached_leaves(r):
+                    hits[i] = hits.get(i, 0) + 1
+            need = 2 if len(roots) > 1 else 1
+            shared = [p for p in params if hits.get(id(p), 0) >= need]
+            if not shared:
+                raise ValueError("MTLOptimizer: shared='auto' found no parameter reached by more "
+                                 "than one task's loss; pass shared= explicitly")
+            return shared
+        wanted = {id(p) for p in _as_params(self._shared_arg)}
+        known = {id(p) for p in params}
+        missing = wanted - known
+        if missing:
+            raise ValueError(f"MTLOptimizer: {len(missing)} shared parameter(s) are not (trainable) "
+                             "parameters of the inner optimizer")
+        return [p for p in params if id(p) in wanted]          # the optimizer's order
+
+    def _build_layout(self, roots, T: int) -> None:
+        shared = self._resolve_shared(roots)
+        dtypes = {p.dtype for p in shared}
+        devices = {p.device for p in shared}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise ValueError(f"MTLOptimizer: shared parameters must share one dtype and device, "
+                             f"got {sorted(map(str, dtypes))} on {sorted(map(str, devices))}")
+        dev, dt = shared[0].device, shared[0].dtype
+        self._shared = shared
+        self._shared_ids = {id(p) for p in shared}
+        self._specific = [p for p in self._params() if p.requires_grad and id(p) not in
+                          self._shared_ids]
+        numels = [p.numel() for p in shared]
+        self._offsets_cpu = offsets_from_numels(numels)
+        self._offsets = self._offsets_cpu.to(dev)
+        P = int(self._offsets_cpu[-1])
+        self.T, self.P, self.L = T, P, len(shared)
+        self._J = torch.zeros(T, P, dtype=dt, device=dev)
+        self._g = torch.zeros(P, dtype=dt, device=dev)
+        bounds = self._bounds = self._offsets_cpu.tolist()
+        self._g_views = [self._g[a:b].view_as(p) for p, a, b in zip(shared, bounds[:-1], bounds[1:])]
+        self._keep = self._sparse_keep(dev, dt)
+        leak = torch.as_tensor(self.spec.options.get("leak", 0.0), dtype=torch.float32)
+        if leak.dim() > 1 or (leak.dim() == 1 and leak.shape != (T,)):
+            raise ValueError(f"MTLOptimizer: graddrop leak must be a float or [T] = [{T}] values")
+        self._leak_t = leak.expand(T).contiguous().to(dev)
+        self._layout_ready = True
+
+    def _sparse_keep(self, dev, dt) -> torch.Tensor | None:
+        """``[P]`` 0/1 of the trainable entries of the shared parameters under sparse training."""
+        inner = self.optimizer
+        if not isinstance(inner, SparseTraining):
+            return None
+        masks = {id(p): inner.trainable_mask(p) for p in self._shared}
+        if all(m is None for m in masks.values()):
+            return None
+        keep = torch.ones(self.P, dtype=dt, device=dev)
+        bounds = self._bounds
+        for p, a, b in zip(self._shared, bounds[:-1], bounds[1:]):
+            m = masks[id(p)]
+            if m is not None:
+                keep[a:b] = m.reshape(-1).to(dt)
+        return keep
+
+    # --- per-task backward ---------------------------------------------------------------------
+    @staticmethod
+    def _task_roots(losses: Any) -> tuple[list[torch.Tensor | GradientEdge], list[torch.Tensor],
+                                          torch.Tensor, bool]:
+        """The T backward roots, their seeds, the detached loss values ``[T]``, and whether the
+        roots are separate per task (False: each root reaches every task's graph).
+
+        A 1-D loss tensor made by ``torch.stack`` (possibly followed by per-element scaling or
+        casts, e.g. ``GradScaler.scale``) is split at the stack: root t is the stack's input t,
+        with seed ``d losses[t] / d stacked[t]``, so task t's backward does not run through the
+        other tasks' graphs. Other 1-D tensors fall back to ``losses[t]``, whose backward passes
+        run through all the graphs (correct, slower; ``shared="auto"`` is refused then)."""
+        if isinstance(losses, torch.Tensor):
+            if losses.dim() != 1 or losses.numel() == 0:
+                raise ValueError(f"MTLOptimizer.backward: losses must be a list or a 1-D tensor of "
+                                 f"T >= 1 task losses, got shape {tuple(losses.shape)}")
+            if not losses.requires_grad:
+                raise ValueError("MTLOptimizer.backward: losses do not require grad")
+            values = losses.detach()
+            stack = _stack_node(losses)
+            if stack is not None:
+                roots = [GradientEdge(f, nr) for f, nr in stack.next_functions]
+                if stack is losses.grad_fn:
+                    seed = torch.ones_like(values)
+                else:
+                    seed, = torch.autograd.grad(losses, GradientEdge(stack, 0),
+                                                grad_outputs=torch.ones_like(losses),
+                                                retain_graph=True)
+                return roots, list(seed.unbind()), values, True
+            roots = [losses[t] for t in range(losses.numel())]
+            return roots, [torch.ones_like(r) for r in roots], values, False
+        roots = list(losses)
+        if not roots:
+            raise ValueError("MTLOptimizer.backward: losses is empty")
+        for t, l in enumerate(roots):
+            if not isinstance(l, torch.Tensor) or l.numel() != 1:
+                raise ValueError(f"MTLOptimizer.backward: losses[{t}] must be a scalar tensor")
+            if not l.requires_grad:
+                raise ValueError(f"MTLOptimizer.backward: losses[{t}] does not require grad")
+        values = torch.stack([l.detach().reshape(()) for l in roots])
+        return roots, [torch.ones_like(r) for r in roots], values, True
+
+    def _per_task_backward(self, roots, seeds, retain_graph: bool) -> None:
+        """Task t's gradients of the shared parameters land in row t of ``J`` through one
+        ``torch.cat(..., out=J[t])`` (one copy kernel per task: it takes the place of the
+        read-modify-write accumulation into ``.grad`` that a plain backward does, so ``J`` is
+        never zeroed or accumulated into); the task-specific parameters' gradients accumulate
+        into their ``.grad`` as in a plain backward."""
+        J = self._J
+        T = len(roots)
+        shared, specific = self._shared, self._specific
+        inputs = shared + specific
+        ns = len(shared)
+        for t in range(T):
+            grads = torch.autograd.grad(roots[t], inputs, grad_outputs=seeds[t],
+                                        retain_graph=retain_graph or t < T - 1,
+                                        allow_unused=True)
+            rows = [(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                    for g, p in zip(grads[:ns], shared)]
+            torch.cat(rows, out=J[t])
+            for p, g in zip(specific, grads[ns:]):
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
+
+    # --- distributed ---------------------------------------------------------------------------
+    def _world(self) -> int:
+        if self.process_group is None:
+            return 1
+        import torch.distributed as dist
+        return dist.get_world_size(self.process_group)
+
+    def _all_reduce_mean(self, flat: torch.Tensor) -> None:
+        """Average a contiguous tensor over the ranks, in buckets of ``bucket_mb``."""
+        import torch.distributed as dist
+        world = self._world()
+        v = flat.view(-1)
+        step = max(1, self.bucket_bytes // max(1, v.element_size()))
+        works = [dist.all_reduce(v[i:i + step], group=self.process_group, async_op=True)
+                 for i in range(0, v.numel(), step)]
+        for w in works:
+            w.wait()
+        v.div_(world)
+
+    def _reduce_specific(self) -> None:
+        """Average the task-specific parameters' gradients over the ranks (zeros where a rank
+        produced none, so that every rank joins the same collectives)."""
+        if not self._specific:
+            return
+        grads = []
+        for p in self._specific:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        flat = torch._utils._flatten_dense_tensors(grads)
+        self._all_reduce_mean(flat)
+        for g, r in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(r)
+
+    def _reduce_all_grads(self) -> None:
+        for p in self._shared:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        saved, self._specific = self._specific, self._shared + self._specific
+        try:
+            self._reduce_specific()
+        finally:
+            self._specific = saved
+
+    # --- the step ------------------------------------------------------------------------------
+    def _scale(self) -> torch.Tensor | None:
+        sc = self.grad_scaler
+        if sc is None or not sc.is_enabled():
+            return None
+        if getattr(sc, "_scale", None) is None:
+            return None
+        return sc._scale.to(torch.float32).reshape(())
+
+    def backward(self, losses: Sequence[torch.Tensor] | torch.Tensor, *,
+                 retain_graph: bool = False) -> MTLStepInfo:
+        """Per-task gradients -> the method -> the combined gradient in the parameters' ``.grad``.
+
+        Args:
+            losses: T scalar task losses (a list, or a 1-D tensor), scaled by ``GradScaler`` when
+                AMP is used.
+            retain_graph: keep the graph after the last task's backward.
+        Returns:
+            :class:`MTLStepInfo` (device tensors).
+        """
+        roots, seeds, values, separate = self._task_roots(losses)
+        T = len(roots)
+        if not self._layout_ready:
+            if not separate and self._shared_arg == "auto":
+                raise ValueError("MTLOptimizer.backward: shared='auto' needs the losses as a list "
+                                 "or a torch.stack of the task losses (this 1-D tensor mixes them "
+                                 "in its graph); pass shared= explicitly")
+            self._build_layout(roots, T)
+        elif T != self.T:
+            raise ValueError(f"MTLOptimizer.backward: got {T} losses, but this optimizer was set "
+                             f"up with T = {self.T} on its first step")
+        spec = self.spec
+        self._step += 1
+        recompute = self._weights is None or (self._step - 1) % self.update_every == 0
+        if (spec.kind == "sum" and not self.stats_enabled) or (spec.kind == "gram" and
+                                                                not recompute):
+            return self._weighted_backward(roots, seeds, values, retain_graph)
+
+        self._per_task_backward(roots, seeds, retain_graph)
+        J = self._J
+        if self.process_group is not None and self.sync == "global":
+            self._all_reduce_mean(J)
+            self._reduce_specific()
+        if self._keep is not None:
+            J.mul_(self._keep)
+        info = MTLStepInfo()
+        need_layers = self.stats_enabled or spec.kind == "layer"
+        if need_layers:
+            Gl = segment_gram(J, self._offsets)
+            G = Gl.sum(0)
+            info.layer_gram = Gl
+        elif spec.kind != "graddrop":      # GradDrop needs no Gram (computed with stats=True)
+            G = gram(J)
+        if spec.kind != "graddrop" or need_layers:
+            info.gram = G
+            info.conflict_incidence = metrics.conflict_incidence(G)
+        if self.stats_enabled:
+            info.layer_conflicts = metrics.conflict_counts(Gl, 0.0)
+            info.layer_gms = self._mean_pairs(metrics.gms(Gl))
+
+        g, views = self._g, self._g_views
+        if spec.kind == "graddrop":
+            seed = draw_seed(self._generator, J.device)
+            g = torch.ops.gradops.graddrop(J, self._leak_t, seed, None, False,
+                                           float(spec.options.get("eps", 1e-7)))[0]
+            views = [g[a:b].view_as(p) for p, a, b in zip(self._shared, self._bounds[:-1],
+                                                          self._bounds[1:])]
+        else:
+            w, converged = self._weights_from(G, info.layer_gram, values)
+            info.weights, info.converged = w, converged
+            combine(J, w, self._offsets if w.dim() == 2 else None, out=g)
+        if self.process_group is not None and self.sync == "local":
+            self._all_reduce_mean(g)
+            self._reduce_specific()
+        for p, v in zip(self._shared, views):
+            p.grad = v
+        self._accumulate(info)
+        return info
+
+    def _weighted_backward(self, roots, seeds, values, retain_graph) -> MTLStepInfo:
+        """One backward of ``sum_t w_t L_t`` (EW, or the steps between weight updates)."""
+        if self.spec.kind == "sum":
+            w = torch.ones(len(roots), dtype=torch.float32, device=values.device)
+            if self.spec.options.get("reduction", "sum") == "mean":
+                w = w / len(roots)
+        else:
+            w = self._weights
+        for p in self._shared:            # fresh gradients, as with a plain backward
+            p.grad = None
+        torch.autograd.backward(roots, grad_tensors=[s * w[t].to(s.dtype).to(s.device)
+                                                     for t, s in enumerate(seeds)],
+                                retain_graph=retain_graph)
+        if self.process_group is not None:
+            self._reduce_all_grads()
+        info = MTLStepInfo(weights=w)
+        self._accumulate(info)
+        return info
+
+    def _weights_from(self, G: torch.Tensor, Gl: torch.Tensor | None, values: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        spec = self.spec
+        T = G.shape[-1]
+        if spec.kind == "sum":
+            w = torch.ones(T, dtype=torch.float32, device=G.device)
+            if spec.options.get("reduction", "sum") == "mean":
+                w = w / T
+            return w, None
+        if spec.kind == "layer":
+            perms = random_orders(T, generator=self._generator, device=G.device)
+            if spec.name == "pcgrad":
+                Lp = perms.expand(Gl.shape[0], T, T).contiguous()
+                w = pcgrad_weights(Gl, perms=Lp, reduction=spec.options.get("reduction", "sum"),
+                                   eps=spec.options.get("eps", 0.0))
+                return w, None
+            tgt = self._method_state.get("gradvac_targets")
+            if tgt is None:
+                tgt = torch.zeros_like(Gl, dtype=torch.float32)
+            w, new_tgt = gradvac_weights(Gl, tgt, perms, spec.options["beta"], spec.options["eps"])
+            self._method_state["gradvac_targets"] = new_tgt
+            return w, None
+        scale = self._scale()
+        name_inv = spec.name in SCALE_INVARIANT and not spec.takes_losses
+        Gs = G if scale is None or name_inv else G / (scale * scale)
+        kwargs = dict(spec.options)
+        if spec.takes_losses:
+            kwargs["losses"] = values if scale is None else values / scale
+        if spec.name == "pcgrad":
+            kwargs["generator"] = self._generator
+        converged = None
+        if spec.has_status:
+            w, status = spec.fn(Gs, **kwargs, return_status=True)
+            converged = status.converged
+            failed = (~converged) & torch.isfinite(G).all()
+            self._count_failure(failed)
+        else:
+            w = spec.fn(Gs, **kwargs)
+            if not isinstance(w, torch.Tensor) or w.shape != (T,):
+                raise ValueError(f"MTLOptimizer: method {spec.name!r} returned "
+                                 f"{getattr(w, 'shape', type(w).__name__)}, expected weights [T]")
+        w = w.to(device=G.device, dtype=torch.float32)
+        prev = self._weights
+        self._weights = w if prev is None else torch.where(torch.isfinite(w), w, prev)
+        return w, converged
+
+    def _count_failure(self, failed: torch.Tensor) -> None:
+        f = failed.to(torch.int64)
+        self._nonconverged_total = f if self._nonconverged_total is None else \
+            self._nonconverged_total + f
+        self._acc["nonconverged"] = self._acc.get("nonconverged", torch.zeros_like(f)) + f
+
+    @staticmethod
+    def _mean_pairs(M: torch.Tensor) -> torch.Tensor:
+        T = M.shape[-1]
+        if T < 2:
+            return torch.zeros(M.shape[:-2], dtype=M.dtype, device=M.device)
+        upper = torch.ones(T, T, dtype=torch.bool, device=M.device).triu(1)
+        return (M * upper).sum((-2, -1)) / (T * (T - 1) / 2)
+
+    # --- statistics ----------------------------------------------------------------------------
+    def _accumulate(self, info: MTLStepInfo) -> None:
+        self._acc_steps += 1
+        for name in ("weights", "conflict_incidence", "layer_conflicts", "layer_gms"):
+            v = getattr(info, name)
+            if v is None:
+                continue
+            v = v.detach().to(torch.float32)
+            key = name
+            if key in self._acc and self._acc[key].shape == v.shape:
+                self._acc[key] = self._acc[key] + v
+                self._acc[key + "_n"] = self._acc[key + "_n"] + 1
+            else:
+                self._acc[key] = v.clone()
+                self._acc[key + "_n"] = torch.ones((), device=v.device)
+
+    def stats(self, reset: bool = True) -> dict[str, Any]:
+        """Means over the steps since the last reset: ``weights``, ``conflict_incidence`` and,
+        with ``stats=True``, ``layer_conflicts`` / ``layer_gms``; plus ``steps`` and
+        ``nonconverged`` (solver failures). Reading this synchronises with the device (meant for
+        logging once per epoch); a non-zero failure count also raises a ``RuntimeWarning``."""
+        out: dict[str, Any] = {"steps": self._acc_steps}
+        for key, v in self._acc.items():
+            if key.endswith("_n") or key == "nonconverged":
+                continue
+            out[key] = v / self._acc[key + "_n"]
+        failures = int(self._acc["nonconverged"].item()) if "nonconverged" in self._acc else 0
+        out["nonconverged"] = failures
+        if failures:
+            warnings.warn(f"MTLOptimizer: the {self.spec.name} solver did not converge on "
+                          f"{failures} of {self._acc_steps} steps (weights used: its last "
+                          "iterate); raise max_iter or check the gradients", RuntimeWarning,
+                          stacklevel=2)
+        if reset:
+            self._acc = {}
+            self._acc_steps = 0
+        return out
+
+    @property
+    def nonconverged_steps(self) -> int:
+        """Total solver failures since construction (synchronises)."""
+        return 0 if self._nonconverged_total is None else int(self._nonconverged_total.item())
+
+    # --- optimizer interface -------------------------------------------------------------------
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """The inner optimizer's step on the combined gradients (a closure must call
+        :meth:`backward` itself)."""
+        return self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the parameters' gradients (each :meth:`backward` overwrites the per-task buffer
+        row by row, so it needs no clearing)."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict plus ``"mtl"``: the method's name and state (GradVac
+        targets, last weights), the step count and the generator state."""
+        sd = dict(self.optimizer.state_dict())
+        mtl: dict[str, Any] = {"method": self.spec.name, "step": self._step,
+                               "method_state": {k: v.clone() for k, v in
+                                                self._method_state.items()},
+                               "weights": None if self._weights is None else self._weights.clone()}
+        if self._own_generator:
+            mtl["generator"] = self._generator.get_state()
+        sd["mtl"] = mtl
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict`, or an inner-only one (the method then
+        starts fresh)."""
+        sd = dict(state_dict)
+        mtl = sd.pop("mtl", None)
+        self.optimizer.load_state_dict(sd)
+        if mtl is None:
+            return
+        if mtl["method"] != self.spec.name:
+            raise ValueError(f"MTLOptimizer.load_state_dict: state of method {mtl['method']!r}, "
+                             f"this optimizer runs {self.spec.name!r}")
+        self._step = int(mtl["step"])
+        self._method_state = {k: v.clone() for k, v in mtl["method_state"].items()}
+        self._weights = None if mtl["weights"] is None else mtl["weights"].clone()
+        if "generator" in mtl and self._own_generator:
+            self._generator.set_state(mtl["generator"])
+        dev = self._generator.device
+        self._method_state = {k: v.to(dev) for k, v in self._method_state.items()}
+        if self._weights is not None:
+            self._weights = self._weights.to(dev)
