@@ -78,7 +78,8 @@ def build_extensions():
     # sparse_adamw_cpu.cpp turns fp contraction off itself (a pragma: per-file flags are not
     # possible here, and the other kernels keep the default)
     sources = ["csrc/bindings.cpp", "csrc/gram_cpu.cpp", "csrc/combine_cpu.cpp",
-               "csrc/pcgrad_cpu.cpp", "csrc/topk_cpu.cpp", "csrc/sparse_adamw_cpu.cpp"]
+               "csrc/pcgrad_cpu.cpp", "csrc/topk_cpu.cpp", "csrc/sparse_adamw_cpu.cpp",
+               "csrc/copy_cpu.cpp", "csrc/weighting_cpu.cpp"]
     define_macros = []
     extra_link = ["-fopenmp"]
 

@@ -6,12 +6,15 @@
 #include <ATen/Config.h>  // AT_MKL_ENABLED
 
 #include <tuple>
+#include <vector>
 
 #include "combine_kernels.h"
+#include "copy_kernels.h"
 #include "gram_kernels.h"
 #include "pcgrad_kernels.h"
 #include "sparse_adamw_kernels.h"
 #include "topk_kernels.h"
+#include "weighting_kernels.h"
 
 #ifdef GRADOPS_WITH_CUDA
 // Only the light c10 headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers that a
@@ -187,6 +190,18 @@ Result segment_gram_cuda(const at::Tensor& J_in, const at::Tensor& offsets_in, b
 }
 #endif
 
+// dst = src for two CPU tensors of one dtype and shape, both contiguous (non-temporal stores for
+// large copies: csrc/copy_cpu.cpp).
+void stream_copy_cpu(at::Tensor& dst, const at::Tensor& src) {
+  TORCH_CHECK(dst.device().is_cpu() && src.device().is_cpu(), "gradops: stream_copy_cpu needs CPU tensors");
+  TORCH_CHECK(dst.scalar_type() == src.scalar_type() && dst.numel() == src.numel() &&
+              dst.is_contiguous() && src.is_contiguous(),
+              "gradops: stream_copy_cpu needs contiguous tensors of one dtype and size");
+  pybind11::gil_scoped_release no_gil;
+  gradops::stream_copy_cpu(dst.data_ptr(), src.data_ptr(),
+                           static_cast<int64_t>(src.numel()) * src.element_size());
+}
+
 bool cuda_built() {
 #ifdef GRADOPS_WITH_CUDA
   return true;
@@ -218,6 +233,110 @@ at::Tensor pcgrad_coefficients_cpu(const at::Tensor& G, const at::Tensor& perms,
   gradops::pcgrad_coefficients_cpu(G.data_ptr<float>(), p, C.data_ptr<float>(), G.size(0), T,
                                    static_cast<float>(eps));
   return C;
+}
+
+// --- the iterative T x T solvers of gradops.weighting (csrc/weighting_cpu.cpp) ---------------
+// Inputs are the tensors the Python wrappers prepared (float32 or float64, CPU); the kernels run
+// in double on a copy and the results come back in G's dtype: (w [T], converged bool 0-dim,
+// iterations int64 0-dim, residual 0-dim).
+using SolverOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+void check_solver_tensor(const at::Tensor& t, const at::Tensor& G, int64_t numel, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == G.scalar_type() && t.numel() == numel,
+              "gradops: ", what, " must be a CPU tensor of G's dtype with ", numel, " element(s)");
+}
+
+// A float32 / float64 CPU tensor's elements as doubles (row-major).
+std::vector<double> to_double(const at::Tensor& t_in) {
+  auto t = t_in.contiguous();
+  const int64_t n = t.numel();
+  std::vector<double> out(n);
+  if (t.scalar_type() == at::kDouble) {
+    const double* p = t.data_ptr<double>();
+    for (int64_t i = 0; i < n; ++i) out[i] = p[i];
+  } else {
+    const float* p = t.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) out[i] = p[i];
+  }
+  return out;
+}
+
+std::vector<double> solver_gram(const at::Tensor& G, const char* op) {
+  TORCH_CHECK(G.device().is_cpu(), "gradops: ", op, " needs a CPU tensor");
+  TORCH_CHECK((G.scalar_type() == at::kFloat || G.scalar_type() == at::kDouble) && G.dim() == 2 &&
+              G.size(0) == G.size(1) && G.size(0) >= 1,
+              "gradops: ", op, " G must be float32 or float64 [T, T] with T >= 1");
+  return to_double(G);
+}
+
+SolverOut solver_outputs(const at::Tensor& G, const std::vector<double>& x,
+                         const gradops::SolverResult& r) {
+  const int64_t T = G.size(0);
+  auto w = at::empty({T}, G.options());
+  auto converged = at::empty({}, G.options().dtype(at::kBool));
+  auto iterations = at::empty({}, G.options().dtype(at::kLong));
+  auto residual = at::empty({}, G.options());
+  if (G.scalar_type() == at::kDouble) {
+    double* p = w.data_ptr<double>();
+    for (int64_t i = 0; i < T; ++i) p[i] = x[i];
+    *residual.data_ptr<double>() = r.residual;
+  } else {
+    float* p = w.data_ptr<float>();
+    for (int64_t i = 0; i < T; ++i) p[i] = static_cast<float>(x[i]);
+    *residual.data_ptr<float>() = static_cast<float>(r.residual);
+  }
+  *converged.data_ptr<bool>() = r.converged;
+  *iterations.data_ptr<int64_t>() = r.iterations;
+  return {w, converged, iterations, residual};
+}
+
+// Pairwise Frank-Wolfe of gradops.weighting._pairwise_fw: MGDA (b = None) or CAGrad (b [T],
+// k and delta2 0-dim); scale 0-dim. All of G's dtype.
+SolverOut pairwise_fw_cpu(const at::Tensor& G, const c10::optional<at::Tensor>& b,
+                          const at::Tensor& scale, const c10::optional<at::Tensor>& k,
+                          const c10::optional<at::Tensor>& delta2, int64_t max_iter, double tol,
+                          double tiny) {
+  auto g = solver_gram(G, "pairwise_fw_cpu");
+  const int64_t T = G.size(0);
+  TORCH_CHECK(max_iter >= 0, "gradops: pairwise_fw_cpu needs max_iter >= 0");
+  check_solver_tensor(scale, G, 1, "pairwise_fw_cpu scale");
+  const bool cagrad = b.has_value();
+  TORCH_CHECK(k.has_value() == cagrad && delta2.has_value() == cagrad,
+              "gradops: pairwise_fw_cpu takes b, k and delta2 together (CAGrad) or none (MGDA)");
+  std::vector<double> bv, kv{0.0}, dv{0.0};
+  if (cagrad) {
+    check_solver_tensor(*b, G, T, "pairwise_fw_cpu b");
+    check_solver_tensor(*k, G, 1, "pairwise_fw_cpu k");
+    check_solver_tensor(*delta2, G, 1, "pairwise_fw_cpu delta2");
+    bv = to_double(*b);
+    kv = to_double(*k);
+    dv = to_double(*delta2);
+  }
+  const double sc = to_double(scale)[0];
+  std::vector<double> w(T);
+  gradops::SolverResult r;
+  {
+    pybind11::gil_scoped_release no_gil;
+    r = gradops::pairwise_fw_cpu(g.data(), T, cagrad ? bv.data() : nullptr, kv[0], dv[0], sc,
+                                 max_iter, tol, tiny, G.scalar_type() == at::kFloat, w.data());
+  }
+  return solver_outputs(G, w, r);
+}
+
+// Nash-MTL's damped Newton loop (gradops.weighting.nashmtl) on the normalised Gram Gn.
+SolverOut nash_newton_cpu(const at::Tensor& Gn, int64_t max_iter, double tol, double tiny,
+                          double jitter) {
+  auto g = solver_gram(Gn, "nash_newton_cpu");
+  TORCH_CHECK(max_iter >= 0, "gradops: nash_newton_cpu needs max_iter >= 0");
+  const int64_t T = Gn.size(0);
+  std::vector<double> a(T);
+  gradops::SolverResult r;
+  {
+    pybind11::gil_scoped_release no_gil;
+    r = gradops::nash_newton_cpu(g.data(), T, max_iter, tol, tiny, jitter,
+                                 Gn.scalar_type() == at::kFloat, a.data());
+  }
+  return solver_outputs(Gn, a, r);
 }
 
 // Per-row top-K magnitude selection of a CPU W [R, F] (1 <= K <= F) into `mask` (bool [R, F])
@@ -347,6 +466,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("seed"), pybind11::arg("offset"));
   m.def("pcgrad_coefficients_cpu", &pcgrad_coefficients_cpu, "PCGrad coefficient matrices on CPU",
         pybind11::arg("G"), pybind11::arg("perms"), pybind11::arg("eps"));
+  m.def("pairwise_fw_cpu", &pairwise_fw_cpu,
+        "Pairwise Frank-Wolfe of MGDA / CAGrad on CPU: (w, converged, iterations, residual)",
+        pybind11::arg("G"), pybind11::arg("b"), pybind11::arg("scale"), pybind11::arg("k"),
+        pybind11::arg("delta2"), pybind11::arg("max_iter"), pybind11::arg("tol"),
+        pybind11::arg("tiny"));
+  m.def("nash_newton_cpu", &nash_newton_cpu,
+        "Nash-MTL's damped Newton loop on CPU: (a, converged, iterations, residual)",
+        pybind11::arg("Gn"), pybind11::arg("max_iter"), pybind11::arg("tol"), pybind11::arg("tiny"),
+        pybind11::arg("jitter"));
   m.def("topk_cpu", &topk_cpu, "Per-row top-K magnitude mask / packed indices on CPU",
         pybind11::arg("W"), pybind11::arg("K"), pybind11::arg("mask"), pybind11::arg("idx"));
   m.def("sparse_adamw_cpu", &sparse_adamw_cpu, "SparseAdamW's update of the selected entries on CPU",
@@ -355,6 +483,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("lerp_w"), pybind11::arg("beta2"), pybind11::arg("one_minus_beta2"),
         pybind11::arg("bc2_sqrt"), pybind11::arg("eps"), pybind11::arg("neg_step_size"),
         pybind11::arg("maximize"));
+  m.def("stream_copy_cpu", &stream_copy_cpu, "dst = src (contiguous CPU tensors), non-temporal stores",
+        pybind11::arg("dst"), pybind11::arg("src"));
   m.def("cuda_built", &cuda_built, "Whether the CUDA kernels were compiled in");
   m.def("openmp_max_threads", &openmp_max_threads, "OpenMP threads the CPU kernels use");
 }

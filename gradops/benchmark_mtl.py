@@ -11,6 +11,11 @@ is one whole training step:
   of the per-task gradients alone: what any exact per-task method must at least pay.
 * **EW, summed loss** (``SUM``): ``zero_grad`` + forward + ``sum(losses).backward()`` + ``step``
   (a reference line: no per-task gradients at all).
+* **batched floor** (``BATCHED``, in the ew group): the same per-task gradients from one
+  ``torch.autograd.grad(stack(losses), shared, grad_outputs=eye(T), is_grads_batched=True)``
+  (vmap over the backward) instead of ``T`` passes, + ``step``: issue 5's optional alternative
+  for computing ``J``, measured here; MTLOptimizer keeps the ``T`` sequential passes while this
+  is not faster.
 * **gradops** (``GRADOPS``): ``opt.zero_grad()`` + forward + ``opt.backward(losses)`` +
   ``opt.step()`` with :class:`gradops.optim.mtl.MTLOptimizer` (``shared=`` the encoder). For
   ``ew`` this is one backward of the summed loss (the wrapper needs no per-task gradients), so
@@ -56,6 +61,7 @@ FLOOR = "floor: T backward passes + step"
 SUM = "EW: one backward of the summed loss + step"
 GRADOPS = "gradops MTLOptimizer"
 GRADOPS_STATS = "gradops MTLOptimizer (stats=True)"
+BATCHED = "floor, batched: one vmap'd backward for all T tasks + step"
 TORCHJD = "TorchJD mtl_backward + jac_to_grad"
 
 METHODS = ("ew", "pcgrad", "pcgrad_layer", "graddrop", "mgda", "cagrad", "imtlg", "nashmtl",
@@ -177,6 +183,7 @@ def floor_step(s: MTLSetup) -> Callable[[], None]:
         for t, loss in enumerate(losses):
             loss.backward(retain_graph=t < T - 1)
         opt.step()
+    step.model = model  # type: ignore[attr-defined]
     return step
 
 
@@ -188,6 +195,29 @@ def sum_step(s: MTLSetup) -> Callable[[], None]:
         _, outs = model(s.x)
         torch.stack(s.losses(outs)).sum().backward()
         opt.step()
+    step.model = model  # type: ignore[attr-defined]
+    return step
+
+
+def batched_floor_step(s: MTLSetup) -> Callable[[], None]:
+    model, opt = s.fresh()
+    shared = list(model.encoder.parameters())
+    heads = [p for h in model.heads for p in h.parameters()]
+    eye = torch.eye(s.T, device=s.device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        _, outs = model(s.x)
+        losses = torch.stack(s.losses(outs))
+        rows = torch.autograd.grad(losses, shared, grad_outputs=eye, is_grads_batched=True,
+                                   retain_graph=True)
+        for p, r in zip(shared, rows):      # the summed update, as the floor's .grad holds
+            p.grad = r.sum(0)
+        hg = torch.autograd.grad(losses.sum(), heads)
+        for p, g in zip(heads, hg):
+            p.grad = g
+        opt.step()
+    step.model = model  # type: ignore[attr-defined]
     return step
 
 
@@ -210,6 +240,7 @@ def gradops_step(s: MTLSetup, method: str, **kwargs) -> Callable[[], None]:
         opt.backward(s.losses(outs))
         opt.step()
     step.optimizer = opt  # type: ignore[attr-defined]
+    step.model = model  # type: ignore[attr-defined]
     return step
 
 
@@ -225,6 +256,7 @@ def torchjd_step(s: MTLSetup, aggregator) -> Callable[[], None]:
         mtl_backward(s.losses(outs), features=feats, shared_params=shared, tasks_params=heads)
         jac_to_grad(shared, aggregator)
         opt.step()
+    step.model = model  # type: ignore[attr-defined]
     return step
 
 
@@ -286,6 +318,7 @@ def bench_mtl_group(s: MTLSetup, method: str, rounds: int = 15, budget_s: float 
     labels: dict[str, str] = {}
     if method == "ew":
         fns[SUM] = sum_step(s)
+        fns[BATCHED] = batched_floor_step(s)
     fns[GRADOPS] = gradops_step(s, method)
     labels[GRADOPS] = f"MTLOptimizer(method={'pcgrad' if method == 'pcgrad_layer' else method!r}" \
         + (", per_layer=True" if method == "pcgrad_layer" else "") + ")"
@@ -534,6 +567,9 @@ def format_mtl_table(rows: Sequence[MTLRow]) -> str:
         if SUM in d:
             body.append(f"| {T} | ew: one summed backward (reference) | {fl.ms:.1f} | "
                         f"{cell(d[SUM])} | — | {best(d[SUM])} | — | — |")
+        if BATCHED in d:
+            body.append(f"| {T} | per-task gradients by one batched (vmap) backward | "
+                        f"{fl.ms:.1f} | {cell(d[BATCHED])} | — | {best(d[BATCHED])} | — | — |")
         if GRADOPS_STATS in d:
             body.append(f"| {T} | ew, stats=True (per-task grads + per-layer stats) | "
                         f"{fl.ms:.1f} | {cell(d[GRADOPS_STATS])} | — | {best(d[GRADOPS_STATS])}"

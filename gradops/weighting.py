@@ -38,6 +38,14 @@ stop would need a host read. On CPU tensors in eager mode, where reading a value
 the loop stops as soon as it has converged (``early_exit=None``, the default; ``False`` forces the
 full budget, ``True`` forces the check).
 
+C++ backend: on CPU tensors in eager mode the loops of ``mgda``, ``cagrad`` and ``nashmtl`` run in
+C++ (``csrc/weighting_cpu.cpp``, op ``weighting_solvers`` in :func:`gradops.info`) when the
+extension is built: the same algorithms step for step, in double precision, on the ``T x T``
+inputs prepared here, stopping once converged (whatever ``early_exit`` says: the result is the
+same). The torch loops below are the reference and serve GPUs, ``torch.compile``, fake tensors
+and a ``G`` that requires grad; ``gradops.use_backend("torch")`` (or ``GRADOPS_BACKEND=torch``)
+forces them on CPU, ``use_backend("cpp")`` forces C++ (an error where it cannot run).
+
 Linear algebra on CUDA: ``imtlg`` and ``alignedmtl`` call ``torch.linalg.eigh``, and ``nashmtl``
 ``torch.linalg.cholesky_ex``; the ``_ex`` form never checks its ``info`` on the host, but PyTorch's
 ``eigh`` checks convergence and may synchronise with the device on CUDA (a ``T x T`` call).
@@ -49,6 +57,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from . import _backend
+from ._backend import _C, register_op, select_backend
+from ._validate import _is_fake
 from .ops.pcgrad import pcgrad_weights
 
 __all__ = ["METHODS", "SolverStatus", "alignedmtl", "cagrad", "ew", "get", "imtlg", "mgda",
@@ -136,6 +147,29 @@ def _ret(w, status, return_status):
     return (w, status) if return_status else w
 
 
+register_op("weighting_solvers", ("cpp", "torch"))
+
+
+def _solver_backend(G: torch.Tensor) -> str:
+    """Where an iterative solver's loop runs on ``G``: ``"cpp"`` (``csrc/weighting_cpu.cpp``) or
+    ``"torch"`` (the reference loops here).
+
+    Always torch on a non-CPU device, under ``torch.compile`` (the C++ call is opaque to tracing)
+    and for fake tensors. Otherwise :func:`gradops._backend.select_backend` decides: ``cpp`` when
+    the extension is built, unless ``torch`` is forced. A ``G`` that requires grad (with grad
+    mode on) keeps the differentiable torch loop; forcing ``cpp`` for it raises.
+    """
+    if G.device.type != "cpu" or torch.compiler.is_compiling() or _is_fake(G):
+        return "torch"
+    backend = select_backend("weighting_solvers", G.device, G.shape[0])
+    if backend == "cpp" and G.requires_grad and torch.is_grad_enabled():
+        if _backend.forced_backend() == "cpp":
+            raise RuntimeError("gradops.weighting_solvers: forced backend 'cpp' cannot run this "
+                               "call: G requires grad and the C++ solvers are not differentiable")
+        return "torch"
+    return backend
+
+
 def _pairwise_fw(G: torch.Tensor, max_iter: int, tol: float, scale: torch.Tensor,
                  b: torch.Tensor | None = None, k: torch.Tensor | None = None,
                  delta2: torch.Tensor | None = None, early_exit: bool | None = None
@@ -153,7 +187,14 @@ def _pairwise_fw(G: torch.Tensor, max_iter: int, tol: float, scale: torch.Tensor
     The residual is the Frank-Wolfe duality gap ``grad . (w - e_s) >= f(w) - f*`` divided by
     ``scale`` (``max_i G_ii``): dimensionless, and for MGDA ``||d - d*||^2 <= residual * scale``
     (``d = J^T w``, ``d*`` the unique min-norm point): it bounds the error of the update itself.
+
+    On CPU (eager) the loop runs in C++ (``_C.pairwise_fw_cpu``, see :func:`_solver_backend`):
+    this algorithm in double precision, stopping once converged.
     """
+    if _solver_backend(G) == "cpp":
+        w, converged, its, gap = _C.pairwise_fw_cpu(G, b, scale, k, delta2, max_iter, float(tol),
+                                                    _tiny(G))
+        return w, SolverStatus(converged, its, gap)
     T = G.shape[0]
     dt, dev = G.dtype, G.device
     idx = torch.arange(T, device=dev)
@@ -437,8 +478,7 @@ def nashmtl(G: torch.Tensor, max_norm: float = 1.0, max_iter: int = 20, tol: flo
     if not isinstance(max_norm, (int, float)) or not max_norm >= 0:
         raise ValueError(f"gradops.weighting.nashmtl: max_norm must be a float >= 0, "
                          f"got {max_norm!r}")
-    T = G.shape[0]
-    dt, dev = G.dtype, G.device
+    dt = G.dtype
     eps, tiny = _eps(G), _tiny(G)
     diag = torch.clamp(G.diagonal(), min=0.0)
     dmax = diag.max()
@@ -447,8 +487,32 @@ def nashmtl(G: torch.Tensor, max_norm: float = 1.0, max_iter: int = 20, tol: flo
                     / torch.clamp(active.sum(), min=1), min=tiny)
     act2 = active[:, None] & active[None, :]
     Gn = torch.where(act2, G / m, torch.zeros_like(G)) + torch.diag((~active).to(dt))
-    eye = torch.eye(T, dtype=dt, device=dev)
+    a, its, res = _nash_newton(Gn, max_iter, tol, early_exit)
+    alpha = torch.where(active, a / torch.sqrt(m), torch.zeros_like(a))
+    if max_norm > 0:
+        dnorm = torch.sqrt(torch.clamp(alpha @ G @ alpha, min=0.0))
+        alpha = alpha * torch.clamp(max_norm / torch.clamp(dnorm, min=tiny), max=1.0)
+    alpha = alpha + _poison(G)
+    status = SolverStatus((res <= tol) & torch.isfinite(alpha).all(), its, res)
+    return _ret(alpha, status, return_status)
+
+
+def _nash_newton(Gn: torch.Tensor, max_iter: int, tol: float, early_exit: bool | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nash-MTL's damped Newton loop on the normalised Gram ``Gn`` (see :func:`nashmtl`):
+    ``(a, iterations, residual)``, ``residual = max_i |a_i (Gn a)_i - 1|``.
+
+    On CPU (eager) it runs in C++ (``_C.nash_newton_cpu``, see :func:`_solver_backend`): this
+    algorithm in double precision, stopping once converged.
+    """
+    T = Gn.shape[0]
+    dt, dev = Gn.dtype, Gn.device
+    eps, tiny = _eps(Gn), _tiny(Gn)
     jitter = 16 * eps
+    if _solver_backend(Gn) == "cpp":
+        a, _, its, res = _C.nash_newton_cpu(Gn, max_iter, float(tol), tiny, jitter)
+        return a, its, res
+    eye = torch.eye(T, dtype=dt, device=dev)
 
     def residual(a, Ga):
         return (a * Ga - 1.0).abs().max()
@@ -472,14 +536,7 @@ def nashmtl(G: torch.Tensor, max_norm: float = 1.0, max_iter: int = 20, tol: flo
         a_new = torch.where(a_new > 0, a_new, 0.5 * a)       # rounding guard (theory: > 0)
         a = torch.where(done, a, a_new)
         its = its + (~done).to(torch.int64)
-    res = residual(a, Gn @ a)
-    alpha = torch.where(active, a / torch.sqrt(m), torch.zeros_like(a))
-    if max_norm > 0:
-        dnorm = torch.sqrt(torch.clamp(alpha @ G @ alpha, min=0.0))
-        alpha = alpha * torch.clamp(max_norm / torch.clamp(dnorm, min=tiny), max=1.0)
-    alpha = alpha + _poison(G)
-    status = SolverStatus((res <= tol) & torch.isfinite(alpha).all(), its, res)
-    return _ret(alpha, status, return_status)
+    return a, its, residual(a, Gn @ a)
 
 
 ALIGNED_SCALE_MODES = ("min", "median", "rmse")

@@ -91,3 +91,21 @@ def test_sign_conflict_ratio():
     assert torch.equal(zero, torch.zeros(2, 2))
     with pytest.raises(ValueError, match="same shape"):
         metrics.sign_conflict_ratio(torch.zeros(2, 2), torch.zeros(3, 3))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_conflict_counts_at_zero_use_the_sign_of_G(seed):
+    """S = 0 counts G_ij < 0 directly; it must agree with the cosine form (zero rows, tiny and
+    huge scales, NaN rows, batches)."""
+    g = torch.Generator().manual_seed(seed)
+    J = torch.randn(4, 6, 50, generator=g)
+    J[0, 2] = 0
+    J[1] *= 1e-18
+    J[2] *= 1e18
+    G = J @ J.transpose(-1, -2)
+    G[3, 1, :] = float("nan")
+    G[3, :, 1] = float("nan")
+    mask = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    by_cos = ((metrics.cosine(G) < 0) & mask).sum((-2, -1))
+    assert torch.equal(metrics.conflict_counts(G, 0.0), by_cos)
+    assert torch.equal(metrics.conflict_incidence(G), by_cos.float() / 15)

@@ -219,6 +219,57 @@ def test_buffers_are_allocated_once_and_grads_are_views_of_them():
         assert p.grad.untyped_storage().data_ptr() == opt._g.untyped_storage().data_ptr()
 
 
+def test_per_task_rows_of_J_are_the_task_gradients_and_hooks_are_removed():
+    """Row t of J is task t's gradient of the shared parameters (written by post-accumulate-grad
+    hooks as autograd produces it), zero where task t does not reach a shared parameter; the
+    hooks are gone after backward, also when backward raises, and the users' own hooks run."""
+    torch.manual_seed(0)
+    enc = nn.Linear(4, 6)
+    unused = nn.Parameter(torch.randn(3, 2))               # shared, but task 1 never uses it
+    conv = nn.Conv2d(2, 3, 3).to(memory_format=torch.channels_last)   # non-contiguous grads
+    heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(2))
+    params = [*enc.parameters(), unused, *conv.parameters(), *heads.parameters()]
+    x, img = torch.randn(5, 4), torch.randn(2, 2, 5, 5).to(memory_format=torch.channels_last)
+    user_calls = []
+    h_user = enc.weight.register_post_accumulate_grad_hook(lambda p: user_calls.append(1))
+
+    def losses():
+        f = torch.tanh(enc(x))
+        c = conv(img).square().mean()
+        return [heads[0](f).square().mean() + unused.sum() ** 2 + c,
+                (heads[1](f) - 1).square().mean() + 2 * c]
+
+    shared = [enc.weight, enc.bias, unused, conv.weight, conv.bias]
+    opt = MTLOptimizer(torch.optim.SGD(params, lr=0.1), method="imtlg", shared=shared)
+    hooks_before = [dict(p._post_accumulate_grad_hooks or {}) for p in shared]
+    opt.backward(losses())
+    rows = []
+    for L in losses():
+        gs = torch.autograd.grad(L, shared, allow_unused=True, retain_graph=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                               for g, p in zip(gs, shared)]))
+    torch.testing.assert_close(opt._J, torch.stack(rows), rtol=0, atol=0)
+    a, b = opt._bounds[2], opt._bounds[3]
+    assert torch.equal(opt._J[1, a:b], torch.zeros(b - a)) and opt._J[0, a:b].abs().sum() > 0
+    assert len(user_calls) == 2                             # one per task's backward
+    assert [dict(p._post_accumulate_grad_hooks or {}) for p in shared] == hooks_before
+
+    class Boom(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, v):
+            return v.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("boom")
+
+    L0, L1 = losses()
+    with pytest.raises(RuntimeError, match="boom"):        # task 1's backward fails half-way
+        opt.backward([L0, Boom.apply(L1)])
+    assert [dict(p._post_accumulate_grad_hooks or {}) for p in shared] == hooks_before
+    h_user.remove()
+
+
 def test_ew_is_one_backward_unless_stats():
     model = MTLNet(T=3)
     x, ys = make_data(3)

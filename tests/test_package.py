@@ -104,5 +104,22 @@ def test_cli_bench_mtl_smoke(tmp_path):
                           "--csv", str(csv_path)],
                          capture_output=True, text=True, env=dict(os.environ), check=True).stdout
     assert "| 2 | pcgrad |" in out and "PCGrad" in out
+    assert "| 2 | per-task gradients by one batched (vmap) backward |" in out
     lines = csv_path.read_text().strip().splitlines()
     assert len(lines) >= 1 + 2 and "pcgrad" in csv_path.read_text()
+
+
+def test_benchmark_contenders_compute_the_same_step():
+    """The mtl suite's floor, batched floor and gradops EW steps move the parameters alike."""
+    from gradops import benchmark_mtl as bm
+    s = bm.make_setup(3, width=32, depth=2, batch=8)
+    results = []
+    for make in (bm.floor_step, bm.batched_floor_step, lambda s: bm.gradops_step(s, "ew")):
+        torch.manual_seed(0)
+        step = make(s)
+        step()
+        results.append(torch.cat([p.detach().reshape(-1) for p in step.model.parameters()]))
+    torch.testing.assert_close(results[1], results[0])
+    torch.testing.assert_close(results[2], results[0])
+    assert not torch.equal(results[0], torch.cat([p.detach().reshape(-1)
+                                                  for p in s.model.parameters()]))

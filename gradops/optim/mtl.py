@@ -2,8 +2,8 @@
 
 The data path (SPEC §0)::
 
-    losses -> T backward passes (torch.autograd.grad), each writing task t's gradient of the shared
-    parameters into row t of one flat [T, P] buffer J with one torch.cat(out=J[t])
+    losses -> T backward passes, each copying task t's gradient of each shared parameter into its
+    slice of row t of one flat [T, P] buffer J as soon as autograd produces it (a hook)
     -> Gram G = J J^T (one pass; per-layer Grams with per_layer/stats, same pass)
     -> weights from G on J's device (gradops.weighting; PCGrad's recurrence; GradVac's)
     -> combined gradient w^T J (one pass) written into one flat [P] buffer whose views are the
@@ -33,6 +33,7 @@ from torch import nn
 from torch.autograd.graph import GradientEdge
 
 from .. import metrics
+from .._backend import _C
 from ..ops.combine import combine
 from ..ops.graddrop import draw_seed, graddrop
 from ..ops.gram import gram, segment_gram
@@ -282,6 +283,8 @@ class MTLOptimizer(OptimizerWrapper):
         self._g = torch.zeros(P, dtype=dt, device=dev)
         bounds = self._bounds = self._offsets_cpu.tolist()
         self._g_views = [self._g[a:b].view_as(p) for p, a, b in zip(shared, bounds[:-1], bounds[1:])]
+        self._J_views = [[self._J[t, a:b].view_as(p) for p, a, b in
+                          zip(shared, bounds[:-1], bounds[1:])] for t in range(T)]
         self._keep = self._sparse_keep(dev, dt)
         leak = torch.as_tensor(self.spec.options.get("leak", 0.0), dtype=torch.float32)
         if leak.dim() > 1 or (leak.dim() == 1 and leak.shape != (T,)):
@@ -348,30 +351,62 @@ class MTLOptimizer(OptimizerWrapper):
         return roots, [torch.ones_like(r) for r in roots], values, True
 
     def _per_task_backward(self, roots, seeds, retain_graph: bool) -> None:
-        """Task t's gradients of the shared parameters land in row t of ``J`` through one
-        ``torch.cat(..., out=J[t])`` (one copy kernel per task: it takes the place of the
-        read-modify-write accumulation into ``.grad`` that a plain backward does, so ``J`` is
-        never zeroed or accumulated into); the task-specific parameters' gradients accumulate
-        into their ``.grad`` as in a plain backward."""
-        J = self._J
+        """Task t's gradients of the shared parameters land in row t of ``J``; the task-specific
+        parameters' gradients accumulate into their ``.grad`` as in a plain backward.
+
+        Each task runs one ``torch.autograd.backward`` with the shared parameters' ``.grad`` unset,
+        so autograd hands each parameter its freshly computed gradient without a copy; a
+        post-accumulate-grad hook then copies it into its slice of ``J[t]`` while it is still in
+        cache and drops it (``p.grad = None``), so the next parameter's gradient reuses the same
+        memory. That one copy replaces the read-modify-write accumulation into ``.grad`` that
+        a plain backward does for every task after the first: ``J`` is never zeroed or
+        accumulated into. On CPU the copy writes ``J`` with non-temporal stores
+        (``gradops._C.stream_copy_cpu``): ``J`` is far larger than the cache and not read before
+        the Gram pass, so its lines are written once instead of read, then written. Slices of
+        parameters that task t does not reach are zero-filled. The hooks live only for the
+        duration of this call."""
         T = len(roots)
         shared, specific = self._shared, self._specific
         inputs = shared + specific
-        ns = len(shared)
-        for t in range(T):
-            grads = torch.autograd.grad(roots[t], inputs, grad_outputs=seeds[t],
-                                        retain_graph=retain_graph or t < T - 1,
-                                        allow_unused=True)
-            rows = [(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                    for g, p in zip(grads[:ns], shared)]
-            torch.cat(rows, out=J[t])
-            for p, g in zip(specific, grads[ns:]):
-                if g is None:
-                    continue
-                if p.grad is None:
-                    p.grad = g
-                else:
-                    p.grad.add_(g)
+        rows = self._J_views
+        filled = [False] * len(shared)
+        current: list[torch.Tensor] = []
+
+        copy = self._copy_row
+
+        def make_hook(i: int):
+            def hook(p: torch.Tensor) -> None:
+                copy(current[i], p.grad)
+                filled[i] = True
+                p.grad = None
+            return hook
+
+        for p in shared:
+            p.grad = None
+        handles = [p.register_post_accumulate_grad_hook(make_hook(i))
+                   for i, p in enumerate(shared)]
+        try:
+            for t in range(T):
+                current[:] = rows[t]
+                filled[:] = [False] * len(shared)
+                torch.autograd.backward(roots[t], grad_tensors=seeds[t], inputs=inputs,
+                                        retain_graph=retain_graph or t < T - 1)
+                for i, done in enumerate(filled):
+                    if not done:                     # task t does not reach shared[i]
+                        current[i].zero_()
+        finally:
+            for h in handles:
+                h.remove()
+
+    @staticmethod
+    def _copy_row(dst: torch.Tensor, src: torch.Tensor) -> None:
+        """``dst.copy_(src)``; for contiguous CPU tensors of one dtype, the extension's streaming
+        copy (the same bytes, written without reading ``dst`` into the cache first)."""
+        if (_C is not None and dst.device.type == "cpu" and src.device.type == "cpu"
+                and src.dtype == dst.dtype and src.is_contiguous() and not src.is_sparse):
+            _C.stream_copy_cpu(dst, src)
+        else:
+            dst.copy_(src)
 
     # --- distributed ---------------------------------------------------------------------------
     def _world(self) -> int:

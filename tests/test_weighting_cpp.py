@@ -1,0 +1,466 @@
+"""gradops.weighting's C++ CPU backend (csrc/weighting_cpu.cpp) against the torch reference loops.
+
+The C++ loops run the torch loops' algorithms in double precision. For Nash-MTL (Newton: no
+discrete choices) that gives the same iterates to rounding. Pairwise Frank-Wolfe picks a vertex
+pair by argmin / argmax of the gradient, and an exact line search along ``e_s - e_v`` leaves
+``grad_s == grad_v`` in exact arithmetic: the next choice is then often decided by the last bit,
+and different (equally valid) rounding sends the two loops down different paths to the same
+optimum. So MGDA / CAGrad are compared where a comparison is exact: the first step (before any
+tie), the solution at a tight tolerance (unique there), and at the default tolerance through the
+solver's own certificate (both within ``residual`` of the optimum), with the same ``converged``.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gradops
+from gradops import _backend
+from gradops import weighting as W
+
+from conftest import cpu_backends
+
+pytestmark = pytest.mark.skipif("cpp" not in cpu_backends(),
+                                reason="GRADOPS_NO_EXT=1: the C++ extension was not built")
+
+DTYPES = (torch.float32, torch.float64)
+MGDA_NORMS = ("none", "l2", "loss", "loss+")
+
+
+def _jac(T: int, P: int = 256, seed: int = 0, common: float = 0.5) -> torch.Tensor:
+    """Task gradients with scales 0.1..3 and a shared component (fp64)."""
+    g = torch.Generator().manual_seed(100 * T + seed)
+    Z = torch.randn(T, P, generator=g, dtype=torch.float64)
+    Z = Z + common * torch.randn(1, P, generator=g, dtype=torch.float64)
+    return Z * (0.1 + 2.9 * torch.rand(T, 1, generator=g, dtype=torch.float64))
+
+
+def _cases() -> dict[str, torch.Tensor]:
+    out = {f"random_T{T}": _jac(T) for T in (1, 2, 3, 5, 7, 13, 40, 64)}
+    g = torch.Generator().manual_seed(11)
+    J = _jac(5, seed=1)
+    J[3] = J[1]
+    out["duplicate_rows"] = J
+    J = _jac(6, seed=2)
+    J[2] = 2.0 * J[0]
+    J[5] = 0.5 * J[4]
+    out["collinear_rows"] = J
+    B = torch.randn(3, 256, generator=g, dtype=torch.float64)
+    out["rank3_of_7"] = torch.rand(7, 3, generator=g, dtype=torch.float64) @ B
+    J = _jac(4, seed=3)
+    J[2] = 0.0
+    out["zero_row"] = J
+    # strongly conflicting: zero-mean rows of different scales, a small shared part
+    Z = torch.randn(8, 256, generator=g, dtype=torch.float64)
+    out["conflicting_T8"] = ((Z - Z.mean(0)) * (0.1 + 3 * torch.rand(8, 1, generator=g,
+                                                                     dtype=torch.float64))
+                             + 0.1 * torch.randn(1, 256, generator=g, dtype=torch.float64))
+    return out
+
+
+CASES = _cases()
+RANDOM = [n for n in CASES if n.startswith("random")]
+UNIQUE = RANDOM + ["conflicting_T8"]     # affinely independent rows: w* is unique
+
+
+def _gram(J: torch.Tensor, dtype) -> torch.Tensor:
+    return (J @ J.T).to(dtype)
+
+
+def _losses(T: int) -> torch.Tensor:
+    return torch.linspace(0.5, 2.0, T, dtype=torch.float64)
+
+
+def _run(backend: str, fn, G, *args, **kw):
+    with gradops.use_backend(backend):
+        return fn(G, *args, **kw, return_status=True)
+
+
+def _both(fn, G, *args, **kw):
+    return _run("torch", fn, G, *args, **kw), _run("cpp", fn, G, *args, **kw)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (0 when both are 0)."""
+    scale = float(b.double().abs().max())
+    diff = float((a.double() - b.double()).abs().max())
+    return diff / scale if scale > 0 else diff
+
+
+def _same_status_types(st_t: W.SolverStatus, st_c: W.SolverStatus) -> None:
+    for a, b in zip(st_t, st_c):
+        assert a.dtype == b.dtype and a.shape == b.shape == () and a.device == b.device
+
+
+def _its_close(it_t: int, it_c: int) -> bool:
+    """Frank-Wolfe iteration counts: the paths may part at a rounding-level tie (module
+    docstring), after which each converges at the same linear rate."""
+    return abs(it_t - it_c) <= 12 + max(it_t, it_c) // 4
+
+
+def _mgda_inverse_scales(J: torch.Tensor, normalization: str) -> torch.Tensor:
+    """1 / s_i of MGDA's normalisation (0 where s_i = 0, as gradops.weighting.mgda)."""
+    n = J.norm(dim=1)
+    losses = _losses(J.shape[0])
+    s = {"none": torch.ones_like(n), "l2": n, "loss": losses, "loss+": losses * n}[normalization]
+    return torch.where(s != 0, 1.0 / torch.where(s != 0, s, 1.0), 0.0)
+
+
+# ------------------------------------------------------------------------------------------ #
+# dispatch
+# ------------------------------------------------------------------------------------------ #
+
+class _Spy:
+    """Stands in for gradops._C in gradops.weighting and counts the solver calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        fn = getattr(_backend._C, name)
+
+        def wrapped(*a, **k):
+            self.calls.append(name)
+            return fn(*a, **k)
+        return wrapped
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    s = _Spy()
+    monkeypatch.setattr(W, "_C", s)
+    return s
+
+
+def _call_all(G):
+    W.mgda(G)
+    W.mgda(G, "l2")
+    W.cagrad(G)
+    W.cagrad(G, c=0.0)          # closed form: no solve
+    W.nashmtl(G)
+
+
+def test_default_backend_on_cpu_is_cpp(spy, monkeypatch):
+    assert _backend.ext_available(), _backend.EXT_ERROR
+    cpu = gradops.info()["ops"]["weighting_solvers"]["cpu"]
+    assert cpu["default"] == "cpp" and cpu["live"] == ["cpp", "torch"]
+    assert "weighting_solvers" in gradops.format_info()
+    G = _gram(CASES["random_T5"], torch.float32)
+    assert W._solver_backend(G) == "cpp"
+    _call_all(G)
+    assert spy.calls == ["pairwise_fw_cpu", "pairwise_fw_cpu", "pairwise_fw_cpu",
+                         "nash_newton_cpu"]
+    spy.calls.clear()
+    with gradops.use_backend("torch"):
+        assert W._solver_backend(G) == "torch"
+        _call_all(G)
+    monkeypatch.setenv("GRADOPS_BACKEND", "torch")
+    _call_all(G)
+    assert spy.calls == []
+    with gradops.use_backend("cpp"):          # forcing cpp beats the environment
+        W.nashmtl(G)
+    assert spy.calls == ["nash_newton_cpu"]
+
+
+def test_forced_triton_keeps_cpp_for_the_solvers():
+    """An op without the forced backend makes its automatic choice (select_backend)."""
+    G = _gram(CASES["random_T3"], torch.float32)
+    with gradops.use_backend("triton"):
+        assert W._solver_backend(G) == "cpp"
+
+
+def test_compile_and_grad_keep_the_torch_loop(spy):
+    G = _gram(CASES["random_T5"], torch.float32)
+    torch._dynamo.reset()
+    f = torch.compile(lambda G: (W.mgda(G, max_iter=5), W.cagrad(G, max_iter=5),
+                                 W.nashmtl(G, max_iter=3)), fullgraph=True, backend="eager")
+    out = f(G)
+    assert spy.calls == []
+    with gradops.use_backend("torch"):
+        ref = (W.mgda(G, max_iter=5), W.cagrad(G, max_iter=5), W.nashmtl(G, max_iter=3))
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b)
+    # a G that needs a gradient keeps the differentiable torch loop ...
+    Gr = G.clone().requires_grad_()
+    w = W.nashmtl(Gr, max_iter=3)
+    assert w.requires_grad and spy.calls == []
+    with torch.no_grad():                     # ... unless grad mode is off
+        W.nashmtl(Gr)
+    assert spy.calls == ["nash_newton_cpu"]
+    with gradops.use_backend("cpp"), pytest.raises(RuntimeError, match="not differentiable"):
+        W.mgda(Gr)
+
+
+def test_binding_checks():
+    C = _backend._C
+    G = _gram(CASES["random_T3"], torch.float32)
+    s = G.diagonal().max()
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        C.pairwise_fw_cpu(G.to(torch.int32), None, s, None, None, 5, 1e-5, 1e-38)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        C.nash_newton_cpu(torch.zeros(2, 3), 5, 1e-5, 1e-38, 1e-6)
+    with pytest.raises(RuntimeError, match="b, k and delta2 together"):
+        C.pairwise_fw_cpu(G, G.sum(1), s, None, None, 5, 1e-5, 1e-38)
+    with pytest.raises(RuntimeError, match="G's dtype"):
+        C.pairwise_fw_cpu(G, None, s.double(), None, None, 5, 1e-5, 1e-38)
+    with pytest.raises(RuntimeError, match="max_iter >= 0"):
+        C.nash_newton_cpu(G, -1, 1e-5, 1e-38, 1e-6)
+
+
+# ------------------------------------------------------------------------------------------ #
+# Nash-MTL: the same iterates
+# ------------------------------------------------------------------------------------------ #
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("max_norm", [0.0, 1.0])
+def test_nashmtl_matches_torch(name, dtype, max_norm):
+    G = _gram(CASES[name], dtype)
+    (w_t, st_t), (w_c, st_c) = _both(W.nashmtl, G, max_norm=max_norm)
+    assert w_c.dtype == w_t.dtype == dtype
+    _same_status_types(st_t, st_c)
+    assert bool(st_t.converged) and bool(st_c.converged), (st_t, st_c)
+    err = _rel_err(w_c, w_t)
+    assert err <= (1e-10 if dtype == torch.float64 else 2e-5), err
+    d_its = abs(int(st_t.iterations) - int(st_c.iterations))
+    assert d_its <= (0 if dtype == torch.float64 else 1), (st_t, st_c)
+    assert float(st_c.residual) <= 1e-5
+    if dtype == torch.float64:
+        assert abs(float(st_c.residual) - float(st_t.residual)) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nashmtl_undefined_matches_torch(dtype):
+    """0 in the hull (T > P): no solution; both loops run the whole budget and say so."""
+    J = torch.randn(40, 10, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    (w_t, st_t), (w_c, st_c) = _both(W.nashmtl, _gram(J, dtype))
+    assert not bool(st_t.converged) and not bool(st_c.converged)
+    assert int(st_t.iterations) == int(st_c.iterations) == 20
+    assert bool(torch.isfinite(w_c).all())
+    Gd = J @ J.T
+    assert float(w_c.double() @ Gd @ w_c.double()) <= 1.0 + 1e-4   # ||d|| <= max_norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nashmtl_budgets_match_torch(dtype):
+    G = _gram(CASES["conflicting_T8"], dtype)
+    for max_iter in (0, 1, 2, 3):
+        (w_t, st_t), (w_c, st_c) = _both(W.nashmtl, G, max_iter=max_iter, tol=1e-12)
+        assert int(st_t.iterations) == int(st_c.iterations) == max_iter
+        assert not bool(st_c.converged) and not bool(st_t.converged)
+        assert _rel_err(w_c, w_t) <= (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+# ------------------------------------------------------------------------------------------ #
+# Frank-Wolfe (MGDA, CAGrad)
+# ------------------------------------------------------------------------------------------ #
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fw_first_steps_match_torch(name, dtype):
+    """Before any rounding-level tie (max_iter 0 and 1) the iterates are the same."""
+    G = _gram(CASES[name], dtype)
+    T = G.shape[0]
+    losses = _losses(T).to(dtype)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    solver_tol = 1e-13 if dtype == torch.float64 else 1e-6   # above rounding: exact starts and
+    for max_iter in (0, 1):                                   # steps (T <= 2) count in both
+        runs = [(W.mgda, dict(normalization=n, losses=losses)) for n in MGDA_NORMS]
+        runs += [(W.cagrad, dict(c=c)) for c in (0.4, 2.0)]
+        for fn, kw in runs:
+            (w_t, st_t), (w_c, st_c) = _both(fn, G, max_iter=max_iter, tol=solver_tol, **kw)
+            assert _rel_err(w_c, w_t) <= tol, (fn.__name__, kw, max_iter)
+            assert int(st_t.iterations) == int(st_c.iterations) <= max_iter
+            assert bool(st_t.converged) == bool(st_c.converged)
+            assert abs(float(st_c.residual) - float(st_t.residual)) <= \
+                tol * max(1.0, abs(float(st_t.residual)))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("normalization", MGDA_NORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mgda_matches_torch(name, normalization, dtype):
+    """Default budget and tolerance: both converge, and their updates are within the solver's
+    certificate ``||d - d*||^2 <= residual * max_i Gn_ii`` of the same optimum."""
+    J = CASES[name]
+    T = J.shape[0]
+    G = _gram(J, dtype)
+    losses = _losses(T).to(dtype)
+    (w_t, st_t), (w_c, st_c) = _both(W.mgda, G, normalization, losses)
+    assert w_c.dtype == w_t.dtype == dtype
+    _same_status_types(st_t, st_c)
+    assert bool(st_t.converged) and bool(st_c.converged), (st_t, st_c)
+    assert _its_close(int(st_t.iterations), int(st_c.iterations)), (st_t, st_c)
+    assert bool((w_c >= 0).all())
+    inv = _mgda_inverse_scales(J, normalization)
+    Gd = G.double()                           # the problem both solved
+    gn_max = float((Gd.diagonal() * inv * inv).max())
+    noise = 1e-6 if dtype == torch.float32 else 1e-13   # rounding of a residual near 0
+    bound = sum(math.sqrt(max(float(st.residual), 0.0) + noise) for st in (st_t, st_c))
+    dw = w_c.double() - w_t.double()
+    dist = math.sqrt(max(float(dw @ Gd @ dw), 0.0))
+    assert dist <= bound * math.sqrt(gn_max), (dist, bound * math.sqrt(gn_max))
+
+
+def _cagrad_problem(G: torch.Tensor, c: float):
+    """CAGrad's Frank-Wolfe problem as gradops.weighting.cagrad sets it up."""
+    G = W._prep(G, "test")
+    T = G.shape[0]
+    b = G.sum(1) / T
+    k = c * torch.sqrt(torch.clamp(b.sum() / T, min=0.0))
+    scale = torch.clamp(G.diagonal().max(), min=W._tiny(G))
+    delta2 = (math.sqrt(W._eps(G)) ** 2) * scale + W._tiny(G)
+    return G, b, k, delta2, scale
+
+
+def _cagrad_objective(w, G, b, k, delta2) -> float:
+    w, G, b = w.double(), G.double(), b.double()
+    return float(b @ w + float(k) * torch.sqrt(torch.clamp(w @ G @ w, min=0.0) + float(delta2)))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("c", [0.1, 0.4, 1.0, 2.0])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cagrad_solver_matches_torch(name, c, dtype):
+    """The Frank-Wolfe solve itself, default budget and tolerance: both converge, and their
+    objective values are within the certificate ``f(w) - f* <= residual * scale``."""
+    G, b, k, delta2, scale = _cagrad_problem(_gram(CASES[name], dtype), c)
+    res = {}
+    for backend in ("torch", "cpp"):
+        with gradops.use_backend(backend):
+            res[backend] = W._pairwise_fw(G, 250, 1e-6, scale, b=b, k=k, delta2=delta2)
+    (w_t, st_t), (w_c, st_c) = res["torch"], res["cpp"]
+    assert bool(st_t.converged) and bool(st_c.converged), (st_t, st_c)
+    assert _its_close(int(st_t.iterations), int(st_c.iterations)), (st_t, st_c)
+    assert bool((w_c >= 0).all()) and abs(float(w_c.double().sum()) - 1.0) < 1e-6
+    f_t, f_c = (_cagrad_objective(w, G, b, k, delta2) for w in (w_t, w_c))
+    noise = 1e-6 if dtype == torch.float32 else 1e-13
+    slack = (max(float(st_t.residual), float(st_c.residual), 0.0) + noise) * float(scale)
+    assert abs(f_t - f_c) <= slack, (f_t, f_c, slack)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("c,rescale", [(0.4, 1), (0.5, 0), (2.0, 2), (0.0, 1), (0.0, 0)])
+def test_cagrad_weights_match_torch(name, c, rescale):
+    """Public API, default settings: same status; c = 0 is the exact mean (no solve)."""
+    G = _gram(CASES[name], torch.float32)
+    (w_t, st_t), (w_c, st_c) = _both(W.cagrad, G, c, rescale)
+    assert w_c.dtype == w_t.dtype == torch.float32
+    _same_status_types(st_t, st_c)
+    assert bool(st_t.converged) and bool(st_c.converged)
+    if c == 0:
+        assert torch.equal(w_c, w_t) and int(st_c.iterations) == 0
+    else:
+        assert _its_close(int(st_t.iterations), int(st_c.iterations)), (st_t, st_c)
+
+
+TIGHT_FW = {torch.float64: dict(max_iter=3000, tol=1e-14), torch.float32: dict(max_iter=600, tol=1e-9)}
+
+
+# fp32 only up to T = 13: beyond, the fp32 torch loop runs its whole budget (slow)
+@pytest.mark.parametrize("name,dtype", [(n, dt) for dt in DTYPES for n in UNIQUE
+                                        if dt == torch.float64 or CASES[n].shape[0] <= 13])
+def test_fw_tight_weights_match_torch(name, dtype):
+    """Solved tightly, the (unique) weights agree: to 1e-8 of max |w| in fp64 (both loops
+    converge to tol = 1e-14), to 1e-4 in fp32 (the torch fp32 loop stalls at its rounding level,
+    ~1e-7 in the gap, the C++ loop goes below it)."""
+    G = _gram(CASES[name], dtype)
+    T = G.shape[0]
+    losses = _losses(T).to(dtype)
+    runs = [(W.mgda, dict(normalization=n, losses=losses)) for n in MGDA_NORMS]
+    runs += [(W.cagrad, dict(c=c, rescale=r)) for c, r in ((0.4, 1), (2.0, 0))]
+    rtol = 1e-8 if dtype == torch.float64 else 1e-4
+    for fn, kw in runs:
+        (w_t, st_t), (w_c, st_c) = _both(fn, G, **kw, **TIGHT_FW[dtype])
+        assert _rel_err(w_c, w_t) <= rtol, (fn.__name__, kw, _rel_err(w_c, w_t))
+        if dtype == torch.float64:
+            assert bool(st_c.converged) and bool(st_t.converged), (fn.__name__, kw, st_t, st_c)
+        else:                                 # below the fp32 loop's rounding level
+            assert float(st_c.residual) < 1e-7, (fn.__name__, kw, st_c)
+
+
+@pytest.mark.parametrize("name", ["duplicate_rows", "collinear_rows", "rank3_of_7", "zero_row"])
+def test_mgda_rank_deficient_tight_update_matches_torch(name):
+    """w* is not unique when the rows are affinely dependent, the update d* = J^T w* is."""
+    J = CASES[name]
+    (w_t, st_t), (w_c, st_c) = _both(W.mgda, _gram(J, torch.float64), **TIGHT_FW[torch.float64])
+    assert bool(st_t.converged) and bool(st_c.converged)
+    d_t, d_c = w_t @ J, w_c @ J
+    assert float((d_c - d_t).norm()) <= 1e-6 * float(J.norm(dim=1).max())
+    if name == "zero_row":                    # the min-norm point is the zero gradient itself
+        assert float(w_c[2]) == pytest.approx(1.0) and float(d_c.norm()) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------ #
+# dtypes, non-finite input
+# ------------------------------------------------------------------------------------------ #
+
+@pytest.mark.parametrize("method", sorted(W.ITERATIVE))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_dtypes_match_torch(method, dtype):
+    G = _gram(CASES["random_T5"], dtype)
+    (w_t, st_t), (w_c, st_c) = _both(W.get(method), G)
+    assert w_c.dtype == w_t.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert w_c.shape == w_t.shape == (5,) and w_c.device == G.device
+    _same_status_types(st_t, st_c)
+    assert bool(st_c.converged) == bool(st_t.converged)
+
+
+def _broken_grams(dtype):
+    G = _gram(CASES["random_T5"], dtype)
+    off = G.clone()
+    off[1, 3] = off[3, 1] = math.nan
+    diag = G.clone()
+    diag[2, 2] = math.nan
+    inf = G.clone()
+    inf[0, 4] = inf[4, 0] = math.inf
+    return {"nan_offdiag": off, "nan_diag": diag, "inf": inf,
+            "all_nan": torch.full_like(G, math.nan)}
+
+
+NONFINITE_RUNS = [("mgda", dict(normalization=n)) for n in MGDA_NORMS] + \
+    [("cagrad", dict(c=0.4)), ("cagrad", dict(c=2.0, rescale=0)), ("nashmtl", {}),
+     ("nashmtl", dict(max_norm=0.0))]
+
+
+@pytest.mark.parametrize("method,kw", NONFINITE_RUNS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_gram_matches_torch(method, kw, dtype):
+    """NaN / Inf in G: no crash, no hang, non-finite weights, not converged, the torch loop's
+    iteration count (the whole budget, unless Nash-MTL's solve never sees the broken entries)."""
+    for gname, G in _broken_grams(dtype).items():
+        kw2 = dict(kw, losses=_losses(5).to(dtype)) if method == "mgda" else kw
+        (w_t, st_t), (w_c, st_c) = _both(W.get(method), G, **kw2)
+        assert not bool(torch.isfinite(w_c).all()), (gname, w_c)
+        assert not bool(st_c.converged) and not bool(st_t.converged), gname
+        assert int(st_c.iterations) == int(st_t.iterations), (gname, st_t, st_c)
+        assert math.isnan(float(st_c.residual)) == math.isnan(float(st_t.residual)), gname
+
+
+def test_mgda_nan_loss_matches_torch():
+    """A NaN loss with a finite G (the poison of G does not fire): still non-finite weights."""
+    G = _gram(CASES["random_T5"], torch.float32)
+    losses = _losses(5).float()
+    losses[3] = math.nan
+    for normalization in ("loss", "loss+"):
+        (w_t, st_t), (w_c, st_c) = _both(W.mgda, G, normalization, losses)
+        assert not bool(torch.isfinite(w_c).all()) and not bool(st_c.converged)
+        assert int(st_c.iterations) == int(st_t.iterations) == 250
+        assert math.isnan(float(st_c.residual))
+
+
+def test_kernels_terminate_on_nan():
+    """Straight into the kernels: an all-NaN G runs the budget and reports NaN, every index the
+    loop used stayed in range (no crash), for the quadratic and the CAGrad line search."""
+    C = _backend._C
+    for dtype in DTYPES:
+        G = torch.full((7, 7), math.nan, dtype=dtype)
+        one = torch.ones((), dtype=dtype)
+        for b, k, d2 in ((None, None, None), (G.sum(1), one, one)):
+            w, conv, its, res = C.pairwise_fw_cpu(G, b, one, k, d2, 1000, 1e-5, 1e-38)
+            assert not bool(conv) and int(its) == 1000 and math.isnan(float(res))
+            assert w.shape == (7,) and w.dtype == dtype
+        a, conv, its, res = C.nash_newton_cpu(G, 50, 1e-5, 1e-38, 1e-6)
+        assert not bool(conv) and int(its) == 50 and math.isnan(float(res))
