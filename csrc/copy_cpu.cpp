@@ -9,13 +9,14 @@
 // the line once. On the project's CPU machine this takes the T = 8 copies of a 4.2M-parameter
 // encoder from 7.2 ms to 4.9 ms per step.
 //
-// Bytes are copied as they are (any dtype). The copy is split into fixed 32-byte-aligned chunks
-// of the destination, so the result never depends on the thread count (it is a copy anyway).
+// Bytes are copied as they are (any dtype). Several copies can share one OpenMP parallel region
+// (MTLOptimizer copies one gradient per call, while it is still in cache).
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "copy_kernels.h"
 
@@ -26,7 +27,7 @@
 namespace gradops {
 namespace {
 
-// Below this size the copy is a memcpy: it fits in the cache, and threads would not pay off.
+// Below this size a copy is one memcpy work item (regular stores).
 constexpr int64_t kStreamMinBytes = int64_t{1} << 18;
 // Bytes per OpenMP work item.
 constexpr int64_t kChunkBytes = int64_t{1} << 16;
@@ -55,36 +56,56 @@ void stream_range_sse2(char* dst, const char* src, int64_t n) {
 
 }  // namespace
 
-void stream_copy_cpu(void* dst_v, const void* src_v, int64_t bytes) {
-  char* dst = static_cast<char*>(dst_v);
-  const char* src = static_cast<const char*>(src_v);
-  if (bytes < kStreamMinBytes) {
-    if (bytes > 0) std::memcpy(dst, src, static_cast<size_t>(bytes));
+void stream_copy_cpu(const CopyPair* pairs, int64_t n) {
+  // The work list: every copy cut into chunks of kChunkBytes of its body (after the head that
+  // brings dst to a 32-byte boundary); small copies are one memcpy item each.
+  struct Item {
+    char* dst;
+    const char* src;
+    int64_t bytes;
+    bool stream;
+  };
+  std::vector<Item> items;
+  for (int64_t i = 0; i < n; ++i) {
+    char* dst = static_cast<char*>(pairs[i].dst);
+    const char* src = static_cast<const char*>(pairs[i].src);
+    const int64_t bytes = pairs[i].bytes;
+    if (bytes <= 0) continue;
+    if (bytes < kStreamMinBytes) {
+      items.push_back({dst, src, bytes, false});
+      continue;
+    }
+    const int64_t head = static_cast<int64_t>((32 - reinterpret_cast<uintptr_t>(dst) % 32) % 32);
+    const int64_t body = (bytes - head) / 128 * 128;
+    if (head > 0) items.push_back({dst, src, head, false});
+    for (int64_t a = head; a < head + body; a += kChunkBytes)
+      items.push_back({dst + a, src + a, std::min(kChunkBytes, head + body - a), true});
+    if (head + body < bytes)
+      items.push_back({dst + head + body, src + head + body, bytes - head - body, false});
+  }
+  const int64_t m = static_cast<int64_t>(items.size());
+  if (m == 0) return;
+  const bool avx2 = __builtin_cpu_supports("avx2");
+  auto run = [&](const Item& it) {
+    if (!it.stream) {
+      std::memcpy(it.dst, it.src, static_cast<size_t>(it.bytes));
+    } else if (avx2) {
+      stream_range_avx2(it.dst, it.src, it.bytes);
+    } else {
+      stream_range_sse2(it.dst, it.src, it.bytes);
+    }
+  };
+  if (m == 1 && !items[0].stream) {   // one small copy: no parallel region
+    run(items[0]);
     return;
   }
-  // head up to the first 32-byte boundary of dst, the body in 128-byte steps, and the tail
-  const int64_t head = static_cast<int64_t>((32 - reinterpret_cast<uintptr_t>(dst) % 32) % 32);
-  const int64_t body = (bytes - head) / 128 * 128;
-  std::memcpy(dst, src, static_cast<size_t>(head));
-  const bool avx2 = __builtin_cpu_supports("avx2");
-  const int64_t chunks = (body + kChunkBytes - 1) / kChunkBytes;
 #pragma omp parallel
   {
 #pragma omp for schedule(static) nowait
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t a = head + c * kChunkBytes;
-      const int64_t n = std::min(kChunkBytes, head + body - a);
-      if (avx2) {
-        stream_range_avx2(dst + a, src + a, n);
-      } else {
-        stream_range_sse2(dst + a, src + a, n);
-      }
-    }
+    for (int64_t c = 0; c < m; ++c) run(items[c]);
     // non-temporal stores are weakly ordered: each thread fences its own before the region ends
     _mm_sfence();
   }
-  const int64_t done = head + body;
-  std::memcpy(dst + done, src + done, static_cast<size_t>(bytes - done));
 }
 
 }  // namespace gradops

@@ -4,10 +4,17 @@
 
 namespace gradops {
 
-// dst[0, bytes) = src[0, bytes) for non-overlapping buffers. Large copies (see copy_cpu.cpp) use
-// non-temporal stores and OpenMP threads: the destination is written without first being read
-// into the cache (no read-for-ownership), which is what a copy into a buffer much larger than the
-// cache wants. Small copies are a plain memcpy.
-void stream_copy_cpu(void* dst, const void* src, int64_t bytes);
+// One copy: dst[0, bytes) = src[0, bytes), the buffers not overlapping.
+struct CopyPair {
+  void* dst;
+  const void* src;
+  int64_t bytes;
+};
+
+// Runs all n copies in one OpenMP parallel region. Large copies (see copy_cpu.cpp) write their
+// destination with non-temporal stores: it is not read into the cache first (no read for
+// ownership), which is what a copy into a buffer much larger than the cache wants. Small ones are
+// a plain memcpy.
+void stream_copy_cpu(const CopyPair* pairs, int64_t n);
 
 }  // namespace gradops

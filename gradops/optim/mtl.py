@@ -362,7 +362,9 @@ class MTLOptimizer(OptimizerWrapper):
         a plain backward does for every task after the first: ``J`` is never zeroed or
         accumulated into. On CPU the copy writes ``J`` with non-temporal stores
         (``gradops._C.stream_copy_cpu``): ``J`` is far larger than the cache and not read before
-        the Gram pass, so its lines are written once instead of read, then written. Slices of
+        the Gram pass, so its lines are written once instead of read, then written. (Copying a
+        task's gradients together at the end of its backward, one parallel region per task, was
+        measured slower here: the gradients are no longer in cache by then.) Slices of
         parameters that task t does not reach are zero-filled. The hooks live only for the
         duration of this call."""
         T = len(roots)
@@ -371,12 +373,16 @@ class MTLOptimizer(OptimizerWrapper):
         rows = self._J_views
         filled = [False] * len(shared)
         current: list[torch.Tensor] = []
-
-        copy = self._copy_row
+        stream = _C is not None and self._J.device.type == "cpu"
 
         def make_hook(i: int):
             def hook(p: torch.Tensor) -> None:
-                copy(current[i], p.grad)
+                g, dst = p.grad, current[i]
+                if stream and g.layout == torch.strided and g.is_contiguous() and \
+                        g.dtype == dst.dtype:
+                    _C.stream_copy_cpu([dst], [g])
+                else:                                # e.g. channels-last weights, CUDA
+                    dst.copy_(g)
                 filled[i] = True
                 p.grad = None
             return hook
@@ -397,16 +403,6 @@ class MTLOptimizer(OptimizerWrapper):
         finally:
             for h in handles:
                 h.remove()
-
-    @staticmethod
-    def _copy_row(dst: torch.Tensor, src: torch.Tensor) -> None:
-        """``dst.copy_(src)``; for contiguous CPU tensors of one dtype, the extension's streaming
-        copy (the same bytes, written without reading ``dst`` into the cache first)."""
-        if (_C is not None and dst.device.type == "cpu" and src.device.type == "cpu"
-                and src.dtype == dst.dtype and src.is_contiguous() and not src.is_sparse):
-            _C.stream_copy_cpu(dst, src)
-        else:
-            dst.copy_(src)
 
     # --- distributed ---------------------------------------------------------------------------
     def _world(self) -> int:
