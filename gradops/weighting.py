@@ -38,13 +38,16 @@ stop would need a host read. On CPU tensors in eager mode, where reading a value
 the loop stops as soon as it has converged (``early_exit=None``, the default; ``False`` forces the
 full budget, ``True`` forces the check).
 
-C++ backend: on CPU tensors in eager mode the loops of ``mgda``, ``cagrad`` and ``nashmtl`` run in
-C++ (``csrc/weighting_cpu.cpp``, op ``weighting_solvers`` in :func:`gradops.info`) when the
-extension is built: the same algorithms step for step, in double precision, on the ``T x T``
-inputs prepared here, stopping once converged (whatever ``early_exit`` says: the result is the
-same). The torch loops below are the reference and serve GPUs, ``torch.compile``, fake tensors
-and a ``G`` that requires grad; ``gradops.use_backend("torch")`` (or ``GRADOPS_BACKEND=torch``)
-forces them on CPU, ``use_backend("cpp")`` forces C++ (an error where it cannot run).
+Solver backends (op ``weighting_solvers`` in :func:`gradops.info`): in eager mode the loops of
+``mgda``, ``cagrad`` and ``nashmtl`` run in C++ on CPU tensors (``csrc/weighting_cpu.cpp``, when
+the extension is built: the same algorithms step for step, in double precision) and in one Triton
+program per solve on CUDA tensors with ``T <= 64`` (:mod:`gradops._solver_kernels`, in ``G``'s
+dtype: one launch instead of ~30 per iteration), on the ``T x T`` inputs prepared here, stopping
+on the device once converged (whatever ``early_exit`` says: the result is the same). The torch
+loops below are the reference and serve ``torch.compile``, fake tensors, ``T > 64`` on CUDA and
+a ``G`` that requires grad; ``gradops.use_backend("torch")`` (or ``GRADOPS_BACKEND=torch``)
+forces them, ``use_backend("cpp")`` / ``use_backend("triton")`` force the others (an error
+where they cannot run; Triton on CPU tensors needs ``TRITON_INTERPRET=1``).
 
 Linear algebra on CUDA: ``imtlg`` and ``alignedmtl`` call ``torch.linalg.eigh``, and ``nashmtl``
 ``torch.linalg.cholesky_ex``; the ``_ex`` form never checks its ``info`` on the host, but PyTorch's
@@ -57,7 +60,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import _backend
+from . import _backend, _solver_kernels
 from ._backend import _C, register_op, select_backend
 from ._validate import _is_fake
 from .ops.pcgrad import pcgrad_weights
@@ -147,25 +150,28 @@ def _ret(w, status, return_status):
     return (w, status) if return_status else w
 
 
-register_op("weighting_solvers", ("cpp", "torch"))
+register_op("weighting_solvers", ("triton", "cpp", "torch"), max_t={"triton": _solver_kernels.MAX_T})
 
 
 def _solver_backend(G: torch.Tensor) -> str:
-    """Where an iterative solver's loop runs on ``G``: ``"cpp"`` (``csrc/weighting_cpu.cpp``) or
+    """Where an iterative solver's loop runs on ``G``: ``"triton"`` (one program per solve,
+    :mod:`gradops._solver_kernels`; CUDA tensors with ``T <= 64``, or CPU tensors under
+    ``TRITON_INTERPRET=1`` when forced), ``"cpp"`` (``csrc/weighting_cpu.cpp``, CPU tensors) or
     ``"torch"`` (the reference loops here).
 
-    Always torch on a non-CPU device, under ``torch.compile`` (the C++ call is opaque to tracing)
-    and for fake tensors. Otherwise :func:`gradops._backend.select_backend` decides: ``cpp`` when
-    the extension is built, unless ``torch`` is forced. A ``G`` that requires grad (with grad
-    mode on) keeps the differentiable torch loop; forcing ``cpp`` for it raises.
+    Always torch under ``torch.compile`` (the kernel calls are opaque to tracing) and for fake
+    tensors. Otherwise :func:`gradops._backend.select_backend` decides (CUDA: Triton, else torch;
+    CPU: C++, else torch), and a forced backend applies. A ``G`` that requires grad (with grad
+    mode on) keeps the differentiable torch loop; forcing another backend for it raises.
     """
-    if G.device.type != "cpu" or torch.compiler.is_compiling() or _is_fake(G):
+    if torch.compiler.is_compiling() or _is_fake(G):
         return "torch"
     backend = select_backend("weighting_solvers", G.device, G.shape[0])
-    if backend == "cpp" and G.requires_grad and torch.is_grad_enabled():
-        if _backend.forced_backend() == "cpp":
-            raise RuntimeError("gradops.weighting_solvers: forced backend 'cpp' cannot run this "
-                               "call: G requires grad and the C++ solvers are not differentiable")
+    if backend != "torch" and G.requires_grad and torch.is_grad_enabled():
+        if _backend.forced_backend() == backend:
+            raise RuntimeError(f"gradops.weighting_solvers: forced backend {backend!r} cannot run "
+                               "this call: G requires grad and only the torch solvers are "
+                               "differentiable")
         return "torch"
     return backend
 
@@ -188,12 +194,15 @@ def _pairwise_fw(G: torch.Tensor, max_iter: int, tol: float, scale: torch.Tensor
     ``scale`` (``max_i G_ii``): dimensionless, and for MGDA ``||d - d*||^2 <= residual * scale``
     (``d = J^T w``, ``d*`` the unique min-norm point): it bounds the error of the update itself.
 
-    On CPU (eager) the loop runs in C++ (``_C.pairwise_fw_cpu``, see :func:`_solver_backend`):
-    this algorithm in double precision, stopping once converged.
+    Outside the reference torch loop below (see :func:`_solver_backend`), on CPU the loop runs
+    in C++ (``_C.pairwise_fw_cpu``: this algorithm in double precision) and on CUDA in one
+    Triton program (:func:`gradops._solver_kernels.pairwise_fw_triton`), both stopping once
+    converged.
     """
-    if _solver_backend(G) == "cpp":
-        w, converged, its, gap = _C.pairwise_fw_cpu(G, b, scale, k, delta2, max_iter, float(tol),
-                                                    _tiny(G))
+    backend = _solver_backend(G)
+    if backend != "torch":
+        fn = _C.pairwise_fw_cpu if backend == "cpp" else _solver_kernels.pairwise_fw_triton
+        w, converged, its, gap = fn(G, b, scale, k, delta2, max_iter, float(tol), _tiny(G))
         return w, SolverStatus(converged, its, gap)
     T = G.shape[0]
     dt, dev = G.dtype, G.device
@@ -502,15 +511,18 @@ def _nash_newton(Gn: torch.Tensor, max_iter: int, tol: float, early_exit: bool |
     """Nash-MTL's damped Newton loop on the normalised Gram ``Gn`` (see :func:`nashmtl`):
     ``(a, iterations, residual)``, ``residual = max_i |a_i (Gn a)_i - 1|``.
 
-    On CPU (eager) it runs in C++ (``_C.nash_newton_cpu``, see :func:`_solver_backend`): this
-    algorithm in double precision, stopping once converged.
+    Outside the reference torch loop (see :func:`_solver_backend`), it runs in C++ on CPU
+    (``_C.nash_newton_cpu``, double precision) and in one Triton program on CUDA
+    (:func:`gradops._solver_kernels.nash_newton_triton`), both stopping once converged.
     """
     T = Gn.shape[0]
     dt, dev = Gn.dtype, Gn.device
     eps, tiny = _eps(Gn), _tiny(Gn)
     jitter = 16 * eps
-    if _solver_backend(Gn) == "cpp":
-        a, _, its, res = _C.nash_newton_cpu(Gn, max_iter, float(tol), tiny, jitter)
+    backend = _solver_backend(Gn)
+    if backend != "torch":
+        fn = _C.nash_newton_cpu if backend == "cpp" else _solver_kernels.nash_newton_triton
+        a, _, its, res = fn(Gn, max_iter, float(tol), tiny, jitter)
         return a, its, res
     eye = torch.eye(T, dtype=dt, device=dev)
 

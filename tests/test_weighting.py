@@ -79,7 +79,8 @@ SOLVER_BACKENDS = [b for b in cpu_backends() if b in ("torch", "cpp")]
 @pytest.fixture(params=SOLVER_BACKENDS)
 def solver_backend(request):
     """Where the iterative solvers' loops run on CPU: the torch reference loop or the C++ kernels
-    (csrc/weighting_cpu.cpp; tests/test_weighting_cpp.py compares the two directly)."""
+    (csrc/weighting_cpu.cpp; tests/test_weighting_solvers.py compares every backend, Triton too,
+    with the torch loops directly)."""
     with gradops.use_backend(request.param):
         yield request.param
 
