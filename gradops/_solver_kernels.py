@@ -185,38 +185,35 @@ def _block(T: int) -> int:
     return max(16, 1 << (T - 1).bit_length())
 
 
+def _outputs(G: torch.Tensor):
+    """Empty results of a solve on ``G``: the weights ``[T]``, converged, iterations, residual."""
+    dev, dt = G.device, G.dtype
+    return (torch.empty(G.shape[0], dtype=dt, device=dev),
+            torch.empty((), dtype=torch.bool, device=dev),
+            torch.empty((), dtype=torch.int64, device=dev),
+            torch.empty((), dtype=dt, device=dev))
+
+
 def pairwise_fw_triton(G: torch.Tensor, b: torch.Tensor | None, scale: torch.Tensor,
                        k: torch.Tensor | None, delta2: torch.Tensor | None, max_iter: int,
                        tol: float, tiny: float):
     """Pairwise Frank-Wolfe (MGDA when ``b`` is None, else CAGrad's smoothed dual) in one Triton
     program: ``(w, converged, iterations, gap)``, device tensors in ``G``'s dtype (bool / int64
     0-dim status)."""
-    T = G.shape[0]
-    Gc = G.contiguous()
-    dev, dt = G.device, G.dtype
-    w = torch.empty(T, dtype=dt, device=dev)
-    conv = torch.empty((), dtype=torch.bool, device=dev)
-    its = torch.empty((), dtype=torch.int64, device=dev)
-    gap = torch.empty((), dtype=dt, device=dev)
+    out = _outputs(G)
     cag = b is not None
     dummy = scale.reshape(1)
-    _pairwise_fw_kernel[(1,)](Gc, b.contiguous() if cag else dummy, scale.reshape(1),
+    _pairwise_fw_kernel[(1,)](G.contiguous(), b.contiguous() if cag else dummy, dummy,
                               k.reshape(1) if cag else dummy, delta2.reshape(1) if cag else dummy,
-                              w, conv, its, gap, T, max_iter, tol, tiny, CAGRAD=cag,
-                              BT=_block(T), num_warps=4)
-    return w, conv, its, gap
+                              *out, G.shape[0], max_iter, tol, tiny, CAGRAD=cag,
+                              BT=_block(G.shape[0]), num_warps=4)
+    return out
 
 
 def nash_newton_triton(Gn: torch.Tensor, max_iter: int, tol: float, tiny: float, jitter: float):
     """Nash-MTL's damped Newton loop on the normalised Gram in one Triton program:
     ``(a, converged, iterations, residual)``."""
-    T = Gn.shape[0]
-    Gc = Gn.contiguous()
-    dev, dt = Gn.device, Gn.dtype
-    a = torch.empty(T, dtype=dt, device=dev)
-    conv = torch.empty((), dtype=torch.bool, device=dev)
-    its = torch.empty((), dtype=torch.int64, device=dev)
-    res = torch.empty((), dtype=dt, device=dev)
-    _nash_newton_kernel[(1,)](Gc, a, conv, its, res, T, max_iter, tol, tiny, jitter,
-                              BT=_block(T), num_warps=4)
-    return a, conv, its, res
+    out = _outputs(Gn)
+    _nash_newton_kernel[(1,)](Gn.contiguous(), *out, Gn.shape[0], max_iter, tol, tiny, jitter,
+                              BT=_block(Gn.shape[0]), num_warps=4)
+    return out
