@@ -52,12 +52,11 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Fixed decomposition sizes.
 
-// Tile width: the fp32 accumulation length (64 columns per vector lane), a multiple of 64 (one
-// bitmap word). T = 8 tile rows take 16 KiB (L1), T = 64 rows 128 KiB (L2).
+// Tile width: the fp32 accumulation length (64 columns per vector lane, 32 in the AVX-512
+// variant), a multiple of 64 (one bitmap word). T = 8 tile rows take 16 KiB (L1), T = 64 rows
+// 128 KiB (L2). (1024 in the AVX-512 variant, 64 columns per lane, measured no faster at T = 40
+// and 64 on Zen 4 and slower at T = 8 and 16, where a tile row is then a whole 4 KiB page.)
 constexpr int64_t kTileCols = 512;
-// AVX-512 variant: also 512 columns (32 per vector lane). 1024 (64 per lane, the AVX2 variant's
-// accumulation length) measured no faster at T = 40 / 64 and slower at T = 8 / 16 on Zen 4.
-constexpr int64_t kTileColsAvx512 = 512;
 
 // Prefetch distance of the J reads, in Gram blocks (see block_schedule): AVX2 and AVX-512
 // variants.
@@ -192,12 +191,12 @@ std::vector<Block> block_schedule(int64_t T, const std::vector<Block>& blocks,
 struct Plan {
   int64_t T;
   int64_t Tp;   // T rounded up to a multiple of 4: rows of the tile buffer, stride of accumulators
-  int64_t tile;  // tile width: kTileCols, or kTileColsAvx512 in the AVX-512 variant
-  int64_t ldb;   // row stride of the tile buffer: tile + 16 floats (an odd number of cache lines)
+  int64_t ldb;  // row stride of the tile buffer: kTileCols + 16 floats (33 cache lines)
   bool counts;
   std::vector<Block> blocks;  // block_schedule(T)
 };
 
+constexpr int64_t kWords = kTileCols / 64;  // bitmap words per tile row
 
 // Per-thread scratch. Accumulators are [Tp, Tp] row-major; only i <= j < T entries are meaningful.
 struct Scratch {
@@ -205,8 +204,8 @@ struct Scratch {
       : acc(p.Tp * p.Tp),
         opp(p.counts ? p.Tp * p.Tp : 0),
         both(p.counts ? p.Tp * p.Tp : 0),
-        pos(p.counts ? p.Tp * (p.tile / 64) : 0),
-        neg(p.counts ? p.Tp * (p.tile / 64) : 0),
+        pos(p.counts ? p.Tp * kWords : 0),
+        neg(p.counts ? p.Tp * kWords : 0),
         buf_store(p.Tp * p.ldb + 16) {  // rows T..Tp-1 stay zero
     // 64-byte aligned view of buf_store (16 spare floats).
     const uintptr_t u = reinterpret_cast<uintptr_t>(buf_store.data());
@@ -219,7 +218,7 @@ struct Scratch {
   }
   std::vector<double> acc;
   std::vector<int64_t> opp, both;
-  std::vector<uint64_t> pos, neg;  // sign bitmaps of the current tile ([words, Tp] or [T, words])
+  std::vector<uint64_t> pos, neg;  // sign bitmaps of the current tile ([kWords, Tp] or [T, kWords])
   std::vector<float> buf_store;
   float* buf;  // [Tp, ldb] fp32 copy of the current tile
 };
@@ -495,7 +494,7 @@ struct Avx2 {
       for (int m = 0; m < b.pf_count; ++m)
         pf.row[m] = reinterpret_cast<uintptr_t>(J) +
                     static_cast<uintptr_t>(
-                        (b.pf_row[m] * a.row_stride + t0 + b.pf_tile[m] * p.tile) * esize);
+                        (b.pf_row[m] * a.row_stride + t0 + b.pf_tile[m] * kTileCols) * esize);
       if (b.kind == 0) {
         const int64_t rows = std::min<int64_t>(4, T - i0);
         if (i0 == 0) {
@@ -573,11 +572,14 @@ struct Avx2 {
 };
 
 // ---------------------------------------------------------------------------------------------
-// AVX-512 variant (AVX-512 F; its ymm helpers come from the AVX2 variant, hence avx2,fma,f16c).
+// AVX-512 variant (AVX-512 F, BW, VL; the ymm helpers it shares with the AVX2 variant need
+// avx2,fma,f16c).
 //
 // As the AVX2 variant, with 16-lane accumulators and wider register blocks (blocks_avx512: 4 x k,
-// k <= 6, so 24 accumulators + 4 rows + 1 row in the 32 registers). Lane sums are reduced in a
-// fixed order: l_m + l_{m+8} (m < 8), then the AVX2 order over those 8.
+// k <= 6, so 24 accumulators + 4 rows + 1 row in the 32 registers), tails by masked loads (no
+// separate tail step). Lane sums are reduced in a fixed order: l_m + l_{m+8} (m < 8), then the
+// AVX2 order over those 8. On Zen 4 a 512-bit FMA has the throughput of two 256-bit ones: the gain
+// is fewer instructions, loads and reductions per FMA.
 
 #define GRADOPS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
@@ -778,7 +780,7 @@ struct Avx512 {
       for (int m = 0; m < b.pf_count; ++m)
         pf.row[m] = reinterpret_cast<uintptr_t>(J) +
                     static_cast<uintptr_t>(
-                        (b.pf_row[m] * a.row_stride + t0 + b.pf_tile[m] * p.tile) * esize);
+                        (b.pf_row[m] * a.row_stride + t0 + b.pf_tile[m] * kTileCols) * esize);
       if (b.kind == 0) {
         const int64_t rows = std::min<int64_t>(4, T - i0);
         if (i0 == 0) {
@@ -848,7 +850,7 @@ struct Portable {
   // Sign bitmaps of the tile rows ([i * kWords + w], bit b = column 64w + b), then the pair
   // counts with scalar popcounts.
   static void counts(const float* buf, int64_t n, const Plan& p, Scratch& s) {
-    const int64_t T = p.T, words = (n + 63) / 64, kWords = p.tile / 64;
+    const int64_t T = p.T, words = (n + 63) / 64;
     for (int64_t i = 0; i < T; ++i) {
       const float* row = buf + i * p.ldb;
       for (int64_t w = 0; w < words; ++w) {
@@ -887,8 +889,8 @@ struct Portable {
 // Adds the Gram (and counts) of columns [c0, c1) to s.acc (s.opp, s.both), tile by tile.
 template <class Isa, DType D>
 void part(const SegGramArgs& a, int64_t c0, int64_t c1, const Plan& p, Scratch& s) {
-  for (int64_t t0 = c0; t0 < c1; t0 += p.tile) {
-    const int64_t n = std::min(p.tile, c1 - t0);
+  for (int64_t t0 = c0; t0 < c1; t0 += kTileCols) {
+    const int64_t n = std::min(kTileCols, c1 - t0);
     Isa::template gram<D>(a, t0, n, p, s.buf, s.acc.data());
     if (p.counts) Isa::counts(s.buf, n, p, s);
   }
@@ -976,8 +978,7 @@ void segment_gram_cpu(const SegGramArgs& a) {
   if (isa == Isa::Avx2) p.blocks = block_schedule(a.T, blocks_avx2(a.T), kPrefetchBlocksAvx2);
   if (isa == Isa::Avx512)
     p.blocks = block_schedule(a.T, blocks_avx512(a.T), kPrefetchBlocksAvx512);
-  p.tile = isa == Isa::Avx512 ? kTileColsAvx512 : kTileCols;
-  p.ldb = p.tile + 16;
+  p.ldb = kTileCols + 16;
   const int64_t T = a.T, Tp = p.Tp, L = a.L, P = a.P, C = piece_cols(a.T);
   const int64_t* off = a.offsets;
   const int64_t pieces = (P + C - 1) / C;
