@@ -6,8 +6,9 @@
 //  - Columns are cut into pieces of `piece_cols(T)` columns at multiples of that size (a function
 //    of T only). A piece meets a run of segments; each (piece, segment) intersection is a *part*.
 //  - A part is reduced in tiles of kTileCols columns starting at the part's first column. Inside
-//    a tile the dot products run in fp32 (8-lane vector accumulators, lanes summed in a fixed
-//    order); each tile's sums are added to the part's fp64 accumulators.
+//    a tile the dot products run in fp32 (vector accumulators of 8 lanes, 16 in the AVX-512
+//    variant, lanes summed in a fixed order); each tile's sums are added to the part's fp64
+//    accumulators.
 //  - A segment that lies inside one piece is written straight from its part accumulators. A
 //    segment crossing piece boundaries leaves one partial per piece in a "slot"; after the
 //    parallel loop its slots are summed in piece order (fp64), then rounded to fp32.
@@ -20,18 +21,22 @@
 //   opposite     += popcount((pos_i & neg_j) | (neg_i & pos_j)).
 // NaN and Inf always propagate into the Gram entries of the rows that hold them.
 //
-// Instruction sets: an AVX2+FMA+F16C variant (function-level target attributes, chosen at run
-// time with __builtin_cpu_supports) and a portable variant (GCC vector extensions). Both convert
-// each tile to fp32 into a small per-thread buffer (bf16: `bits << 16`; fp16: F16C, or an exact
-// software conversion with subnormals, Inf and NaN), whose rows are an odd number of cache lines
-// apart so they never collide in L1 however J's rows are strided. The AVX2 variant fills the
-// buffer during its first pass of register blocks over the tile, which reads J directly, so J is
-// read once, inside the FMA loops; its rows are software-prefetched a few blocks ahead (see
-// block_schedule).
+// Instruction sets, chosen at run time with __builtin_cpu_supports (function-level target
+// attributes, so the file builds for any x86-64): an AVX-512 (F, BW, VL) variant, an AVX2+FMA+F16C
+// variant and a portable variant (GCC vector extensions). GRADOPS_CPU_ISA=avx2 or portable selects
+// a lesser one than the CPU allows (tests). The variants round differently (lane count, register
+// blocks) but each is deterministic; the AVX-512 one sums 32 columns per lane per tile, the AVX2
+// and portable ones 64. All convert each tile to fp32 into a small per-thread buffer (bf16:
+// `bits << 16`; fp16: F16C, or an exact software conversion with subnormals, Inf and NaN), whose
+// rows are an odd number of cache lines apart so they never collide in L1 however J's rows are
+// strided. The vector variants fill the buffer during their first pass of register blocks over the
+// tile, which reads J directly, so J is read once, inside the FMA loops; its rows are
+// software-prefetched into L2 a few blocks ahead (see block_schedule and Prefetch4).
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -47,12 +52,16 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Fixed decomposition sizes.
 
-// Tile width: the fp32 accumulation length (64 columns per vector lane), a multiple of 64 (one
-// bitmap word). T = 8 tile rows take 16 KiB (L1), T = 64 rows 128 KiB (L2).
+// Tile width: the fp32 accumulation length (64 columns per vector lane, 32 in the AVX-512
+// variant), a multiple of 64 (one bitmap word). T = 8 tile rows take 16 KiB (L1), T = 64 rows
+// 128 KiB (L2). (1024 in the AVX-512 variant, 64 columns per lane, measured no faster at T = 40
+// and 64 on Zen 4 and slower at T = 8 and 16, where a tile row is then a whole 4 KiB page.)
 constexpr int64_t kTileCols = 512;
 
-// Prefetch distance of the AVX2 variant's J reads, in Gram blocks (see block_schedule).
-constexpr int64_t kPrefetchBlocks = 2;
+// Prefetch distance of the J reads, in Gram blocks (see block_schedule): AVX2 and AVX-512
+// variants.
+constexpr int64_t kPrefetchBlocksAvx2 = 2;
+constexpr int64_t kPrefetchBlocksAvx512 = 2;
 
 // Piece width: at least 2^17 elements of J per piece (the per-piece bookkeeping is negligible),
 // at least 256*T columns (a piece's partial slots, O(T^2), stay a few % of the piece's data), a
@@ -84,7 +93,7 @@ GRADOPS_INLINE void for_each_block(int64_t T, F f) {
 }
 
 struct Block {
-  int kind;  // 0: triangle of rows i0.. (up to 4), 2 / 3: 4 x 2 / 4 x 3 block at (i0, j0)
+  int kind;  // 0: triangle of rows i0.. (up to 4); k > 0: 4 x k block at (i0, j0)
   int64_t i0, j0;
   // J rows this block prefetches alongside its own columns: row pf_row[m] of the tile pf_tile[m]
   // tiles ahead, m < pf_count.
@@ -92,7 +101,33 @@ struct Block {
   int64_t pf_row[4] = {}, pf_tile[4] = {};
 };
 
-// The order of the Gram blocks of a tile (AVX2 variant). The first-pass blocks (group 0, which
+// The Gram blocks of a tile in the AVX2 variant: for_each_block in its order.
+std::vector<Block> blocks_avx2(int64_t T) {
+  std::vector<Block> out;
+  for_each_block(T, [&](int kind, int64_t i0, int64_t j0) { out.push_back(Block{kind, i0, j0}); });
+  return out;
+}
+
+// The Gram blocks of a tile in the AVX-512 variant (32 vector registers): for each group of 4
+// rows i0 = 0, 4, ...: the triangle, then the w = T - i0 - 4 rows j >= i0 + 4 in ceil(w / 6)
+// blocks of 4 x k, k <= 6, as even as possible (wider ones first). Group 0 is the first pass.
+std::vector<Block> blocks_avx512(int64_t T) {
+  std::vector<Block> out;
+  for (int64_t i0 = 0; i0 < T; i0 += 4) {
+    out.push_back(Block{0, i0, i0});
+    const int64_t w = std::max<int64_t>(0, T - i0 - 4);
+    const int64_t nb = (w + 5) / 6;
+    int64_t j0 = i0 + 4;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int k = static_cast<int>(w / nb + (b < w % nb ? 1 : 0));
+      out.push_back(Block{k, i0, j0});
+      j0 += k;
+    }
+  }
+  return out;
+}
+
+// The order of the Gram blocks of a tile (AVX2 and AVX-512 variants). The first-pass blocks (group 0, which
 // read J) come in row order; the other blocks are spread between them, in proportion to their
 // FMA work, as soon as the rows they use have been read: J is then read at a steady pace through
 // the tile instead of all at its start. Every pair belongs to one block, so the order changes no
@@ -101,14 +136,13 @@ struct Block {
 // early enough to hide the memory latency, late enough that the lines are still cached when read
 // even when all rows of J alias in the cache sets, and spread over the blocks (as few rows per
 // block as T allows) so that J streams at an even rate.
-std::vector<Block> block_schedule(int64_t T) {
+std::vector<Block> block_schedule(int64_t T, const std::vector<Block>& blocks,
+                                  int64_t prefetch_blocks) {
   std::vector<Block> first, rest, out;
-  for_each_block(T, [&](int kind, int64_t i0, int64_t j0) {
-    (i0 == 0 ? first : rest).push_back(Block{kind, i0, j0});
-  });
+  for (const Block& b : blocks) (b.i0 == 0 ? first : rest).push_back(b);
   auto work = [T](const Block& b) {
     const int64_t r = std::min<int64_t>(4, T - b.i0);
-    return b.kind == 0 ? r * (r + 1) / 2 : 4 * b.kind;
+    return b.kind == 0 ? r * (r + 1) / 2 : 4 * b.kind;  // pairs
   };
   auto last_row = [T](const Block& b) {
     return std::min(T - 1, b.kind == 0 ? b.i0 + 3 : b.j0 + b.kind - 1);
@@ -141,7 +175,7 @@ std::vector<Block> block_schedule(int64_t T) {
     const Block t = out[q];
     if (t.i0 != 0) continue;
     const int64_t r_end = std::min(T, t.kind == 0 ? int64_t{4} : t.j0 + t.kind);
-    int64_t back = kPrefetchBlocks;  // distance of the prefetching block
+    int64_t back = prefetch_blocks;  // distance of the prefetching block
     for (int64_t r = t.j0; r < r_end; ++r) {
       while (out[((q - back) % len + len) % len].pf_count == cap) ++back;
       Block& pb = out[((q - back) % len + len) % len];
@@ -270,16 +304,20 @@ struct FromJ {
   }
 };
 
-// The J rows a block prefetches (addresses of their first column; unused entries point at the
-// tile buffer, already cached): at step k, the cache line of each row holding column k, once per
-// line. Integer addresses: a prefetched row may lie beyond the end of J (a prefetch never faults).
+// The J rows a block prefetches (addresses of their first column, row[m] for m < count): at step
+// k, the cache line of each row holding column k, once per line, into L2 (prefetcht1: into L1,
+// the prefetches of a first pass over J take the L1 miss buffers long enough to stall the demand
+// loads). Integer addresses: a prefetched row may lie beyond the end of J (a prefetch never
+// faults).
 struct Prefetch4 {
   uintptr_t row[4];
   int64_t esize;
+  int count;
   GRADOPS_INLINE void at(int64_t k) const {
-    if ((k * esize) % 64 != 0) return;
+    if (count == 0 || (k * esize) % 64 != 0) return;
     const uintptr_t off = static_cast<uintptr_t>(k * esize);
-    for (int m = 0; m < 4; ++m) __builtin_prefetch(reinterpret_cast<const void*>(row[m] + off));
+    for (int m = 0; m < 4; ++m)
+      if (m < count) __builtin_prefetch(reinterpret_cast<const void*>(row[m] + off), 0, 2);
   }
 };
 
@@ -452,13 +490,11 @@ struct Avx2 {
     auto from_buf = [&](int64_t r) { return Buf{buf + r * ldb}; };
     for (const Block& b : p.blocks) {
       const int64_t i0 = b.i0, j0 = b.j0;
-      Prefetch4 pf{{}, esize};
-      for (int m = 0; m < 4; ++m) {
-        const uintptr_t e = static_cast<uintptr_t>(
-            (b.pf_row[m] * a.row_stride + t0 + b.pf_tile[m] * kTileCols) * esize);
-        pf.row[m] = m < b.pf_count ? reinterpret_cast<uintptr_t>(J) + e
-                                   : reinterpret_cast<uintptr_t>(buf);
-      }
+      Prefetch4 pf{{}, esize, b.pf_count};
+      for (int m = 0; m < b.pf_count; ++m)
+        pf.row[m] = reinterpret_cast<uintptr_t>(J) +
+                    static_cast<uintptr_t>(
+                        (b.pf_row[m] * a.row_stride + t0 + b.pf_tile[m] * kTileCols) * esize);
       if (b.kind == 0) {
         const int64_t rows = std::min<int64_t>(4, T - i0);
         if (i0 == 0) {
@@ -532,6 +568,242 @@ struct Avx2 {
         _mm256_storeu_si256(o, _mm256_add_epi64(_mm256_loadu_si256(o), _mm256_sad_epu8(co, z)));
         _mm256_storeu_si256(b, _mm256_add_epi64(_mm256_loadu_si256(b), _mm256_sad_epu8(cb, z)));
       }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 variant (AVX-512 F, BW, VL; the ymm helpers it shares with the AVX2 variant need
+// avx2,fma,f16c).
+//
+// As the AVX2 variant, with 16-lane accumulators and wider register blocks (blocks_avx512: 4 x k,
+// k <= 6, so 24 accumulators + 4 rows + 1 row in the 32 registers), tails by masked loads (no
+// separate tail step). Lane sums are reduced in a fixed order: l_m + l_{m+8} (m < 8), then the
+// AVX2 order over those 8. On Zen 4 a 512-bit FMA has the throughput of two 256-bit ones: the gain
+// is fewer instructions, loads and reductions per FMA.
+
+#define GRADOPS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+
+// Elements [k, k+16) of a J row as fp32, those not in `mask` zero (and not read).
+template <DType D>
+GRADOPS_AVX512 inline __m512 load16(const char* row, int64_t k, __mmask16 mask) {
+  if constexpr (D == DType::F32) {
+    return _mm512_maskz_loadu_ps(mask, reinterpret_cast<const float*>(row) + k);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, row + 2 * k);
+    // (maskz forms: the plain ones have an undefined source, see fold16)
+    if constexpr (D == DType::F16) return _mm512_maskz_cvtph_ps(0xffff, h);
+    return _mm512_castsi512_ps(
+        _mm512_maskz_slli_epi32(0xffff, _mm512_maskz_cvtepu16_epi32(0xffff, h), 16));
+  }
+}
+
+// Row sources of the AVX-512 blocks (see Buf / FromJ). get(k, mask): columns [k, k+16) of the
+// tile, those not in mask (past the tile's end) zero. The tile buffer is zero there already.
+struct BufZ {
+  const float* p;
+  GRADOPS_AVX512 __m512 get(int64_t k, __mmask16) const { return _mm512_load_ps(p + k); }
+};
+template <DType D>
+struct FromJZ {
+  const char* src;
+  float* dst;
+  GRADOPS_AVX512 __m512 get(int64_t k, __mmask16 mask) const {
+    const __m512 v = load16<D>(src, k, mask);
+    _mm512_store_ps(dst + k, v);
+    return v;
+  }
+};
+
+// 16 lanes -> 8: l_m + l_{m+8}.
+GRADOPS_AVX512 inline __m256 fold16(__m512 v) {
+  // (masked extracts: with -Wall GCC 12 warns about the undefined source of the plain extract,
+  // which _mm512_castps512_ps256 uses too)
+  const __m512d d = _mm512_castps_pd(v);
+  const __m256d lo = _mm512_mask_extractf64x4_pd(_mm256_setzero_pd(), 0xff, d, 0);
+  const __m256d hi = _mm512_mask_extractf64x4_pd(_mm256_setzero_pd(), 0xff, d, 1);
+  return _mm256_add_ps(_mm256_castpd_ps(lo), _mm256_castpd_ps(hi));
+}
+GRADOPS_AVX512 inline __m256d reduce4z(__m512 a, __m512 b, __m512 c, __m512 d) {
+  return reduce4(fold16(a), fold16(b), fold16(c), fold16(d));
+}
+
+// Mask of the columns [k, k+16) below n.
+GRADOPS_INLINE __mmask16 cols_mask(int64_t k, int64_t n) {
+  return k + 16 <= n ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (n - k)) - 1);
+}
+
+// Triangle of rows i0 .. i0+R-1 (R <= 4), as gram_tri_avx2.
+template <int R, class Src>
+GRADOPS_AVX512 void gram_tri_avx512(const Src src[4], const Prefetch4& prefetch, int64_t n,
+                                    int64_t i0, double* acc, int64_t ld_acc) {
+  const Src r0 = src[0], r1 = src[1], r2 = src[2], r3 = src[3];
+  const Prefetch4 pf = prefetch;
+  const __m512 z = _mm512_setzero_ps();
+  __m512 s00 = z, s01 = z, s02 = z, s03 = z, s11 = z, s12 = z, s13 = z, s22 = z, s23 = z, s33 = z;
+  for (int64_t k = 0; k < n; k += 16) {
+    pf.at(k);
+    const __mmask16 m = cols_mask(k, n);
+    __m512 x0 = r0.get(k, m);
+    GRADOPS_IN_REG(x0);
+    s00 = _mm512_fmadd_ps(x0, x0, s00);
+    if constexpr (R > 1) {
+      __m512 x1 = r1.get(k, m);
+      GRADOPS_IN_REG(x1);
+      s01 = _mm512_fmadd_ps(x0, x1, s01);
+      s11 = _mm512_fmadd_ps(x1, x1, s11);
+      if constexpr (R > 2) {
+        __m512 x2 = r2.get(k, m);
+        GRADOPS_IN_REG(x2);
+        s02 = _mm512_fmadd_ps(x0, x2, s02);
+        s12 = _mm512_fmadd_ps(x1, x2, s12);
+        s22 = _mm512_fmadd_ps(x2, x2, s22);
+        if constexpr (R > 3) {
+          __m512 x3 = r3.get(k, m);
+          GRADOPS_IN_REG(x3);
+          s03 = _mm512_fmadd_ps(x0, x3, s03);
+          s13 = _mm512_fmadd_ps(x1, x3, s13);
+          s23 = _mm512_fmadd_ps(x2, x3, s23);
+          s33 = _mm512_fmadd_ps(x3, x3, s33);
+        }
+      }
+    }
+  }
+  const __m256d d0 = reduce4z(s00, s01, s02, s03), d1 = reduce4z(s11, s12, s13, z),
+                d2 = reduce4z(s22, s23, s33, z);
+  alignas(32) double v[3][4];
+  _mm256_store_pd(v[0], d0);
+  _mm256_store_pd(v[1], d1);
+  _mm256_store_pd(v[2], d2);
+  double* a = acc + i0 * ld_acc + i0;
+  for (int q = 0; q < R; ++q) a[q] += v[0][q];
+  for (int q = 1; q < R; ++q) a[ld_acc + q] += v[1][q - 1];
+  for (int q = 2; q < R; ++q) a[2 * ld_acc + q] += v[2][q - 2];
+  if constexpr (R > 3) a[3 * ld_acc + 3] += v[2][2];
+}
+
+template <class Src>
+GRADOPS_AVX512 void gram_tri_any512(int64_t R, const Src src[4], const Prefetch4& pf, int64_t n,
+                                    int64_t i0, double* acc, int64_t ld_acc) {
+  switch (R) {
+    case 1: return gram_tri_avx512<1>(src, pf, n, i0, acc, ld_acc);
+    case 2: return gram_tri_avx512<2>(src, pf, n, i0, acc, ld_acc);
+    case 3: return gram_tri_avx512<3>(src, pf, n, i0, acc, ld_acc);
+    default: return gram_tri_avx512<4>(src, pf, n, i0, acc, ld_acc);
+  }
+}
+
+// Pairs (i, j), i in [i0, i0+4) (rows from the tile buffer x), j in [j0, j0+NJ) (rows y[q]),
+// NJ <= 6: 4 * NJ accumulators.
+template <int NJ, class Src>
+GRADOPS_AVX512 void gram_4xn_avx512(const float* x, int64_t ldb, const Src* y,
+                                    const Prefetch4& prefetch, int64_t n, int64_t i0, int64_t j0,
+                                    double* acc, int64_t ld_acc) {
+  Src yr[NJ];
+  for (int q = 0; q < NJ; ++q) yr[q] = y[q];
+  const Prefetch4 pf = prefetch;
+  const float* x0 = x;
+  const float* x1 = x + ldb;
+  const float* x2 = x + 2 * ldb;
+  const float* x3 = x + 3 * ldb;
+  // Accumulators s<q><m> (column j0+q, row i0+m) as named variables: GCC keeps an array of them
+  // in memory.
+  const __m512 z = _mm512_setzero_ps();
+  __m512 s00 = z, s01 = z, s02 = z, s03 = z, s10 = z, s11 = z, s12 = z, s13 = z, s20 = z, s21 = z,
+         s22 = z, s23 = z, s30 = z, s31 = z, s32 = z, s33 = z, s40 = z, s41 = z, s42 = z, s43 = z,
+         s50 = z, s51 = z, s52 = z, s53 = z;
+  for (int64_t k = 0; k < n; k += 16) {
+    pf.at(k);
+    const __mmask16 mask = cols_mask(k, n);
+    __m512 a0 = _mm512_load_ps(x0 + k), a1 = _mm512_load_ps(x1 + k), a2 = _mm512_load_ps(x2 + k),
+           a3 = _mm512_load_ps(x3 + k);
+    GRADOPS_IN_REG(a0);
+    GRADOPS_IN_REG(a1);
+    GRADOPS_IN_REG(a2);
+    GRADOPS_IN_REG(a3);
+#define GRADOPS_COL(q)                          \
+  if constexpr (NJ > q) {                       \
+    __m512 yv = yr[q].get(k, mask);             \
+    GRADOPS_IN_REG(yv);                         \
+    s##q##0 = _mm512_fmadd_ps(a0, yv, s##q##0); \
+    s##q##1 = _mm512_fmadd_ps(a1, yv, s##q##1); \
+    s##q##2 = _mm512_fmadd_ps(a2, yv, s##q##2); \
+    s##q##3 = _mm512_fmadd_ps(a3, yv, s##q##3); \
+  }
+    GRADOPS_COL(0) GRADOPS_COL(1) GRADOPS_COL(2) GRADOPS_COL(3) GRADOPS_COL(4) GRADOPS_COL(5)
+#undef GRADOPS_COL
+  }
+  // Column j0+q of rows i0..i0+3.
+  alignas(32) double c[6][4];
+  _mm256_store_pd(c[0], reduce4z(s00, s01, s02, s03));
+  if constexpr (NJ > 1) _mm256_store_pd(c[1], reduce4z(s10, s11, s12, s13));
+  if constexpr (NJ > 2) _mm256_store_pd(c[2], reduce4z(s20, s21, s22, s23));
+  if constexpr (NJ > 3) _mm256_store_pd(c[3], reduce4z(s30, s31, s32, s33));
+  if constexpr (NJ > 4) _mm256_store_pd(c[4], reduce4z(s40, s41, s42, s43));
+  if constexpr (NJ > 5) _mm256_store_pd(c[5], reduce4z(s50, s51, s52, s53));
+  double* r = acc + i0 * ld_acc + j0;
+  for (int m = 0; m < 4; ++m)
+    for (int q = 0; q < NJ; ++q) r[m * ld_acc + q] += c[q][m];
+}
+
+template <class Src>
+GRADOPS_AVX512 void gram_4xn_any512(int kind, const float* x, int64_t ldb, const Src* y,
+                                    const Prefetch4& pf, int64_t n, int64_t i0, int64_t j0,
+                                    double* acc, int64_t ld_acc) {
+  switch (kind) {
+    case 1: return gram_4xn_avx512<1>(x, ldb, y, pf, n, i0, j0, acc, ld_acc);
+    case 2: return gram_4xn_avx512<2>(x, ldb, y, pf, n, i0, j0, acc, ld_acc);
+    case 3: return gram_4xn_avx512<3>(x, ldb, y, pf, n, i0, j0, acc, ld_acc);
+    case 4: return gram_4xn_avx512<4>(x, ldb, y, pf, n, i0, j0, acc, ld_acc);
+    case 5: return gram_4xn_avx512<5>(x, ldb, y, pf, n, i0, j0, acc, ld_acc);
+    default: return gram_4xn_avx512<6>(x, ldb, y, pf, n, i0, j0, acc, ld_acc);
+  }
+}
+
+struct Avx512 {
+  // As Avx2::gram (fills buf with the tile, zero-padded to a multiple of 64 columns).
+  template <DType D>
+  GRADOPS_AVX512 static void gram(const SegGramArgs& a, int64_t t0, int64_t n, const Plan& p,
+                                  float* buf, double* acc) {
+    const int64_t T = p.T, ldb = p.ldb, esize = elem_size(D);
+    const int64_t n16 = (n + 15) / 16 * 16, n64 = (n + 63) / 64 * 64;
+    if (n16 < n64)
+      for (int64_t i = 0; i < T; ++i) std::fill(buf + i * ldb + n16, buf + i * ldb + n64, 0.0f);
+    const char* J = static_cast<const char*>(a.J);
+    auto from_j = [&](int64_t r) {
+      float* d = buf + r * ldb;
+      return FromJZ<D>{r < T ? J + (r * a.row_stride + t0) * esize : reinterpret_cast<char*>(d), d};
+    };
+    auto from_buf = [&](int64_t r) { return BufZ{buf + r * ldb}; };
+    for (const Block& b : p.blocks) {
+      const int64_t i0 = b.i0, j0 = b.j0;
+      Prefetch4 pf{{}, esize, b.pf_count};
+      for (int m = 0; m < b.pf_count; ++m)
+        pf.row[m] = reinterpret_cast<uintptr_t>(J) +
+                    static_cast<uintptr_t>(
+                        (b.pf_row[m] * a.row_stride + t0 + b.pf_tile[m] * kTileCols) * esize);
+      if (b.kind == 0) {
+        const int64_t rows = std::min<int64_t>(4, T - i0);
+        if (i0 == 0) {
+          const FromJZ<D> src[4] = {from_j(0), from_j(1), from_j(2), from_j(3)};
+          gram_tri_any512(rows, src, pf, n, i0, acc, p.Tp);
+        } else {
+          const BufZ src[4] = {from_buf(i0), from_buf(i0 + 1), from_buf(i0 + 2), from_buf(i0 + 3)};
+          gram_tri_any512(rows, src, pf, n, i0, acc, p.Tp);
+        }
+      } else if (i0 == 0) {
+        FromJZ<D> y[6];
+        for (int q = 0; q < b.kind; ++q) y[q] = from_j(j0 + q);
+        gram_4xn_any512(b.kind, buf + i0 * ldb, ldb, y, pf, n, i0, j0, acc, p.Tp);
+      } else {
+        BufZ y[6];
+        for (int q = 0; q < b.kind; ++q) y[q] = from_buf(j0 + q);
+        gram_4xn_any512(b.kind, buf + i0 * ldb, ldb, y, pf, n, i0, j0, acc, p.Tp);
+      }
+    }
+  }
+
+  GRADOPS_AVX2 static void counts(const float* buf, int64_t n, const Plan& p, Scratch& s) {
+    Avx2::counts(buf, n, p, s);
   }
 };
 
@@ -641,6 +913,24 @@ bool cpu_has_avx2() {
   return ok;
 }
 
+bool cpu_has_avx512() {
+  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+
+enum class Isa { Portable, Avx2, Avx512 };
+
+// The best variant this CPU runs; GRADOPS_CPU_ISA=avx2 / portable picks a lesser one (tests).
+Isa cpu_isa() {
+  Isa best = cpu_has_avx512() ? Isa::Avx512 : cpu_has_avx2() ? Isa::Avx2 : Isa::Portable;
+  const char* env = std::getenv("GRADOPS_CPU_ISA");
+  if (env == nullptr) return best;
+  if (std::strcmp(env, "portable") == 0) return Isa::Portable;
+  if (std::strcmp(env, "avx2") == 0 && best == Isa::Avx512) return Isa::Avx2;
+  return best;
+}
+
 // Upper triangles (i <= j, row-major, packed) of part accumulators, one per slot.
 struct Slots {
   int64_t tri = 0;
@@ -683,9 +973,12 @@ void segment_gram_cpu(const SegGramArgs& a) {
   Plan p;
   p.T = a.T;
   p.Tp = (a.T + 3) / 4 * 4;
-  p.ldb = kTileCols + 16;
   p.counts = a.opposite != nullptr;
-  if (cpu_has_avx2()) p.blocks = block_schedule(a.T);
+  const Isa isa = cpu_isa();
+  if (isa == Isa::Avx2) p.blocks = block_schedule(a.T, blocks_avx2(a.T), kPrefetchBlocksAvx2);
+  if (isa == Isa::Avx512)
+    p.blocks = block_schedule(a.T, blocks_avx512(a.T), kPrefetchBlocksAvx512);
+  p.ldb = kTileCols + 16;
   const int64_t T = a.T, Tp = p.Tp, L = a.L, P = a.P, C = piece_cols(a.T);
   const int64_t* off = a.offsets;
   const int64_t pieces = (P + C - 1) / C;
@@ -710,7 +1003,9 @@ void segment_gram_cpu(const SegGramArgs& a) {
     sl.both.resize(nslots * sl.tri);
   }
 
-  const PartFn part_fn = cpu_has_avx2() ? part_for<Avx2>(a.dtype) : part_for<Portable>(a.dtype);
+  const PartFn part_fn = isa == Isa::Avx512 ? part_for<Avx512>(a.dtype)
+                        : isa == Isa::Avx2   ? part_for<Avx2>(a.dtype)
+                                             : part_for<Portable>(a.dtype);
 
 #pragma omp parallel if (pieces > 1)
   {

@@ -175,3 +175,40 @@ def test_int64_indexing_past_2_31():
     assert Gl.both_nonzero[:, 0, 0].tolist() == [(1 << 31) - 3, 6, 1, 1]
     assert whole.both_nonzero.item() == P
     assert whole.gram.item() == pytest.approx(float(P - 2 + 4 + 9), rel=1e-6)
+
+
+# The C++ kernel picks its instruction set at run time (AVX-512, AVX2 or portable);
+# GRADOPS_CPU_ISA=avx2 / portable selects a lesser one, so every variant is checked on this host.
+@pytest.mark.parametrize("isa", ["best", "avx2", "portable"])
+def test_cpp_every_cpu_isa(monkeypatch, isa):
+    if isa != "best":
+        monkeypatch.setenv("GRADOPS_CPU_ISA", isa)
+    with gradops.use_backend("cpp"):
+        for T, P in [(1, 17), (2, 1000), (3, 1031), (5, 4099), (8, 2053), (13, 777), (16, 1024),
+                     (23, 515), (40, 1537), (64, 300)]:
+            for dtype in DTYPES:
+                J = make_J(T, P, dtype, seed=T * 7 + P, zero_frac=0.2)
+                res = gradops.gram(J, return_sign_counts=True)
+                assert_gram_close(res.gram, J)
+                opp, both = sign_counts_reference(J)
+                assert torch.equal(res.opposite, opp) and torch.equal(res.both_nonzero, both)
+        for layout in LAYOUTS:
+            J = make_J(7, 2001, torch.bfloat16, layout=layout, seed=5)
+            offsets = torch.tensor([0, 0, 1, 1000, 1500, 2001])
+            assert_gram_close(gradops.segment_gram(J, offsets), J, offsets)
+        J = make_J(11, 300_007, seed=3)
+        offsets = random_offsets(J.shape[1], 29, seed=7)
+        Gl = gradops.segment_gram(J, offsets)
+        assert_gram_close(Gl, J, offsets)
+        prev = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(gradops.segment_gram(J, offsets), Gl)
+        finally:
+            torch.set_num_threads(prev)
+        J = make_J(6, 300, seed=0)
+        J[2, 17] = float("nan")
+        J[5, 250] = float("-inf")
+        G = gradops.gram(J)
+        assert torch.isnan(G[2]).all() and not torch.isfinite(G[5]).any()
+        assert torch.isfinite(G[:2, :2]).all()
