@@ -94,9 +94,14 @@ namespace gradops {
 namespace {
 
 // Block widths in columns (multiples of 32). combine: the fp32 accumulator (8 KiB) stays in L1.
-// GradDrop: four fp32 buffers (4 KiB) and the T x 256 block of J, re-read from L1 (L2 for large T).
+// GradDrop (graddrop_plan): 256 columns while the T x 256 block of J fits in kGradDropL1Bytes
+// (four fp32 buffers of 1 KiB and the block stay in L1), else up to kGradDropBlock columns, as
+// many as keep the block within kGradDropBlockBytes (re-read from L2, the next one prefetched
+// beside it).
 constexpr int64_t kCombineBlock = 2048;
-constexpr int64_t kGradDropBlock = 256;
+constexpr int64_t kGradDropBlock = 2048;
+constexpr int64_t kGradDropL1Bytes = 6 << 10;
+constexpr int64_t kGradDropBlockBytes = 512 << 10;
 // Rows per group in combine's sweeps (AVX2) and in the AVX-512 GradDrop's.
 constexpr int kCombineRows = 8;
 constexpr int kGradDropRows512 = 8;
@@ -321,6 +326,35 @@ GRADOPS_INLINE void for_row_groups(int64_t T, F f) {
   if (t < T) with_rows<G>(T - t, [&](auto R) { f(t, R, Next()); });
 }
 
+// How GradDrop cuts J into blocks and prefetches the next block's rows while it works on one.
+// Line j of each row (64-byte lines) is prefetched by the loop (the S/A sweeps, the signs, the
+// masked-sum sweeps) whose 16-bit mask has bit j % 16 set. Few rows (T x 256 columns within
+// kGradDropL1Bytes): the work is mostly Philox, and the sign loop prefetches the whole next block
+// into L1 (where it sits next to the current one). More rows: the block is made wider (longer runs
+// along each row), prefetched into L2, and its lines are spread over the loops in proportion to
+// their running time (estimated from instruction counts per 8 columns: ~40 for the Philox, ~15
+// with given noise, ~10 T + 30 for the two sweeps), so that memory streams through the whole block
+// rather than in bursts. (Measured on a 2-core AMD EPYC Zen 4 VM, fp32, AVX-512 variant, time
+// over one read of J: the first rule is 5-10% faster for T = 2..6, the second for T >= 8: 1.3x
+// rather than 1.35-1.4x at T = 8, 1.2x rather than 1.3x at T = 16, 1.15x rather than 1.85x at T =
+// 40, where the AVX2 variant gains as much, 1.35x rather than 1.8x.)
+struct GradDropPlan {
+  int64_t width;              // block width in columns: a multiple of 128, <= kGradDropBlock
+  uint32_t sums, sign, drop;  // the loops' lines
+  bool l2;                    // prefetch into L2 (PREFETCHT1) rather than L1
+};
+
+GradDropPlan graddrop_plan(int64_t T, int64_t elem_bytes, bool noise) {
+  const int64_t col_bytes = T * elem_bytes;
+  if (col_bytes * 256 <= kGradDropL1Bytes) return {256, 0, 0xFFFFu, 0, false};
+  int64_t width = kGradDropBlock;
+  while (width > 256 && width * col_bytes > kGradDropBlockBytes) width /= 2;
+  const int64_t sign_cost = noise ? 15 : 40, sweep_cost = 10 * T + 30;
+  const int64_t s16 = (16 * sign_cost + (sign_cost + sweep_cost) / 2) / (sign_cost + sweep_cost);
+  const uint32_t sign = (1u << s16) - 1;
+  return {width, 0x5555u & ~sign, sign, 0xAAAAu & ~sign, true};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Portable variant: the scalar helpers over whole blocks / parts (plain stores only).
 
@@ -345,8 +379,9 @@ struct Portable {
   // GradDrop over columns [0, n) (n <= kGradDropBlock) of a block (rows p + t * rsb), out and
   // mask from column c0 on: S and A, the kept signs, the masked sum, through block buffers.
   template <DType D, DType OD>
-  static void graddrop(const char* p, int64_t rsb, const GradDropArgs& a, int64_t c0, int64_t n,
-                       bool /*stream_out*/, bool /*stream_mask*/) {
+  static void graddrop(const char* p, int64_t rsb, const GradDropArgs& a,
+                       const GradDropPlan& /*pl*/, int64_t c0, int64_t n, bool /*stream_out*/,
+                       bool /*stream_mask*/) {
     float S[kGradDropBlock], A[kGradDropBlock], sgn[kGradDropBlock], acc[kGradDropBlock];
     for_row_groups(a.T, [&](int64_t t, auto R, auto first) {
       sums_scalar<D>(p + t * rsb, rsb, R, first, 0, n, S, A);
@@ -478,24 +513,12 @@ GRADOPS_AVX2 GRADOPS_INLINE void philox4(uint64_t seed, uint64_t base, __m256* u
   }
 }
 
-// Which of GradDrop's three loops over a block (the S/A sweeps, the signs, the masked-sum sweeps)
-// prefetch the next block's rows: line j of each row (64-byte lines) is prefetched by the loop
-// whose 16-bit mask has bit j % 16 set. A block of up to 16 KiB is prefetched whole by the sign
-// loop (the next block then sits in L1 next to the current one). A larger block does not fit in
-// L1 anyway; its lines are spread over the loops in proportion to their running time (estimated
-// from instruction counts per 8 columns: ~40 for the Philox, ~15 with given noise, ~10 T + 30
-// for the two sweeps), so that memory streams through the whole block rather than in bursts.
-// (Measured on a 2-core AMD EPYC VM: the first rule is best at T = 8, the second at T = 40.)
-struct LineShares {
-  uint32_t sums, sign, drop;
-};
-
-LineShares line_shares(int64_t T, int64_t block_bytes, bool noise) {
-  if (block_bytes <= 16384) return {0, 0xFFFFu, 0};
-  const int64_t sign_cost = noise ? 15 : 40, sweep_cost = 10 * T + 30;
-  const int64_t s16 = (16 * sign_cost + (sign_cost + sweep_cost) / 2) / (sign_cost + sweep_cost);
-  const uint32_t sign = (1u << s16) - 1;
-  return {0x5555u & ~sign, sign, 0xAAAAu & ~sign};
+// Prefetches the line at p into L2 (l2) or L1.
+GRADOPS_INLINE void prefetch_line(const char* p, bool l2) {
+  if (l2)
+    _mm_prefetch(p, _MM_HINT_T1);
+  else
+    _mm_prefetch(p, _MM_HINT_T0);
 }
 
 // Runs body(k) for k = 0, Step, .. < n (n a multiple of Step), and prefetch(k) at the start of
@@ -569,13 +592,12 @@ struct Avx2 {
   // S[0, n) (+)= sum_i x_i, A[0, n) (+)= sum_i |x_i| over whole vectors (n a multiple of 8).
   template <DType D, int R, bool first>
   GRADOPS_AVX2 static void sums_rows(const char* p, int64_t rsb, int64_t n, float* S, float* A,
-                                     uint32_t lines) {
+                                     const char* next, uint32_t lines, bool l2) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    const char* next = p + kGradDropBlock * esize<D>();
     sweep<64 / esize<D>(), 8>(
         n, lines,
         [&](int64_t k) GRADOPS_AVX2_LAMBDA {
-          for (int i = 0; i < R; ++i) _mm_prefetch(next + i * rsb + k * esize<D>(), _MM_HINT_T0);
+          for (int i = 0; i < R; ++i) prefetch_line(next + i * rsb + k * esize<D>(), l2);
         },
         [&](int64_t k) GRADOPS_AVX2_LAMBDA {
           __m256 s = first ? _mm256_setzero_ps() : _mm256_load_ps(S + k);
@@ -595,14 +617,15 @@ struct Avx2 {
   template <DType D>
   GRADOPS_AVX2 static void sign(const float* S, const float* A, float eps, const float* noise,
                                 uint64_t seed, uint64_t off0, int64_t n, float* sgn,
-                                const char* next, int64_t rsb, int64_t T, uint32_t lines) {
+                                const char* next, int64_t rsb, int64_t T, uint32_t lines,
+                                bool l2) {
     constexpr int64_t line = 64 / esize<D>();
     const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
     const __m256 minus_one = _mm256_set1_ps(-1.0f), epsv = _mm256_set1_ps(eps);
     auto sign8 = [&](int64_t k, __m256 u) GRADOPS_AVX2_LAMBDA {
       if (k % line == 0 && ((lines >> ((k / line) & 15)) & 1) != 0) {
         const char* r = next + k * esize<D>();
-        for (int64_t t = 0; t < T; ++t, r += rsb) _mm_prefetch(r, _MM_HINT_T0);
+        for (int64_t t = 0; t < T; ++t, r += rsb) prefetch_line(r, l2);
       }
       const __m256 q =
           _mm256_div_ps(_mm256_load_ps(S + k), _mm256_add_ps(_mm256_load_ps(A + k), epsv));
@@ -634,8 +657,8 @@ struct Avx2 {
   template <DType D, int R, bool first>
   GRADOPS_AVX2 static void drop_rows(const char* p, int64_t rsb, const float* leak, int64_t n,
                                      const float* sgn, float* acc, bool* mask, int64_t mstride,
-                                     bool stream_mask, uint32_t lines) {
-    const char* next = p + kGradDropBlock * esize<D>();
+                                     bool stream_mask, const char* next, uint32_t lines,
+                                     bool l2) {
     __m256 lv[R];
     for (int i = 0; i < R; ++i) lv[i] = _mm256_set1_ps(leak[i]);
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
@@ -643,7 +666,7 @@ struct Avx2 {
     sweep<64 / esize<D>(), 8>(
         n, lines,
         [&](int64_t k) GRADOPS_AVX2_LAMBDA {
-          for (int i = 0; i < R; ++i) _mm_prefetch(next + i * rsb + k * esize<D>(), _MM_HINT_T0);
+          for (int i = 0; i < R; ++i) prefetch_line(next + i * rsb + k * esize<D>(), l2);
         },
         [&](int64_t k) GRADOPS_AVX2_LAMBDA {
           __m256 s = first ? zero : _mm256_load_ps(acc + k);
@@ -681,25 +704,26 @@ struct Avx2 {
   // masked sum (row sweeps again, the block now in L1/L2), prefetching the next block meanwhile.
   template <DType D, DType OD>
   GRADOPS_AVX2 static void graddrop(const char* p, int64_t rsb, const GradDropArgs& a,
-                                    int64_t c0, int64_t n, bool stream_out, bool stream_mask) {
+                                    const GradDropPlan& pl, int64_t c0, int64_t n,
+                                    bool stream_out, bool stream_mask) {
     alignas(32) float S[kGradDropBlock], A[kGradDropBlock], sgn[kGradDropBlock],
         acc[kGradDropBlock];
     const int64_t T = a.T, n8 = n & ~int64_t{7};
     bool* mask = a.mask != nullptr ? a.mask + c0 : nullptr;
-    const LineShares pf = line_shares(T, T * kGradDropBlock * esize<D>(), a.noise != nullptr);
+    const char* next = p + pl.width * esize<D>();  // the next block
     for_row_groups(T, [&](int64_t t, auto R, auto first) {
-      sums_rows<D, R, first>(p + t * rsb, rsb, n8, S, A, pf.sums);
+      sums_rows<D, R, first>(p + t * rsb, rsb, n8, S, A, next + t * rsb, pl.sums, pl.l2);
     });
     sign<D>(S, A, a.eps, a.noise != nullptr ? a.noise + c0 : nullptr, a.seed,
-            static_cast<uint64_t>(c0), n8, sgn, p + kGradDropBlock * esize<D>(),
-            rsb, T, pf.sign);
+            static_cast<uint64_t>(c0), n8, sgn, next, rsb, T, pl.sign, pl.l2);
     for_row_groups(T, [&](int64_t t, auto R, auto first) {
       drop_rows<D, R, first>(p + t * rsb, rsb, a.leak + t, n8, sgn, acc,
-                             mask != nullptr ? mask + t * a.P : nullptr, a.P, stream_mask, pf.drop);
+                             mask != nullptr ? mask + t * a.P : nullptr, a.P, stream_mask,
+                             next + t * rsb, pl.drop, pl.l2);
     });
     store<OD>(acc, n8, a.out, c0, stream_out);
     if (n8 < n)  // the last n % 8 columns, as the portable variant
-      Portable::graddrop<D, OD>(p + n8 * esize<D>(), rsb, a, c0 + n8, n - n8, false, false);
+      Portable::graddrop<D, OD>(p + n8 * esize<D>(), rsb, a, pl, c0 + n8, n - n8, false, false);
   }
 };
 
@@ -839,12 +863,11 @@ struct Avx512 : Avx2 {
   // S[0, n) (+)= sum_i x_i, A[0, n) (+)= sum_i |x_i| (n a multiple of 16).
   template <DType D, int R, bool first>
   GRADOPS_AVX512 static void sums_rows(const char* p, int64_t rsb, int64_t n, float* S, float* A,
-                                       uint32_t lines) {
-    const char* next = p + kGradDropBlock * esize<D>();
+                                       const char* next, uint32_t lines, bool l2) {
     sweep512<64 / esize<D>(), 16>(
         n, lines,
         [&](int64_t k) GRADOPS_AVX512_LAMBDA {
-          for (int i = 0; i < R; ++i) _mm_prefetch(next + i * rsb + k * esize<D>(), _MM_HINT_T0);
+          for (int i = 0; i < R; ++i) prefetch_line(next + i * rsb + k * esize<D>(), l2);
         },
         [&](int64_t k) GRADOPS_AVX512_LAMBDA {
           __m512 s = first ? _mm512_setzero_ps() : _mm512_load_ps(S + k);
@@ -864,14 +887,15 @@ struct Avx512 : Avx2 {
   template <DType D>
   GRADOPS_AVX512 static void sign(const float* S, const float* A, float eps, const float* noise,
                                   uint64_t seed, uint64_t off0, int64_t n, float* sgn,
-                                  const char* next, int64_t rsb, int64_t T, uint32_t lines) {
+                                  const char* next, int64_t rsb, int64_t T, uint32_t lines,
+                                  bool l2) {
     constexpr int64_t line = 64 / esize<D>();
     const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
     const __m512 minus_one = _mm512_set1_ps(-1.0f), epsv = _mm512_set1_ps(eps);
     auto sign16 = [&](int64_t k, __m512 u) GRADOPS_AVX512_LAMBDA {
       if (k % line == 0 && ((lines >> ((k / line) & 15)) & 1) != 0) {
         const char* r = next + k * esize<D>();
-        for (int64_t t = 0; t < T; ++t, r += rsb) _mm_prefetch(r, _MM_HINT_T0);
+        for (int64_t t = 0; t < T; ++t, r += rsb) prefetch_line(r, l2);
       }
       const __m512 q =
           _mm512_div_ps(_mm512_load_ps(S + k), _mm512_add_ps(_mm512_load_ps(A + k), epsv));
@@ -903,8 +927,8 @@ struct Avx512 : Avx2 {
   template <DType D, int R, bool first>
   GRADOPS_AVX512 static void drop_rows(const char* p, int64_t rsb, const float* leak, int64_t n,
                                        const float* sgn, float* acc, bool* mask, int64_t mstride,
-                                       bool stream_mask, uint32_t lines) {
-    const char* next = p + kGradDropBlock * esize<D>();
+                                       bool stream_mask, const char* next, uint32_t lines,
+                                       bool l2) {
     __m512 lv[R];
     for (int i = 0; i < R; ++i) lv[i] = _mm512_set1_ps(leak[i]);
     const __m512 zero = _mm512_setzero_ps();
@@ -913,7 +937,7 @@ struct Avx512 : Avx2 {
     sweep512<64 / esize<D>(), 16>(
         n, lines,
         [&](int64_t k) GRADOPS_AVX512_LAMBDA {
-          for (int i = 0; i < R; ++i) _mm_prefetch(next + i * rsb + k * esize<D>(), _MM_HINT_T0);
+          for (int i = 0; i < R; ++i) prefetch_line(next + i * rsb + k * esize<D>(), l2);
         },
         [&](int64_t k) GRADOPS_AVX512_LAMBDA {
           __m512 s = first ? zero : _mm512_load_ps(acc + k);
@@ -955,25 +979,26 @@ struct Avx512 : Avx2 {
   // As Avx2::graddrop, 16 columns at a time; the last n % 16 columns as the portable variant.
   template <DType D, DType OD>
   GRADOPS_AVX512 static void graddrop(const char* p, int64_t rsb, const GradDropArgs& a,
-                                      int64_t c0, int64_t n, bool stream_out, bool stream_mask) {
+                                      const GradDropPlan& pl, int64_t c0, int64_t n,
+                                      bool stream_out, bool stream_mask) {
     alignas(64) float S[kGradDropBlock], A[kGradDropBlock], sgn[kGradDropBlock],
         acc[kGradDropBlock];
     const int64_t T = a.T, n16 = n & ~int64_t{15};
     bool* mask = a.mask != nullptr ? a.mask + c0 : nullptr;
-    const LineShares pf = line_shares(T, T * kGradDropBlock * esize<D>(), a.noise != nullptr);
+    const char* next = p + pl.width * esize<D>();  // the next block
     for_row_groups<kGradDropRows512>(T, [&](int64_t t, auto R, auto first) {
-      sums_rows<D, R, first>(p + t * rsb, rsb, n16, S, A, pf.sums);
+      sums_rows<D, R, first>(p + t * rsb, rsb, n16, S, A, next + t * rsb, pl.sums, pl.l2);
     });
     sign<D>(S, A, a.eps, a.noise != nullptr ? a.noise + c0 : nullptr, a.seed,
-            static_cast<uint64_t>(c0), n16, sgn, p + kGradDropBlock * esize<D>(), rsb, T,
-            pf.sign);
+            static_cast<uint64_t>(c0), n16, sgn, next, rsb, T, pl.sign, pl.l2);
     for_row_groups<kGradDropRows512>(T, [&](int64_t t, auto R, auto first) {
       drop_rows<D, R, first>(p + t * rsb, rsb, a.leak + t, n16, sgn, acc,
-                             mask != nullptr ? mask + t * a.P : nullptr, a.P, stream_mask, pf.drop);
+                             mask != nullptr ? mask + t * a.P : nullptr, a.P, stream_mask,
+                             next + t * rsb, pl.drop, pl.l2);
     });
     store16s<OD>(acc, n16, a.out, c0, stream_out);
     if (n16 < n)
-      Portable::graddrop<D, OD>(p + n16 * esize<D>(), rsb, a, c0 + n16, n - n16, false, false);
+      Portable::graddrop<D, OD>(p + n16 * esize<D>(), rsb, a, pl, c0 + n16, n - n16, false, false);
   }
 };
 
@@ -1030,7 +1055,8 @@ void GradDrop<Isa, D, OD>::run(const GradDropArgs& a) {
   const int64_t P = a.P, T = a.T;
   const int64_t rsb = a.row_stride * esize<D>();
   const char* J = static_cast<const char*>(a.J);
-  const int64_t nb = (P + kGradDropBlock - 1) / kGradDropBlock;
+  const GradDropPlan pl = graddrop_plan(T, esize<D>(), a.noise != nullptr);
+  const int64_t nb = (P + pl.width - 1) / pl.width;
   const int64_t bytes = (T * esize<D>() + esize<OD>() + (a.mask != nullptr ? T : 0)) * P;
   const bool stream_out = use_stream(bytes, a.out, Isa::template stream_align<OD>());
   const bool stream_mask = a.mask != nullptr && P % 32 == 0 && use_stream(bytes, a.mask, 32);
@@ -1038,8 +1064,9 @@ void GradDrop<Isa, D, OD>::run(const GradDropArgs& a) {
   {
 #pragma omp for schedule(static) nowait
     for (int64_t b = 0; b < nb; ++b) {
-      const int64_t c0 = b * kGradDropBlock, n = std::min(P - c0, kGradDropBlock);
-      Isa::template graddrop<D, OD>(J + c0 * esize<D>(), rsb, a, c0, n, stream_out, stream_mask);
+      const int64_t c0 = b * pl.width, n = std::min(P - c0, pl.width);
+      Isa::template graddrop<D, OD>(J + c0 * esize<D>(), rsb, a, pl, c0, n, stream_out,
+                                    stream_mask);
     }
     if (stream_out || stream_mask) _mm_sfence();
   }
