@@ -148,7 +148,7 @@ def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.
     host synchronisation."""
     gen_device = generator.device if generator is not None else device
     seed = torch.randint(0, 2**63 - 1, (1,), generator=generator, device=gen_device)
-    return seed.to(device, non_blocking=True)
+    return seed if seed.device == device else seed.to(device, non_blocking=True)
 
 
 def graddrop(J: torch.Tensor, *, leak: float | Sequence[float] | torch.Tensor = 0.0,
@@ -174,7 +174,11 @@ def graddrop(J: torch.Tensor, *, leak: float | Sequence[float] | torch.Tensor = 
     """
     check_matrix(J, "graddrop")
     T = J.shape[0]
-    if isinstance(leak, torch.Tensor) and leak.device.type != "cpu":
+    if type(leak) in (float, int) and 0 <= leak <= 1:
+        # the common case, a number in range: one tensor op (each costs tens of microseconds
+        # when the caches are cold, as they are after a pass over a large J)
+        leak_t = torch.full((T,), leak, dtype=torch.float32, device=J.device)
+    elif isinstance(leak, torch.Tensor) and leak.device.type != "cpu":
         leak_t = leak.to(device=J.device, dtype=torch.float32).reshape(-1)  # not read: no sync
     else:
         leak_t = torch.as_tensor(leak, dtype=torch.float32).reshape(-1)
