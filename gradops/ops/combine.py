@@ -124,8 +124,12 @@ def _check(J, weights, offsets, out=None) -> None:
 
 def _run(J, weights, offsets, out):
     """Compute into ``out`` (contiguous): the kernels write it directly."""
-    w = weights.to(torch.float32).reshape(-1, J.shape[0]).contiguous()
     backend = select_backend("combine", J.device, J.shape[0])
+    if backend == "cpp" and weights.dtype == torch.float32 and weights.is_contiguous():
+        w = weights  # [T] or [L, T] as it is: no tensor op (each costs tens of microseconds
+        # with the caches cold after a pass over a large J)
+    else:
+        w = weights.to(torch.float32).reshape(-1, J.shape[0]).contiguous()
     _IMPLS[backend](J, w, offsets if weights.dim() == 2 else None, out)
 
 

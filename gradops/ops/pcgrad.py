@@ -91,10 +91,13 @@ def random_orders(T: int, batch: tuple[int, ...] = (), *, generator: torch.Gener
     device = torch.device(device) if device is not None else torch.device("cpu")
     gen_device = generator.device if generator is not None else device
     keys = torch.rand((*batch, T, T), generator=generator, device=gen_device)
-    return torch.argsort(keys, dim=-1).to(device, non_blocking=True)
+    orders = torch.argsort(keys, dim=-1)
+    return orders if orders.device == device else orders.to(device, non_blocking=True)
 
 
-def _check_weights_args(G, perms, reduction, eps) -> None:
+def _check_weights_args(G, perms, reduction, eps, check_perms: bool = True) -> None:
+    """Validate pcgrad_weights' arguments; ``check_perms=False`` leaves the permutation check of a
+    CPU ``perms`` to the C++ kernel (which raises the same ValueError)."""
     if not isinstance(G, torch.Tensor) or G.dim() < 2 or G.shape[-1] != G.shape[-2]:
         raise ValueError("gradops.pcgrad_weights: G must be a Gram [T, T] or a batch [..., T, T], "
                          f"got {tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__}")
@@ -108,12 +111,8 @@ def _check_weights_args(G, perms, reduction, eps) -> None:
     if perms.device != G.device:
         raise ValueError(f"gradops.pcgrad_weights: perms must be on G's device ({G.device}), "
                          f"got {perms.device}")
-    if perms.device.type == "cpu" and not torch.compiler.is_compiling() and \
-            not _is_fake(perms) and perms.numel():
-        expected = torch.arange(T).expand_as(perms)
-        if not torch.equal(torch.sort(perms, dim=-1).values, expected):
-            raise ValueError(f"gradops.pcgrad_weights: every row of perms must be a permutation "
-                             f"of 0..{T - 1}")
+    if check_perms:
+        _check_permutations(perms, T)
     if reduction not in REDUCTIONS:
         raise ValueError(f"gradops.pcgrad_weights: reduction must be one of {REDUCTIONS}, "
                          f"got {reduction!r}")
@@ -121,15 +120,42 @@ def _check_weights_args(G, perms, reduction, eps) -> None:
         raise ValueError(f"gradops.pcgrad_weights: eps must be >= 0, got {eps}")
 
 
+def _check_permutations(perms: torch.Tensor, T: int) -> None:
+    """Every row of a CPU ``perms`` is a permutation of ``0..T-1`` (values are not read while
+    tracing, on fake tensors or on other devices)."""
+    if perms.device.type == "cpu" and not torch.compiler.is_compiling() and \
+            not _is_fake(perms) and perms.numel():
+        expected = torch.arange(T).expand_as(perms)
+        if not torch.equal(torch.sort(perms, dim=-1).values, expected):
+            raise ValueError(f"gradops.pcgrad_weights: every row of perms must be a permutation "
+                             f"of 0..{T - 1}")
+
+
 @torch.library.custom_op("gradops::pcgrad_weights", mutates_args=())
 def _pcgrad_weights_op(G: torch.Tensor, perms: torch.Tensor, reduction: str, eps: float
                        ) -> torch.Tensor:
-    _check_weights_args(G, perms, reduction, eps)
+    _check_weights_args(G, perms, reduction, eps, check_perms=False)
     T = G.shape[-1]
+    try:
+        backend = select_backend("pcgrad_weights", G.device, T)
+    except RuntimeError:  # a forced backend that cannot run: the argument errors come first
+        backend = None
+    if backend != "cpp":
+        _check_permutations(perms, T)
+        backend = select_backend("pcgrad_weights", G.device, T)
+    else:
+        # the C++ recurrence takes G's shape as it is and checks the permutations itself: a few
+        # tensor ops fewer (each costs tens of microseconds with the caches cold after a pass
+        # over a large J)
+        if G.dtype != torch.float32 or not G.is_contiguous():
+            G = G.to(torch.float32).contiguous()
+        C = _C.pcgrad_coefficients_cpu(G, perms if perms.is_contiguous() else perms.contiguous(),
+                                       eps)
+        w = C.sum(-2)
+        return w / T if reduction == "mean" else w
     batch = G.shape[:-2]
     G3 = G.to(torch.float32).reshape(-1, T, T).contiguous()
     P3 = perms.reshape(-1, T, T).contiguous()
-    backend = select_backend("pcgrad_weights", G.device, T)
     C = _COEFFICIENTS[backend](G3, P3, eps)
     w = C.sum(-2)
     if reduction == "mean":
