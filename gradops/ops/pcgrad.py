@@ -21,6 +21,7 @@ import torch
 from .. import _backend
 from .._backend import _C, register_op, select_backend
 from .._validate import _is_fake, check_matrix
+from ._eager import plain_eager_cpu
 from .combine import combine
 from .gram import gram, segment_gram
 
@@ -131,9 +132,8 @@ def _check_permutations(perms: torch.Tensor, T: int) -> None:
                              f"of 0..{T - 1}")
 
 
-@torch.library.custom_op("gradops::pcgrad_weights", mutates_args=())
-def _pcgrad_weights_op(G: torch.Tensor, perms: torch.Tensor, reduction: str, eps: float
-                       ) -> torch.Tensor:
+def _pcgrad_weights_impl(G: torch.Tensor, perms: torch.Tensor, reduction: str, eps: float
+                         ) -> torch.Tensor:
     _check_weights_args(G, perms, reduction, eps, check_perms=False)
     T = G.shape[-1]
     try:
@@ -161,6 +161,12 @@ def _pcgrad_weights_op(G: torch.Tensor, perms: torch.Tensor, reduction: str, eps
     if reduction == "mean":
         w = w / T
     return w.reshape(*batch, T)
+
+
+@torch.library.custom_op("gradops::pcgrad_weights", mutates_args=())
+def _pcgrad_weights_op(G: torch.Tensor, perms: torch.Tensor, reduction: str, eps: float
+                       ) -> torch.Tensor:
+    return _pcgrad_weights_impl(G, perms, reduction, eps)
 
 
 @_pcgrad_weights_op.register_fake
@@ -191,6 +197,8 @@ def pcgrad_weights(G: torch.Tensor, *, generator: torch.Generator | None = None,
     if perms is None:
         perms = random_orders(G.shape[-1], tuple(G.shape[:-2]), generator=generator,
                               device=G.device)
+    if isinstance(G, torch.Tensor) and isinstance(perms, torch.Tensor) and plain_eager_cpu(G, perms):
+        return _pcgrad_weights_impl(G, perms, reduction, eps)  # the op's implementation, directly
     return torch.ops.gradops.pcgrad_weights(G, perms, reduction, eps)
 
 
