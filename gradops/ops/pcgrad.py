@@ -96,9 +96,9 @@ def random_orders(T: int, batch: tuple[int, ...] = (), *, generator: torch.Gener
     return orders if orders.device == device else orders.to(device, non_blocking=True)
 
 
-def _check_weights_args(G, perms, reduction, eps, check_perms: bool = True) -> None:
-    """Validate pcgrad_weights' arguments; ``check_perms=False`` leaves the permutation check of a
-    CPU ``perms`` to the C++ kernel (which raises the same ValueError)."""
+def _check_weights_args(G, perms, reduction, eps, kernel_checks_perms: bool = False) -> None:
+    """Validate pcgrad_weights' arguments (reading the values of a CPU ``perms``, unless the C++
+    kernel will: ``kernel_checks_perms``, it raises the same ValueError)."""
     if not isinstance(G, torch.Tensor) or G.dim() < 2 or G.shape[-1] != G.shape[-2]:
         raise ValueError("gradops.pcgrad_weights: G must be a Gram [T, T] or a batch [..., T, T], "
                          f"got {tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__}")
@@ -112,7 +112,7 @@ def _check_weights_args(G, perms, reduction, eps, check_perms: bool = True) -> N
     if perms.device != G.device:
         raise ValueError(f"gradops.pcgrad_weights: perms must be on G's device ({G.device}), "
                          f"got {perms.device}")
-    if check_perms:
+    if not kernel_checks_perms:
         _check_permutations(perms, T)
     if reduction not in REDUCTIONS:
         raise ValueError(f"gradops.pcgrad_weights: reduction must be one of {REDUCTIONS}, "
@@ -134,14 +134,13 @@ def _check_permutations(perms: torch.Tensor, T: int) -> None:
 
 def _pcgrad_weights_impl(G: torch.Tensor, perms: torch.Tensor, reduction: str, eps: float
                          ) -> torch.Tensor:
-    _check_weights_args(G, perms, reduction, eps, check_perms=False)
-    T = G.shape[-1]
     try:
-        backend = select_backend("pcgrad_weights", G.device, T)
+        backend = select_backend("pcgrad_weights", G.device, G.shape[-1] if G.dim() else 0)
     except RuntimeError:  # a forced backend that cannot run: the argument errors come first
         backend = None
+    _check_weights_args(G, perms, reduction, eps, backend == "cpp")
+    T = G.shape[-1]
     if backend != "cpp":
-        _check_permutations(perms, T)
         backend = select_backend("pcgrad_weights", G.device, T)
     else:
         # the C++ recurrence takes G's shape as it is and checks the permutations itself: a few
