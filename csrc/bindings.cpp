@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <ATen/Config.h>  // AT_MKL_ENABLED
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -102,19 +103,20 @@ Result segment_gram_cpu(const at::Tensor& J_in, const at::Tensor& offsets_in, bo
   return out;
 }
 
-// out = w^T J (weights [1, T]) or per segment (weights [L, T] + offsets [L+1] on the CPU), written
-// into `out` ([P], contiguous, fp32/bf16/fp16).
+// out = w^T J (weights [T] or [1, T]) or per segment (weights [L, T] + offsets [L+1] on the CPU),
+// written into `out` ([P], contiguous, fp32/bf16/fp16).
 void combine_cpu(const at::Tensor& J_in, const at::Tensor& weights,
                  const c10::optional<at::Tensor>& offsets_in, at::Tensor& out) {
   TORCH_CHECK(J_in.device().is_cpu() && out.device().is_cpu(), "gradops: combine_cpu needs CPU tensors");
   auto J = unit_column_stride(J_in);
-  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.is_contiguous() && weights.dim() == 2 &&
-              weights.size(1) == J.size(0), "gradops: combine_cpu weights must be contiguous f32 [L, T]");
+  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.is_contiguous() &&
+                  (weights.dim() == 2 || weights.dim() == 1) && weights.size(-1) == J.size(0),
+              "gradops: combine_cpu weights must be contiguous f32 [T] or [L, T]");
   TORCH_CHECK(out.is_contiguous() && out.dim() == 1 && out.size(0) == J.size(1),
               "gradops: combine_cpu out must be contiguous [P]");
   at::Tensor offsets;
   gradops::CombineArgs a;
-  a.L = weights.size(0);
+  a.L = weights.dim() == 2 ? weights.size(0) : 1;
   a.offsets = nullptr;
   if (offsets_in.has_value()) {
     offsets = offsets_in->contiguous();
@@ -224,19 +226,32 @@ int openmp_max_threads() {
 #endif
 }
 
-// PCGrad's coefficient matrices C [B, T, T] from Grams G [B, T, T] (f32) and orders (int64).
+// PCGrad's coefficient matrices C [..., T, T] from Grams G [..., T, T] (f32) and orders (int64,
+// G's shape). Every row of perms must be a permutation of 0..T-1 (ValueError otherwise, with
+// gradops.pcgrad_weights' message: the Python wrapper leaves this check to this function).
 at::Tensor pcgrad_coefficients_cpu(const at::Tensor& G, const at::Tensor& perms, double eps) {
   TORCH_CHECK(G.device().is_cpu() && perms.device().is_cpu(), "gradops: pcgrad_coefficients_cpu needs CPU tensors");
-  TORCH_CHECK(G.scalar_type() == at::kFloat && G.dim() == 3 && G.size(1) == G.size(2) && G.is_contiguous(),
-              "gradops: pcgrad_coefficients_cpu G must be contiguous f32 [B, T, T]");
+  TORCH_CHECK(G.scalar_type() == at::kFloat && G.dim() >= 2 && G.size(-1) == G.size(-2) && G.is_contiguous(),
+              "gradops: pcgrad_coefficients_cpu G must be contiguous f32 [..., T, T]");
   TORCH_CHECK(perms.scalar_type() == at::kLong && perms.sizes() == G.sizes() && perms.is_contiguous(),
               "gradops: pcgrad_coefficients_cpu perms must be contiguous int64 of G's shape");
   auto C = at::empty_like(G);
-  const int64_t T = G.size(1);
+  const int64_t T = G.size(-1);
+  const int64_t B = T > 0 ? G.numel() / (T * T) : 0;
   const int64_t* p = perms.data_ptr<int64_t>();
-  for (int64_t n = 0; n < perms.numel(); ++n)
-    TORCH_CHECK(p[n] >= 0 && p[n] < T, "gradops: pcgrad_coefficients_cpu perms entries must be in [0, T)");
-  gradops::pcgrad_coefficients_cpu(G.data_ptr<float>(), p, C.data_ptr<float>(), G.size(0), T,
+  std::vector<uint8_t> seen(static_cast<size_t>(T));
+  for (int64_t r = 0; r < B * T; ++r) {
+    std::fill(seen.begin(), seen.end(), uint8_t{0});
+    bool ok = true;
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t j = p[r * T + s];
+      ok = ok && j >= 0 && j < T && !seen[j];
+      if (ok) seen[j] = 1;
+    }
+    TORCH_CHECK_VALUE(ok, "gradops.pcgrad_weights: every row of perms must be a permutation of 0..",
+                      T - 1);
+  }
+  gradops::pcgrad_coefficients_cpu(G.data_ptr<float>(), p, C.data_ptr<float>(), B, T,
                                    static_cast<float>(eps));
   return C;
 }

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
 import gradops
+from gradops import _backend
 from gradops.reference import graddrop_reference, philox_uniform_reference
 
 from helpers import DTYPES, make_J
@@ -141,3 +143,48 @@ def test_errors():
         gradops.graddrop(J, noise=torch.rand(9))
     with pytest.raises(ValueError, match="leak must be a float or a float32 \\[T\\]"):
         gradops.graddrop(J, leak=[0.1, 0.2])
+
+
+_ISA_SCRIPT = r"""
+import sys, torch, gradops
+g = torch.Generator().manual_seed(0)
+res = []
+for T, P, dtype in [(1, 37, torch.float32), (2, 4099, torch.float32), (3, 1000, torch.bfloat16),
+                    (8, 5000, torch.float16), (13, 2100, torch.float32), (40, 3000, torch.float32),
+                    (40, 2500, torch.bfloat16)]:
+    J = (torch.randn(T, P + 5, generator=g) * 3).to(dtype)[:, :P]  # strided rows
+    J[torch.rand(T, P, generator=g) < 0.1] = 0
+    leak = (torch.rand(T, generator=g) * 0.5).tolist()
+    w = torch.randn(T, generator=g)
+    offsets = torch.tensor([0, P // 3, P // 3, P])
+    W = torch.randn(3, T, generator=g)
+    gd, mask = gradops.graddrop(J, leak=leak, generator=torch.Generator().manual_seed(T),
+                                return_mask=True)
+    res += [gd, mask, gradops.combine(J, w), gradops.combine(J, W, offsets)]
+torch.save(res, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not _backend.ext_available(), reason="needs gradops._C")
+def test_cpu_isa_variants_agree_bitwise(tmp_path):
+    """The C++ kernels' AVX-512, AVX2 and portable variants (GRADOPS_CPU_ISA caps the one used;
+    read once per process, hence the subprocesses) give the same bits: GradDrop with the Philox
+    stream and its masks, combine with one and with per-segment weights, fp32/bf16/fp16."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    outs = {}
+    for isa in ("avx512", "avx2", "portable"):
+        path = tmp_path / f"{isa}.pt"
+        env = dict(os.environ, GRADOPS_CPU_ISA=isa, PYTHONPATH=str(root), GRADOPS_BACKEND="cpp")
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, check=True,
+                       cwd=root)
+        outs[isa] = torch.load(path)
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+    for isa in ("avx2", "portable"):
+        for a, b in zip(outs["avx512"], outs[isa]):
+            assert a.dtype == b.dtype and a.shape == b.shape, isa
+            if a.dtype in bits:
+                a, b = a.view(bits[a.dtype]), b.view(bits[b.dtype])
+            assert torch.equal(a, b), isa

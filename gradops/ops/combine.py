@@ -20,6 +20,7 @@ from .. import _backend
 from .._backend import _C, register_op, select_backend
 from .._validate import FLOAT_DTYPES, check_matrix, check_offsets
 from ..reference import combine_reference
+from ._eager import plain_eager_cpu
 
 __all__ = ["combine"]
 
@@ -124,17 +125,34 @@ def _check(J, weights, offsets, out=None) -> None:
 
 def _run(J, weights, offsets, out):
     """Compute into ``out`` (contiguous): the kernels write it directly."""
-    w = weights.to(torch.float32).reshape(-1, J.shape[0]).contiguous()
     backend = select_backend("combine", J.device, J.shape[0])
+    if backend == "cpp" and weights.dtype == torch.float32 and weights.is_contiguous():
+        w = weights  # [T] or [L, T] as it is: no tensor op (each costs tens of microseconds
+        # with the caches cold after a pass over a large J)
+    else:
+        w = weights.to(torch.float32).reshape(-1, J.shape[0]).contiguous()
     _IMPLS[backend](J, w, offsets if weights.dim() == 2 else None, out)
+
+
+def _combine_new(J, weights, offsets):
+    out = J.new_empty(J.shape[1])
+    _run(J, weights, offsets, out)
+    return out
+
+
+def _combine_into(J, weights, offsets, out) -> None:
+    if out.is_contiguous():
+        _run(J, weights, offsets, out)
+    else:  # a strided destination: compute, then one copy
+        tmp = out.new_empty(out.shape)
+        _run(J, weights, offsets, tmp)
+        out.copy_(tmp)
 
 
 @torch.library.custom_op("gradops::combine", mutates_args=())
 def _combine_op(J: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
     _check(J, weights, offsets)
-    out = J.new_empty(J.shape[1])
-    _run(J, weights, offsets, out)
-    return out
+    return _combine_new(J, weights, offsets)
 
 
 @_combine_op.register_fake
@@ -147,12 +165,7 @@ def _(J, weights, offsets):
 def _combine_out_op(J: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | None,
                     out: torch.Tensor) -> None:
     _check(J, weights, offsets, out)
-    if out.is_contiguous():
-        _run(J, weights, offsets, out)
-    else:  # a strided destination: compute, then one copy
-        tmp = out.new_empty(out.shape)
-        _run(J, weights, offsets, tmp)
-        out.copy_(tmp)
+    _combine_into(J, weights, offsets, out)
 
 
 @_combine_out_op.register_fake
@@ -177,6 +190,11 @@ def combine(J: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | None
         ``[P]`` in ``J``'s dtype (or ``out``).
     """
     _check(J, weights, offsets, out)
+    if plain_eager_cpu(J, weights, offsets, out):  # the ops' implementations, directly
+        if out is None:
+            return _combine_new(J, weights, offsets)
+        _combine_into(J, weights, offsets, out)
+        return out
     if out is None:
         return torch.ops.gradops.combine(J, weights, offsets)
     torch.ops.gradops.combine_out(J, weights, offsets, out)

@@ -22,6 +22,7 @@ from .. import _backend
 from .._backend import _C, register_op, select_backend
 from .._validate import check_matrix
 from ..reference import graddrop_reference, philox_uniform_reference
+from ._eager import plain_eager_cpu
 
 __all__ = ["graddrop"]
 
@@ -120,10 +121,9 @@ def _check(J, leak, seed, noise, eps) -> None:
         raise ValueError(f"gradops.graddrop: eps must be >= 0, got {eps}")
 
 
-@torch.library.custom_op("gradops::graddrop", mutates_args=())
-def _graddrop_op(J: torch.Tensor, leak: torch.Tensor, seed: torch.Tensor,
-                 noise: torch.Tensor | None, with_mask: bool, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _graddrop_impl(J: torch.Tensor, leak: torch.Tensor, seed: torch.Tensor,
+                   noise: torch.Tensor | None, with_mask: bool, eps: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     _check(J, leak, seed, noise, eps)
     T, P = J.shape
     out = J.new_empty(P)
@@ -133,6 +133,13 @@ def _graddrop_op(J: torch.Tensor, leak: torch.Tensor, seed: torch.Tensor,
     backend = select_backend("graddrop", J.device, T)
     _IMPLS[backend](J, leak.contiguous(), seed, noise, out, mask if with_mask else None, eps)
     return out, mask
+
+
+@torch.library.custom_op("gradops::graddrop", mutates_args=())
+def _graddrop_op(J: torch.Tensor, leak: torch.Tensor, seed: torch.Tensor,
+                 noise: torch.Tensor | None, with_mask: bool, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _graddrop_impl(J, leak, seed, noise, with_mask, eps)
 
 
 @_graddrop_op.register_fake
@@ -148,7 +155,7 @@ def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.
     host synchronisation."""
     gen_device = generator.device if generator is not None else device
     seed = torch.randint(0, 2**63 - 1, (1,), generator=generator, device=gen_device)
-    return seed.to(device, non_blocking=True)
+    return seed if seed.device == device else seed.to(device, non_blocking=True)
 
 
 def graddrop(J: torch.Tensor, *, leak: float | Sequence[float] | torch.Tensor = 0.0,
@@ -174,7 +181,11 @@ def graddrop(J: torch.Tensor, *, leak: float | Sequence[float] | torch.Tensor = 
     """
     check_matrix(J, "graddrop")
     T = J.shape[0]
-    if isinstance(leak, torch.Tensor) and leak.device.type != "cpu":
+    if type(leak) in (float, int) and 0 <= leak <= 1:
+        # the common case, a number in range: one tensor op (each costs tens of microseconds
+        # when the caches are cold, as they are after a pass over a large J)
+        leak_t = torch.full((T,), leak, dtype=torch.float32, device=J.device)
+    elif isinstance(leak, torch.Tensor) and leak.device.type != "cpu":
         leak_t = leak.to(device=J.device, dtype=torch.float32).reshape(-1)  # not read: no sync
     else:
         leak_t = torch.as_tensor(leak, dtype=torch.float32).reshape(-1)
@@ -185,5 +196,6 @@ def graddrop(J: torch.Tensor, *, leak: float | Sequence[float] | torch.Tensor = 
         leak_t = leak_t.expand(T).contiguous()
     seed = torch.zeros(1, dtype=torch.int64, device=J.device) if noise is not None else \
         draw_seed(generator, J.device)
-    g, mask = torch.ops.gradops.graddrop(J, leak_t, seed, noise, return_mask, eps)
+    op = _graddrop_impl if plain_eager_cpu(J, leak_t, seed, noise) else torch.ops.gradops.graddrop
+    g, mask = op(J, leak_t, seed, noise, return_mask, eps)
     return (g, mask) if return_mask else g

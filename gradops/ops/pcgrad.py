@@ -21,6 +21,7 @@ import torch
 from .. import _backend
 from .._backend import _C, register_op, select_backend
 from .._validate import _is_fake, check_matrix
+from ._eager import plain_eager_cpu
 from .combine import combine
 from .gram import gram, segment_gram
 
@@ -91,10 +92,13 @@ def random_orders(T: int, batch: tuple[int, ...] = (), *, generator: torch.Gener
     device = torch.device(device) if device is not None else torch.device("cpu")
     gen_device = generator.device if generator is not None else device
     keys = torch.rand((*batch, T, T), generator=generator, device=gen_device)
-    return torch.argsort(keys, dim=-1).to(device, non_blocking=True)
+    orders = torch.argsort(keys, dim=-1)
+    return orders if orders.device == device else orders.to(device, non_blocking=True)
 
 
-def _check_weights_args(G, perms, reduction, eps) -> None:
+def _check_weights_args(G, perms, reduction, eps, kernel_checks_perms: bool = False) -> None:
+    """Validate pcgrad_weights' arguments (reading the values of a CPU ``perms``, unless the C++
+    kernel will: ``kernel_checks_perms``, it raises the same ValueError)."""
     if not isinstance(G, torch.Tensor) or G.dim() < 2 or G.shape[-1] != G.shape[-2]:
         raise ValueError("gradops.pcgrad_weights: G must be a Gram [T, T] or a batch [..., T, T], "
                          f"got {tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__}")
@@ -108,12 +112,8 @@ def _check_weights_args(G, perms, reduction, eps) -> None:
     if perms.device != G.device:
         raise ValueError(f"gradops.pcgrad_weights: perms must be on G's device ({G.device}), "
                          f"got {perms.device}")
-    if perms.device.type == "cpu" and not torch.compiler.is_compiling() and \
-            not _is_fake(perms) and perms.numel():
-        expected = torch.arange(T).expand_as(perms)
-        if not torch.equal(torch.sort(perms, dim=-1).values, expected):
-            raise ValueError(f"gradops.pcgrad_weights: every row of perms must be a permutation "
-                             f"of 0..{T - 1}")
+    if not kernel_checks_perms:
+        _check_permutations(perms, T)
     if reduction not in REDUCTIONS:
         raise ValueError(f"gradops.pcgrad_weights: reduction must be one of {REDUCTIONS}, "
                          f"got {reduction!r}")
@@ -121,20 +121,51 @@ def _check_weights_args(G, perms, reduction, eps) -> None:
         raise ValueError(f"gradops.pcgrad_weights: eps must be >= 0, got {eps}")
 
 
-@torch.library.custom_op("gradops::pcgrad_weights", mutates_args=())
-def _pcgrad_weights_op(G: torch.Tensor, perms: torch.Tensor, reduction: str, eps: float
-                       ) -> torch.Tensor:
-    _check_weights_args(G, perms, reduction, eps)
+def _check_permutations(perms: torch.Tensor, T: int) -> None:
+    """Every row of a CPU ``perms`` is a permutation of ``0..T-1`` (values are not read while
+    tracing, on fake tensors or on other devices)."""
+    if perms.device.type == "cpu" and not torch.compiler.is_compiling() and \
+            not _is_fake(perms) and perms.numel():
+        expected = torch.arange(T).expand_as(perms)
+        if not torch.equal(torch.sort(perms, dim=-1).values, expected):
+            raise ValueError(f"gradops.pcgrad_weights: every row of perms must be a permutation "
+                             f"of 0..{T - 1}")
+
+
+def _pcgrad_weights_impl(G: torch.Tensor, perms: torch.Tensor, reduction: str, eps: float
+                         ) -> torch.Tensor:
+    try:
+        backend = select_backend("pcgrad_weights", G.device, G.shape[-1] if G.dim() else 0)
+    except RuntimeError:  # a forced backend that cannot run: the argument errors come first
+        backend = None
+    _check_weights_args(G, perms, reduction, eps, backend == "cpp")
     T = G.shape[-1]
+    if backend != "cpp":
+        backend = select_backend("pcgrad_weights", G.device, T)
+    else:
+        # the C++ recurrence takes G's shape as it is and checks the permutations itself: a few
+        # tensor ops fewer (each costs tens of microseconds with the caches cold after a pass
+        # over a large J)
+        if G.dtype != torch.float32 or not G.is_contiguous():
+            G = G.to(torch.float32).contiguous()
+        C = _C.pcgrad_coefficients_cpu(G, perms if perms.is_contiguous() else perms.contiguous(),
+                                       eps)
+        w = C.sum(-2)
+        return w / T if reduction == "mean" else w
     batch = G.shape[:-2]
     G3 = G.to(torch.float32).reshape(-1, T, T).contiguous()
     P3 = perms.reshape(-1, T, T).contiguous()
-    backend = select_backend("pcgrad_weights", G.device, T)
     C = _COEFFICIENTS[backend](G3, P3, eps)
     w = C.sum(-2)
     if reduction == "mean":
         w = w / T
     return w.reshape(*batch, T)
+
+
+@torch.library.custom_op("gradops::pcgrad_weights", mutates_args=())
+def _pcgrad_weights_op(G: torch.Tensor, perms: torch.Tensor, reduction: str, eps: float
+                       ) -> torch.Tensor:
+    return _pcgrad_weights_impl(G, perms, reduction, eps)
 
 
 @_pcgrad_weights_op.register_fake
@@ -165,6 +196,8 @@ def pcgrad_weights(G: torch.Tensor, *, generator: torch.Generator | None = None,
     if perms is None:
         perms = random_orders(G.shape[-1], tuple(G.shape[:-2]), generator=generator,
                               device=G.device)
+    if isinstance(G, torch.Tensor) and isinstance(perms, torch.Tensor) and plain_eager_cpu(G, perms):
+        return _pcgrad_weights_impl(G, perms, reduction, eps)  # the op's implementation, directly
     return torch.ops.gradops.pcgrad_weights(G, perms, reduction, eps)
 
 
