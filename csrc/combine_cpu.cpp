@@ -1072,27 +1072,7 @@ void GradDrop<Isa, D, OD>::run(const GradDropArgs& a) {
   }
 }
 
-enum class IsaLevel { Portable, Avx2, Avx512 };
-
-// The best variant the CPU runs, capped by GRADOPS_CPU_ISA (portable, avx2, avx512) when set.
-IsaLevel cpu_isa() {
-  static const IsaLevel isa = [] {
-    IsaLevel best = IsaLevel::Portable;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
-      best = IsaLevel::Avx2;
-      if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-        best = IsaLevel::Avx512;
-    }
-    const char* cap = std::getenv("GRADOPS_CPU_ISA");
-    if (cap != nullptr) {
-      if (std::strcmp(cap, "portable") == 0) best = IsaLevel::Portable;
-      else if (std::strcmp(cap, "avx2") == 0 && best == IsaLevel::Avx512) best = IsaLevel::Avx2;
-    }
-    return best;
-  }();
-  return isa;
-}
+using IsaLevel = simd::CpuIsa;
 
 // Kernel<Isa, J dtype, out dtype>::run(a), Isa by the CPU's features.
 template <template <class, DType, DType> class Kernel, class Isa, DType D, class Args>
@@ -1115,7 +1095,7 @@ void run_in(const Args& a) {
 
 template <template <class, DType, DType> class Kernel, class Args>
 void run(const Args& a) {
-  switch (cpu_isa()) {
+  switch (simd::cpu_isa()) {
     case IsaLevel::Avx512: run_in<Kernel, Avx512>(a); break;
     case IsaLevel::Avx2: run_in<Kernel, Avx2>(a); break;
     default: run_in<Kernel, Portable>(a); break;

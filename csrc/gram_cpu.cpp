@@ -907,29 +907,7 @@ PartFn part_for(DType d) {
   }
 }
 
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-}
-
-bool cpu_has_avx512() {
-  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
-                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  return ok;
-}
-
-enum class Isa { Portable, Avx2, Avx512 };
-
-// The best variant this CPU runs; GRADOPS_CPU_ISA=avx2 / portable picks a lesser one (tests).
-Isa cpu_isa() {
-  Isa best = cpu_has_avx512() ? Isa::Avx512 : cpu_has_avx2() ? Isa::Avx2 : Isa::Portable;
-  const char* env = std::getenv("GRADOPS_CPU_ISA");
-  if (env == nullptr) return best;
-  if (std::strcmp(env, "portable") == 0) return Isa::Portable;
-  if (std::strcmp(env, "avx2") == 0 && best == Isa::Avx512) return Isa::Avx2;
-  return best;
-}
+using Isa = simd::CpuIsa;
 
 // Upper triangles (i <= j, row-major, packed) of part accumulators, one per slot.
 struct Slots {
@@ -974,7 +952,7 @@ void segment_gram_cpu(const SegGramArgs& a) {
   p.T = a.T;
   p.Tp = (a.T + 3) / 4 * 4;
   p.counts = a.opposite != nullptr;
-  const Isa isa = cpu_isa();
+  const Isa isa = simd::cpu_isa();
   if (isa == Isa::Avx2) p.blocks = block_schedule(a.T, blocks_avx2(a.T), kPrefetchBlocksAvx2);
   if (isa == Isa::Avx512)
     p.blocks = block_schedule(a.T, blocks_avx512(a.T), kPrefetchBlocksAvx512);
