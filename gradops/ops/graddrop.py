@@ -196,6 +196,15 @@ def graddrop(J: torch.Tensor, *, leak: float | Sequence[float] | torch.Tensor = 
         leak_t = leak_t.expand(T).contiguous()
     seed = torch.zeros(1, dtype=torch.int64, device=J.device) if noise is not None else \
         draw_seed(generator, J.device)
-    op = _graddrop_impl if plain_eager_cpu(J, leak_t, seed, noise) else torch.ops.gradops.graddrop
-    g, mask = op(J, leak_t, seed, noise, return_mask, eps)
+    g, mask = graddrop_raw(J, leak_t, seed, noise, return_mask, eps)
     return (g, mask) if return_mask else g
+
+
+def graddrop_raw(J: torch.Tensor, leak: torch.Tensor, seed: torch.Tensor,
+                 noise: torch.Tensor | None, with_mask: bool, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.gradops.graddrop`` on prepared arguments (``leak`` ``[T]`` float32, ``seed``
+    int64 ``[1]``), or its implementation directly for a plain eager CPU call (see
+    :mod:`gradops.ops._eager`)."""
+    op = _graddrop_impl if plain_eager_cpu(J, leak, seed, noise) else torch.ops.gradops.graddrop
+    return op(J, leak, seed, noise, with_mask, eps)
