@@ -14,10 +14,11 @@ Task-specific parameters (reached by one task's loss, or not listed in ``shared`
 ordinary sum of their tasks' gradients in their own ``.grad``, as with ``sum(losses).backward()``.
 
 No host synchronisation in :meth:`MTLOptimizer.backward` (no ``.item()``, no data-dependent
-Python branch): the solvers run fixed iteration budgets on device, random orders and seeds are
-drawn on device from the optimizer's own generator. Remaining host work per step: the Python
-loop over the T backward passes and the pointer swaps of ``.grad``; reading :meth:`stats`
-synchronises (once per epoch). The first step also walks the autograd graph to find the shared
+Python branch): the solvers run fixed iteration budgets on device (on CUDA one Triton program per
+solve for T <= 64, which stops on the device once converged; C++ on CPU), random orders and seeds
+are drawn on device from the optimizer's own generator. Remaining host work per step: the Python
+loop over the T backward passes, the gradient hooks (one Python call per shared parameter and
+task) and the pointer swaps of ``.grad``; reading :meth:`stats` synchronises (once per epoch). The first step also walks the autograd graph to find the shared
 parameters when ``shared="auto"``.
 """
 from __future__ import annotations
