@@ -192,22 +192,16 @@ Result segment_gram_cuda(const at::Tensor& J_in, const at::Tensor& offsets_in, b
 }
 #endif
 
-// dsts[i] = srcs[i] for CPU tensors of one dtype and size per pair, all contiguous, in one
-// parallel region (non-temporal stores for large copies: csrc/copy_cpu.cpp).
-void stream_copy_cpu(const std::vector<at::Tensor>& dsts, const std::vector<at::Tensor>& srcs) {
-  TORCH_CHECK(dsts.size() == srcs.size(), "gradops: stream_copy_cpu needs as many dsts as srcs");
-  std::vector<gradops::CopyPair> pairs;
-  pairs.reserve(dsts.size());
-  for (size_t i = 0; i < dsts.size(); ++i) {
-    const at::Tensor& d = dsts[i];
-    const at::Tensor& s = srcs[i];
-    TORCH_CHECK(d.device().is_cpu() && s.device().is_cpu(), "gradops: stream_copy_cpu needs CPU tensors");
-    TORCH_CHECK(d.scalar_type() == s.scalar_type() && d.numel() == s.numel() && d.is_contiguous() &&
-                s.is_contiguous(), "gradops: stream_copy_cpu needs contiguous tensors of one dtype and size");
-    pairs.push_back({d.data_ptr(), s.data_ptr(), static_cast<int64_t>(s.numel()) * s.element_size()});
-  }
+// dst = src for two CPU tensors of one dtype and size, both contiguous (non-temporal stores for
+// large copies: csrc/copy_cpu.cpp).
+void stream_copy_cpu(const at::Tensor& dst, const at::Tensor& src) {
+  TORCH_CHECK(dst.device().is_cpu() && src.device().is_cpu(), "gradops: stream_copy_cpu needs CPU tensors");
+  TORCH_CHECK(dst.scalar_type() == src.scalar_type() && dst.numel() == src.numel() &&
+              dst.is_contiguous() && src.is_contiguous(),
+              "gradops: stream_copy_cpu needs contiguous tensors of one dtype and size");
   pybind11::gil_scoped_release no_gil;
-  gradops::stream_copy_cpu(pairs.data(), static_cast<int64_t>(pairs.size()));
+  gradops::stream_copy_cpu(dst.data_ptr(), src.data_ptr(),
+                           static_cast<int64_t>(src.numel()) * src.element_size());
 }
 
 bool cuda_built() {
@@ -504,9 +498,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("lerp_w"), pybind11::arg("beta2"), pybind11::arg("one_minus_beta2"),
         pybind11::arg("bc2_sqrt"), pybind11::arg("eps"), pybind11::arg("neg_step_size"),
         pybind11::arg("maximize"));
-  m.def("stream_copy_cpu", &stream_copy_cpu,
-        "dsts[i] = srcs[i] (contiguous CPU tensors) in one parallel region, non-temporal stores",
-        pybind11::arg("dsts"), pybind11::arg("srcs"));
+  m.def("stream_copy_cpu", &stream_copy_cpu, "dst = src (contiguous CPU tensors), non-temporal stores",
+        pybind11::arg("dst"), pybind11::arg("src"));
   m.def("cuda_built", &cuda_built, "Whether the CUDA kernels were compiled in");
   m.def("openmp_max_threads", &openmp_max_threads, "OpenMP threads the CPU kernels use");
 }

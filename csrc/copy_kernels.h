@@ -4,17 +4,10 @@
 
 namespace gradops {
 
-// One copy: dst[0, bytes) = src[0, bytes), the buffers not overlapping.
-struct CopyPair {
-  void* dst;
-  const void* src;
-  int64_t bytes;
-};
-
-// Runs all n copies in one OpenMP parallel region. Large copies (see copy_cpu.cpp) write their
-// destination with non-temporal stores: it is not read into the cache first (no read for
-// ownership), which is what a copy into a buffer much larger than the cache wants. Small ones are
-// a plain memcpy.
-void stream_copy_cpu(const CopyPair* pairs, int64_t n);
+// dst[0, bytes) = src[0, bytes), the buffers not overlapping. Large copies (see copy_cpu.cpp)
+// write their destination with non-temporal stores from all OpenMP threads: it is not read into
+// the cache first (no read for ownership), which is what a copy into a buffer much larger than the
+// cache wants. Small ones are a plain memcpy.
+void stream_copy_cpu(void* dst, const void* src, int64_t bytes);
 
 }  // namespace gradops

@@ -580,3 +580,26 @@ def test_gpu_backward_has_no_host_sync(method):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(shared_grad(model)).all()
+
+
+@pytest.mark.skipif(gradops._backend._C is None, reason="the C++ extension was not built")
+def test_stream_copy_is_an_exact_copy_at_every_size_and_alignment():
+    """The extension's non-temporal copy (MTLOptimizer's per-task rows of J on CPU): small copies
+    (memcpy), large ones (streamed body + unaligned head and tail), any dtype, bit for bit, and
+    only the destination's bytes are written."""
+    C = gradops._backend._C
+    g = torch.Generator().manual_seed(0)
+    for n in (0, 1, 7, 1000, 65_536, 65_537, 300_001, 1 << 20):
+        for off in (0, 1, 3):
+            for dt in (torch.float32, torch.bfloat16):
+                src = torch.randn(n + 5, generator=g).to(dt)[off:off + n]
+                buf = torch.full((n + 8,), -7.0, dtype=dt)
+                dst = buf[off:off + n]
+                C.stream_copy_cpu(dst, src)
+                assert torch.equal(dst.view(torch.int16 if dt == torch.bfloat16 else torch.int32),
+                                   src.view(torch.int16 if dt == torch.bfloat16 else torch.int32))
+                assert (buf[:off] == -7).all() and (buf[off + n:] == -7).all()
+    with pytest.raises(RuntimeError, match="one dtype and size"):
+        C.stream_copy_cpu(torch.zeros(4), torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="one dtype and size"):
+        C.stream_copy_cpu(torch.zeros(4), torch.zeros(8)[::2])

@@ -18,8 +18,9 @@ Python branch): the solvers run fixed iteration budgets on device (on CUDA one T
 solve for T <= 64, which stops on the device once converged; C++ on CPU), random orders and seeds
 are drawn on device from the optimizer's own generator. Remaining host work per step: the Python
 loop over the T backward passes, the gradient hooks (one Python call per shared parameter and
-task) and the pointer swaps of ``.grad``; reading :meth:`stats` synchronises (once per epoch). The first step also walks the autograd graph to find the shared
-parameters when ``shared="auto"``.
+task) and the pointer swaps of ``.grad``; reading :meth:`stats` synchronises (once per epoch).
+The first step also walks the autograd graph to find the shared parameters when
+``shared="auto"``.
 """
 from __future__ import annotations
 
@@ -381,7 +382,7 @@ class MTLOptimizer(OptimizerWrapper):
                 g, dst = p.grad, current[i]
                 if stream and g.layout == torch.strided and g.is_contiguous() and \
                         g.dtype == dst.dtype:
-                    _C.stream_copy_cpu([dst], [g])
+                    _C.stream_copy_cpu(dst, g)
                 else:                                # e.g. channels-last weights, CUDA
                     dst.copy_(g)
                 filled[i] = True
