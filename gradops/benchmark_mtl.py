@@ -38,9 +38,9 @@ another process holds one of the cores, and whole steps ran 5-10x slower and err
 (T = 8 floor steps of 1.2-2.1 s, against 0.3-0.5 s with PASSIVE, in back-to-back runs at a
 load average of 5 on 2 cores).
 
-:func:`breakdown_case` splits gradops' step into its stages (forward, zeroing of the ``[T, P]``
-buffer, the ``T`` backward passes, Gram, weights, combine, optimizer step), timed one by one
-with a device sync around each, beside the floor's ``T`` backward passes.
+:func:`breakdown_case` splits gradops' step into its stages (forward, the ``T`` backward passes
+into the ``[T, P]`` buffer, Gram, weights, combine, optimizer step), timed one by one with a
+device sync around each, beside the floor's ``T`` backward passes.
 """
 from __future__ import annotations
 
@@ -398,7 +398,7 @@ _MODULE_STAGES = (
     ("gradops.metrics", "conflict_incidence", "conflict_incidence (T x T)"),
 )
 _METHOD_STAGES = (
-    ("_per_task_backward", "T per-task backward passes into J (incl. J.zero_())"),
+    ("_per_task_backward", "T per-task backward passes into J"),
     ("_weighted_backward", "one backward of the weighted loss sum"),
     ("_weights_from", "weights (T x T solve)"),
     ("_accumulate", "statistics accumulation"),
@@ -421,8 +421,7 @@ def _stage_times(opt, model, s: MTLSetup) -> dict[str, float]:
     the functions and methods that ``MTLOptimizer.backward`` calls (patched for the duration of
     the call, then restored): nothing of the wrapper's code path is re-implemented here. What
     ``backward`` spends outside those is reported as "rest of backward" (for GradDrop: its fused
-    pass and the copy into the .grad buffer). ``J.zero_()`` is timed apart on the wrapper's buffer
-    after the step, to show how much of the per-task stage is the zeroing."""
+    pass and the copy into the .grad buffer)."""
     import importlib
     dev = s.device
     out: dict[str, float] = {}
@@ -461,14 +460,6 @@ def _stage_times(opt, model, s: MTLSetup) -> dict[str, float]:
     res = {"forward + losses": t1 - t0, **out,
            "rest of backward (Python, info; GradDrop's fused pass)": (t2 - t1) - inner,
            "optimizer step": t3 - t2}
-    J = getattr(opt, "_J", None)
-    if isinstance(J, torch.Tensor) and J.numel() > 0 and \
-            "T per-task backward passes into J (incl. J.zero_())" in out:
-        _sync(dev)
-        t4 = time.perf_counter()
-        J.zero_()
-        _sync(dev)
-        res["  of which J.zero_() (timed apart)"] = time.perf_counter() - t4
     return res
 
 

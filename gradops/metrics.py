@@ -57,7 +57,11 @@ def gms(G: torch.Tensor) -> torch.Tensor:
 
 
 def _upper_pairs(T: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(T, T, dtype=torch.bool, device=device).triu(diagonal=1)
+    """``[T, T]`` bool, true strictly above the diagonal. (Built from two aranges rather than
+    ``triu``: on CPU ``triu`` opens an OpenMP parallel region even for a 3 x 3 input, which costs
+    ~0.1 ms with sleeping (``OMP_WAIT_POLICY=PASSIVE``) threads, on every MTLOptimizer step.)"""
+    i = torch.arange(T, device=device)
+    return i.unsqueeze(1) < i.unsqueeze(0)
 
 
 def conflict_counts(G: torch.Tensor, S: float = 0.0) -> torch.Tensor:
@@ -73,7 +77,7 @@ def conflict_counts(G: torch.Tensor, S: float = 0.0) -> torch.Tensor:
         # NaN is < 0 in neither form): three ops instead of the cosine's dozen, on the hot path
         # of every MTLOptimizer step
         _check_gram(G, "conflict_counts")
-        return (torch.triu(G, diagonal=1) < 0).sum(dim=(-2, -1))
+        return ((G < 0) & _upper_pairs(G.shape[-1], G.device)).sum(dim=(-2, -1))
     cos = cosine(G)
     mask = _upper_pairs(G.shape[-1], G.device)
     return ((cos < S) & mask).sum(dim=(-2, -1))

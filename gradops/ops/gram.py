@@ -26,6 +26,7 @@ from .. import _backend
 from .._backend import _C, register_op, select_backend
 from .._validate import check_matrix, check_offsets
 from ..reference import segment_bounds, segment_gram_reference, sign_counts_reference
+from ._eager import plain_eager_cpu
 
 __all__ = ["gram", "segment_gram", "GramWithSignCounts"]
 
@@ -371,6 +372,9 @@ def gram(J: torch.Tensor, *, return_sign_counts: bool = False
     :func:`gradops.info` (Triton on CUDA, C++ on CPU, torch reference otherwise).
     """
     _check("gram", J)
+    if plain_eager_cpu(J):  # the ops' implementation, directly (see ops/_eager.py)
+        G, opp, both = _run("gram", J, _whole(J), return_sign_counts)
+        return GramWithSignCounts(G[0], opp[0], both[0]) if return_sign_counts else G[0]
     if return_sign_counts:
         return GramWithSignCounts(*torch.ops.gradops.gram_sign_counts(J))
     return torch.ops.gradops.gram(J)
@@ -395,6 +399,9 @@ def segment_gram(J: torch.Tensor, offsets: torch.Tensor, *, return_sign_counts: 
         :class:`GramWithSignCounts` of ``[L, T, T]`` tensors.
     """
     _check("segment_gram", J, offsets)
+    if plain_eager_cpu(J, offsets):  # the ops' implementation, directly (see ops/_eager.py)
+        G, opp, both = _run("segment_gram", J, offsets, return_sign_counts)
+        return GramWithSignCounts(G, opp, both) if return_sign_counts else G
     if return_sign_counts:
         return GramWithSignCounts(*torch.ops.gradops.segment_gram_sign_counts(J, offsets))
     return torch.ops.gradops.segment_gram(J, offsets)

@@ -605,8 +605,7 @@ class MTLOptimizer(OptimizerWrapper):
         T = M.shape[-1]
         if T < 2:
             return torch.zeros(M.shape[:-2], dtype=M.dtype, device=M.device)
-        upper = torch.ones(T, T, dtype=torch.bool, device=M.device).triu(1)
-        return (M * upper).sum((-2, -1)) / (T * (T - 1) / 2)
+        return (M * metrics._upper_pairs(T, M.device)).sum((-2, -1)) / (T * (T - 1) / 2)
 
     # --- statistics ----------------------------------------------------------------------------
     def _accumulate(self, info: MTLStepInfo) -> None:
