@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 #include "copy_kernels.h"
 
@@ -28,9 +27,9 @@
 namespace gradops {
 namespace {
 
-// Below this size a copy is one memcpy work item (regular stores).
+// Below this size a copy is one memcpy (regular stores).
 constexpr int64_t kStreamMinBytes = int64_t{1} << 18;
-// Bytes per OpenMP work item.
+// Streamed bytes per OpenMP work item.
 constexpr int64_t kChunkBytes = int64_t{1} << 16;
 
 __attribute__((target("avx2"))) void stream_range_avx2(char* dst, const char* src, int64_t n) {
@@ -65,37 +64,25 @@ void stream_copy_cpu(void* dst_v, const void* src_v, int64_t bytes) {
     std::memcpy(dst, src, static_cast<size_t>(bytes));
     return;
   }
-  // The work list: the head that brings dst to a 32-byte boundary and the tail are memcpy'd, the
-  // body in chunks of kChunkBytes is streamed.
-  struct Item {
-    char* dst;
-    const char* src;
-    int64_t bytes;
-    bool stream;
-  };
-  std::vector<Item> items;
+  // The head that brings dst to a 32-byte boundary (< 32 bytes) and the tail (< 128 bytes) are
+  // memcpy'd; the body is streamed by all threads, in chunks of kChunkBytes.
   const int64_t head = static_cast<int64_t>((32 - reinterpret_cast<uintptr_t>(dst) % 32) % 32);
-  const int64_t body = (bytes - head) / 128 * 128;
-  if (head > 0) items.push_back({dst, src, head, false});
-  for (int64_t a = head; a < head + body; a += kChunkBytes)
-    items.push_back({dst + a, src + a, std::min(kChunkBytes, head + body - a), true});
-  if (head + body < bytes)
-    items.push_back({dst + head + body, src + head + body, bytes - head - body, false});
-  const int64_t m = static_cast<int64_t>(items.size());
+  const int64_t end = head + (bytes - head) / 128 * 128;
+  std::memcpy(dst, src, static_cast<size_t>(head));
+  std::memcpy(dst + end, src + end, static_cast<size_t>(bytes - end));
+  const int64_t chunks = (end - head + kChunkBytes - 1) / kChunkBytes;
   const bool avx2 = __builtin_cpu_supports("avx2");
-  auto run = [&](const Item& it) {
-    if (!it.stream) {
-      std::memcpy(it.dst, it.src, static_cast<size_t>(it.bytes));
-    } else if (avx2) {
-      stream_range_avx2(it.dst, it.src, it.bytes);
-    } else {
-      stream_range_sse2(it.dst, it.src, it.bytes);
-    }
-  };
 #pragma omp parallel
   {
 #pragma omp for schedule(static) nowait
-    for (int64_t c = 0; c < m; ++c) run(items[c]);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t a = head + c * kChunkBytes, n = std::min(kChunkBytes, end - a);
+      if (avx2) {
+        stream_range_avx2(dst + a, src + a, n);
+      } else {
+        stream_range_sse2(dst + a, src + a, n);
+      }
+    }
     // non-temporal stores are weakly ordered: each thread fences its own before the region ends
     _mm_sfence();
   }

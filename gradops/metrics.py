@@ -77,10 +77,10 @@ def conflict_counts(G: torch.Tensor, S: float = 0.0) -> torch.Tensor:
         # NaN is < 0 in neither form): three ops instead of the cosine's dozen, on the hot path
         # of every MTLOptimizer step
         _check_gram(G, "conflict_counts")
-        return ((G < 0) & _upper_pairs(G.shape[-1], G.device)).sum(dim=(-2, -1))
-    cos = cosine(G)
-    mask = _upper_pairs(G.shape[-1], G.device)
-    return ((cos < S) & mask).sum(dim=(-2, -1))
+        below = G < 0
+    else:
+        below = cosine(G) < S
+    return (below & _upper_pairs(G.shape[-1], G.device)).sum(dim=(-2, -1))
 
 
 def conflict_incidence(G: torch.Tensor) -> torch.Tensor:

@@ -247,6 +247,12 @@ def _whole(J: torch.Tensor) -> torch.Tensor:
     return torch.tensor([0, J.shape[1]], dtype=torch.int64)
 
 
+def _gram_impl(J: torch.Tensor, with_counts: bool):
+    """The whole-``J`` Gram ``[T, T]`` (with the sign counts: the tuple ``(G, opp, both)``)."""
+    G, opp, both = _run("gram", J, _whole(J), with_counts)
+    return (G[0], opp[0], both[0]) if with_counts else G[0]
+
+
 def _check(op: str, J: torch.Tensor, offsets: torch.Tensor | None = None) -> None:
     check_matrix(J, op)
     if offsets is not None:
@@ -259,7 +265,7 @@ def _check(op: str, J: torch.Tensor, offsets: torch.Tensor | None = None) -> Non
 @torch.library.custom_op("gradops::gram", mutates_args=())
 def _gram_op(J: torch.Tensor) -> torch.Tensor:
     _check("gram", J)
-    return _run("gram", J, _whole(J), False)[0][0]
+    return _gram_impl(J, False)
 
 
 @_gram_op.register_fake
@@ -283,8 +289,7 @@ def _(J, offsets):
 @torch.library.custom_op("gradops::gram_sign_counts", mutates_args=())
 def _gram_sign_counts_op(J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check("gram", J)
-    G, opp, both = _run("gram", J, _whole(J), True)
-    return G[0], opp[0], both[0]
+    return _gram_impl(J, True)
 
 
 @_gram_sign_counts_op.register_fake
@@ -373,8 +378,8 @@ def gram(J: torch.Tensor, *, return_sign_counts: bool = False
     """
     _check("gram", J)
     if plain_eager_cpu(J):  # the ops' implementation, directly (see ops/_eager.py)
-        G, opp, both = _run("gram", J, _whole(J), return_sign_counts)
-        return GramWithSignCounts(G[0], opp[0], both[0]) if return_sign_counts else G[0]
+        res = _gram_impl(J, return_sign_counts)
+        return GramWithSignCounts(*res) if return_sign_counts else res
     if return_sign_counts:
         return GramWithSignCounts(*torch.ops.gradops.gram_sign_counts(J))
     return torch.ops.gradops.gram(J)

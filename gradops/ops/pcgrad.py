@@ -140,9 +140,7 @@ def _pcgrad_weights_impl(G: torch.Tensor, perms: torch.Tensor, reduction: str, e
         backend = None
     _check_weights_args(G, perms, reduction, eps, backend == "cpp")
     T = G.shape[-1]
-    if backend != "cpp":
-        backend = select_backend("pcgrad_weights", G.device, T)
-    else:
+    if backend == "cpp":
         # the C++ recurrence takes G's shape as it is and checks the permutations itself: a few
         # tensor ops fewer (each costs tens of microseconds with the caches cold after a pass
         # over a large J)
@@ -152,6 +150,8 @@ def _pcgrad_weights_impl(G: torch.Tensor, perms: torch.Tensor, reduction: str, e
                                        eps)
         w = C.sum(-2)
         return w / T if reduction == "mean" else w
+    if backend is None:  # now that the arguments are checked: the forced backend's error
+        backend = select_backend("pcgrad_weights", G.device, T)
     batch = G.shape[:-2]
     G3 = G.to(torch.float32).reshape(-1, T, T).contiguous()
     P3 = perms.reshape(-1, T, T).contiguous()
