@@ -20,7 +20,7 @@ from . import metrics, reference
 from ._backend import BACKENDS, format_info, info, use_backend
 from .ops import (GramWithSignCounts, combine, graddrop, gram, pcgrad, pcgrad_weights,
                   random_orders, segment_gram)
-from .ops import topk_indices, topk_mask
+from .ops import linear_combine, linear_gram, topk_indices, topk_mask
 from .segments import offsets_from_numels
 from . import optim, sparse
 
@@ -29,7 +29,7 @@ __version__ = "0.1.0.dev0"
 __all__ = ["BACKENDS", "GramWithSignCounts", "combine", "format_info", "graddrop", "gram", "info",
            "metrics", "offsets_from_numels", "pcgrad", "pcgrad_weights", "random_orders",
            "reference", "segment_gram", "use_backend", "__version__"]
-__all__ += ["topk_indices", "topk_mask"]
+__all__ += ["linear_combine", "linear_gram", "topk_indices", "topk_mask"]
 __all__ += ["optim", "sparse"]
 from . import weighting  # noqa: E402  (Gram -> weights solvers: MGDA, CAGrad, IMTL-G, ...)
 __all__ += ["weighting"]

@@ -20,6 +20,10 @@ is one whole training step:
   ``opt.step()`` with :class:`gradops.optim.mtl.MTLOptimizer` (``shared=`` the encoder). For
   ``ew`` this is one backward of the summed loss (the wrapper needs no per-task gradients), so
   the ew group also times ``stats=True`` (per-task gradients + per-layer Grams and statistics).
+  Where ``linear_gram="auto"`` takes the Gram and combine of the encoder's Linear layers from
+  their activations (the cost model of :mod:`gradops.optim._linear_engine`; here T = 40, not 3
+  or 8), the group also times ``linear_gram="off"`` (``GRADOPS_BUFFER``: both stages from
+  ``J``), side by side.
 * **TorchJD** (``TORCHJD``): ``zero_grad`` + forward + ``torchjd.autojac.mtl_backward(losses,
   features=...)`` + ``jac_to_grad(shared, aggregator)`` + ``step``, with the aggregator of the
   same method (``Mean`` for ew, ``PCGrad``, ``GradDrop``, ``MGDA``, ``CAGrad``, ``IMTLG``,
@@ -56,11 +60,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from .benchmark import _sync, device_name, time_side_by_side
+from .optim._linear_engine import LinearEngine
 
 FLOOR = "floor: T backward passes + step"
 SUM = "EW: one backward of the summed loss + step"
 GRADOPS = "gradops MTLOptimizer"
 GRADOPS_STATS = "gradops MTLOptimizer (stats=True)"
+GRADOPS_BUFFER = "gradops MTLOptimizer (linear_gram='off')"
 BATCHED = "floor, batched: one vmap'd backward for all T tasks + step"
 TORCHJD = "TorchJD mtl_backward + jac_to_grad"
 
@@ -325,6 +331,9 @@ def bench_mtl_group(s: MTLSetup, method: str, rounds: int = 15, budget_s: float 
     if method == "ew":
         fns[GRADOPS_STATS] = gradops_step(s, method, stats=True)
         labels[GRADOPS_STATS] = "per-task gradients + per-layer Grams, conflict counts, GMS"
+    elif method != "graddrop" and LinearEngine._cheaper(s.T, s.batch, s.width, s.width):
+        fns[GRADOPS_BUFFER] = gradops_step(s, method, linear_gram="off")
+        labels[GRADOPS_BUFFER] = "Gram and combine from J (the Linear engine off)"
     if torchjd and s.device.type in ("cpu", "cuda"):
         if method == "pcgrad_layer":
             agg, label = None, "TorchJD has no per-layer PCGrad"
@@ -561,6 +570,9 @@ def format_mtl_table(rows: Sequence[MTLRow]) -> str:
         if BATCHED in d:
             body.append(f"| {T} | per-task gradients by one batched (vmap) backward | "
                         f"{fl.ms:.1f} | {cell(d[BATCHED])} | — | {best(d[BATCHED])} | — | — |")
+        if GRADOPS_BUFFER in d:
+            body.append(f"| {T} | {m}, linear_gram='off' (Gram, combine from J) | {fl.ms:.1f} | "
+                        f"{cell(d[GRADOPS_BUFFER])} | — | {best(d[GRADOPS_BUFFER])} | — | — |")
         if GRADOPS_STATS in d:
             body.append(f"| {T} | ew, stats=True (per-task grads + per-layer stats) | "
                         f"{fl.ms:.1f} | {cell(d[GRADOPS_STATS])} | — | {best(d[GRADOPS_STATS])}"

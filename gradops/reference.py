@@ -184,3 +184,22 @@ def topk_mask_reference(W: torch.Tensor, k: int) -> torch.Tensor:
     mask = torch.zeros(rows.shape, dtype=torch.bool, device=W.device)
     mask.scatter_(1, order, True)
     return mask.reshape(W.shape)
+
+
+def linear_gram_reference(X: torch.Tensor, D: torch.Tensor, bias: bool = False) -> torch.Tensor:
+    """The Gram of a Linear layer's per-task gradients, formed explicitly: row ``t`` of the
+    layer's ``J`` is ``vec(D_t^T X)`` (and ``D_t^T 1`` with ``bias``), then ``J J^T`` in float64.
+    ``X``: ``[N, in]``, ``D``: ``[T, N, out]`` -> ``[T, T]`` float64."""
+    X64, D64 = X.to(torch.float64), D.to(torch.float64)
+    rows = [torch.matmul(D64.transpose(1, 2), X64).reshape(D.shape[0], -1)]
+    if bias:
+        rows.append(D64.sum(1))
+    Jl = torch.cat(rows, 1)
+    return Jl @ Jl.T
+
+
+def linear_combine_reference(X: torch.Tensor, D: torch.Tensor, weights: torch.Tensor
+                             ) -> torch.Tensor:
+    """``sum_t w_t D_t^T X`` with the gradients formed explicitly, in float64 (``[out, in]``)."""
+    g = torch.matmul(D.to(torch.float64).transpose(1, 2), X.to(torch.float64))
+    return (weights.to(torch.float64)[:, None, None] * g).sum(0)

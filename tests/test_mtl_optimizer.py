@@ -88,17 +88,22 @@ def gradvac_reference(J, offsets, perms, targets, beta, eps=1e-8):
 
 
 # --- the data path ----------------------------------------------------------------------------
+@pytest.mark.parametrize("linear_gram", ["off", "on"])
 @pytest.mark.parametrize("method", ALL_METHODS)
-def test_combined_gradient_matches_method_on_reference_jacobian(method):
+def test_combined_gradient_matches_method_on_reference_jacobian(method, linear_gram):
+    # linear_gram="on": the Gram and the combine of both encoder layers from their inputs and
+    # output gradients (5 rows < 7 and 13 inputs: the eigendecomposition path)
     T = 4
     model = MTLNet(T=T)
-    x, ys = make_data(T)
+    x, ys = make_data(T, n=5 if linear_gram == "on" else 32)
     J, values = per_task_jacobian(model, x, ys)
     opt = MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method=method,
-                       shared=model.encoder)
+                       shared=model.encoder, linear_gram=linear_gram)
     gen_state = opt._generator.get_state()
     opt.zero_grad()
     info = opt.backward(model.losses(x, ys))
+    used = 2 if linear_gram == "on" and method not in ("ew", "graddrop") else 0  # one pass, no J
+    assert (opt._engine.last_active if opt._engine else 0) == used
     g = shared_grad(model)
     gen = torch.Generator().set_state(gen_state)
     if method == "ew":
@@ -131,13 +136,14 @@ def test_combined_gradient_matches_method_on_reference_jacobian(method):
             torch.testing.assert_close(p1.grad, p2.grad)
 
 
-def test_per_layer_pcgrad_matches_vector_form_per_layer():
+@pytest.mark.parametrize("linear_gram", ["off", "on"])
+def test_per_layer_pcgrad_matches_vector_form_per_layer(linear_gram):
     T = 3
     model = MTLNet(T=T)
-    x, ys = make_data(T)
+    x, ys = make_data(T, n=6)
     J, _ = per_task_jacobian(model, x, ys)
     opt = MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method="pcgrad",
-                       per_layer=True, shared=model.encoder)
+                       per_layer=True, shared=model.encoder, linear_gram=linear_gram)
     gen = torch.Generator().set_state(opt._generator.get_state())
     info = opt.backward(model.losses(x, ys))
     perms = random_orders(T, generator=gen)
@@ -148,12 +154,13 @@ def test_per_layer_pcgrad_matches_vector_form_per_layer():
     assert info.weights.shape == (opt.L, T)
 
 
-def test_gradvac_targets_evolve_like_the_reference_over_steps():
+@pytest.mark.parametrize("linear_gram", ["off", "on"])
+def test_gradvac_targets_evolve_like_the_reference_over_steps(linear_gram):
     T = 3
     model = MTLNet(T=T)
-    x, ys = make_data(T)
+    x, ys = make_data(T, n=6)
     opt = MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), method="gradvac", beta=0.3,
-                       shared=model.encoder)
+                       shared=model.encoder, linear_gram=linear_gram)
     tgt = torch.zeros(4, T, T, dtype=torch.float64)
     gen = torch.Generator().set_state(opt._generator.get_state())
     for _ in range(4):   # lr = 0: the same J every step, the targets move
@@ -603,3 +610,150 @@ def test_stream_copy_is_an_exact_copy_at_every_size_and_alignment():
         C.stream_copy_cpu(torch.zeros(4), torch.zeros(4, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="one dtype and size"):
         C.stream_copy_cpu(torch.zeros(4), torch.zeros(8)[::2])
+
+
+# --- the Linear engine (linear_gram=): Gram and combine from activations ---------------------
+class WideNet(nn.Module):
+    """An encoder with a LayerNorm between Linear layers (a non-Linear shared parameter), a
+    bias-free Linear, 3-D inputs [B, S, d], and a head that reads an intermediate feature (task 0
+    does not reach the last encoder layer)."""
+
+    def __init__(self, T=5, d=24, seed=0, reuse=False, tie=False):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.l1 = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        self.l2 = nn.Linear(d, d, bias=False)
+        self.l3 = nn.Linear(d, d)
+        self.encoder = nn.ModuleList([self.l1, self.norm, self.l2, self.l3])
+        self.reuse, self.tie = reuse, tie
+        self.heads = nn.ModuleList(nn.Linear(d, 1) for _ in range(T))
+
+    def losses(self, x, ys):
+        h1 = self.l2(torch.tanh(self.norm(self.l1(x))))
+        if self.reuse:                  # l2 applied twice: its gradient sums two uses
+            h1 = self.l2(torch.tanh(h1))
+        h2 = self.l3(torch.tanh(h1))
+        if self.tie:                    # l3's weight used once more, outside l3
+            h2 = h2 + torch.tanh(h1) @ self.l3.weight.T * 0.5
+        out = []
+        for t, (head, y) in enumerate(zip(self.heads, ys)):
+            feat = h1 if t == 0 else h2
+            out.append(((head(feat).squeeze(-1) - y) ** 2).mean())
+        return torch.stack(out)
+
+
+def _run_engine(mode, method="pcgrad", T=5, steps=3, net_kw=None, **kw):
+    model = WideNet(T=T, **(net_kw or {}))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, 24, generator=g)          # N = 6 rows per Linear
+    ys = [torch.randn(3, 2, generator=g) for _ in range(T)]
+    opt = MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), method=method,
+                       shared=model.encoder, linear_gram=mode,
+                       generator=torch.Generator().manual_seed(0), **kw)
+    infos, used = [], []
+    for _ in range(steps):
+        opt.zero_grad()
+        infos.append(opt.backward(model.losses(x, ys)))
+        used.append(opt._engine.last_active if opt._engine else 0)
+        opt.step()
+    return model, infos, used
+
+
+@pytest.mark.parametrize("method,kw", [("pcgrad", {}), ("mgda", {"stats": True}),
+                                       ("pcgrad", {"per_layer": True}), ("gradvac", {}),
+                                       ("imtlg", {}), ("ew", {"stats": True}),
+                                       ("nashmtl", {"update_every": 2})])
+def test_linear_engine_matches_the_buffer_path(method, kw):
+    m_off, i_off, _ = _run_engine("off", method, **kw)
+    m_on, i_on, used = _run_engine("on", method, **kw)
+    for p, q in zip(m_off.parameters(), m_on.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for a, b in zip(i_off, i_on):
+        for name in ("gram", "layer_gram", "weights", "layer_conflicts"):
+            u, v = getattr(a, name), getattr(b, name)
+            assert (u is None) == (v is None)
+            if u is not None:     # (MGDA's weights: within its solver's tolerance)
+                rtol = 5e-3 if name == "weights" and method == "mgda" else 1e-4
+                torch.testing.assert_close(v, u, rtol=rtol, atol=1e-5 * u.abs().max().item())
+    # every Linear layer of the encoder (3), on every step that recomputes the weights
+    recompute = [True, False, True] if kw.get("update_every") else [True] * 3
+    assert used == [3 if r else 0 for r in recompute]
+
+
+def test_linear_engine_skips_reused_and_tied_layers():
+    for net_kw, active in (({"reuse": True}, 2), ({"tie": True}, 2), ({}, 3)):
+        m_off, i_off, _ = _run_engine("off", net_kw=net_kw)
+        m_on, i_on, used = _run_engine("on", net_kw=net_kw)
+        assert used == [active] * 3
+        torch.testing.assert_close(i_on[-1].gram, i_off[-1].gram, rtol=1e-4, atol=1e-6)
+        for p, q in zip(m_off.parameters(), m_on.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_engine_is_off_under_autocast_and_after_unused_forwards():
+    model = WideNet(T=3)
+    x = torch.randn(3, 2, 24)
+    ys = [torch.randn(3, 2) for _ in range(3)]
+    opt = MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), method="pcgrad",
+                       shared=model.encoder, linear_gram="on")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        L = model.losses(x, ys)
+    opt.backward(L.float())
+    assert opt._engine.last_active == 0
+    model.losses(x, ys)                      # a forward whose graph is dropped ...
+    with torch.no_grad():
+        model.losses(x, ys)                  # (no-grad forwards do not count)
+    opt.backward(model.losses(x, ys))        # ... makes every layer's use ambiguous
+    assert opt._engine.last_active == 0
+    opt.backward(model.losses(x, ys))
+    assert opt._engine.last_active == 3
+
+
+def test_linear_engine_cost_model_and_auto_mode():
+    from gradops.optim._linear_engine import LinearEngine
+    assert LinearEngine._cheaper(40, 64, 1024, 1024)         # the benchmark at T = 40
+    assert not LinearEngine._cheaper(8, 64, 1024, 1024)      # ... at T = 8 and 3
+    assert not LinearEngine._cheaper(3, 64, 1024, 1024)
+    assert not LinearEngine._cheaper(40, 4096, 1024, 1024)   # many rows: the buffer is cheaper
+    _, _, used = _run_engine("auto", T=5, steps=1)             # 24-wide layers, T = 5: no
+    assert used == [0]
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
+    heads = nn.ModuleList(nn.Linear(256, 1) for _ in range(30))
+    opt = MTLOptimizer(torch.optim.SGD([*model.parameters(), *heads.parameters()], lr=0.1),
+                       method="mgda", shared=model)                    # auto: T = 30, N = 4
+    h = model(torch.randn(4, 256))
+    opt.backward([hd(h).pow(2).mean() for hd in heads])
+    assert opt._engine.last_active == 2
+
+
+def test_linear_engine_overflow_propagates_and_the_step_is_skipped():
+    model = WideNet(T=3)
+    x = torch.randn(3, 2, 24)
+    ys = [torch.randn(3, 2) for _ in range(3)]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    opt = MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method="pcgrad",
+                       shared=model.encoder, linear_gram="on", grad_scaler=scaler)
+    before = [p.detach().clone() for p in model.parameters()]
+    L = model.losses(x, ys)
+    opt.backward(scaler.scale(torch.stack([L[0], L[1] * float("inf"), L[2]])))
+    assert opt._engine.last_active == 3
+    assert not torch.isfinite(model.l1.weight.grad).all()
+    scaler.step(opt)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+
+
+def test_linear_gram_errors_name_the_argument():
+    model = MTLNet(T=3)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="linear_gram must be one of"):
+        MTLOptimizer(sgd, method="pcgrad", shared=model.encoder, linear_gram="yes")
+    with pytest.raises(ValueError, match="no modules to find Linear layers"):
+        MTLOptimizer(sgd, method="pcgrad", linear_gram="on")
+    with pytest.raises(ValueError, match="single-process training only"):
+        MTLOptimizer(sgd, method="pcgrad", shared=model.encoder, linear_gram="on",
+                     process_group=object())
+    masks = {model.encoder[0].weight: torch.rand(13, 7) > 0.5}
+    with pytest.raises(ValueError, match="sparse masks"):
+        MTLOptimizer(sgd, method="pcgrad", shared=model.encoder, linear_gram="on", sparse=masks)

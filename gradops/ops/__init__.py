@@ -2,9 +2,10 @@
 from .combine import combine
 from .graddrop import graddrop
 from .gram import GramWithSignCounts, gram, segment_gram
+from .linear_gram import linear_combine, linear_gram
 from .pcgrad import pcgrad, pcgrad_weights, random_orders
 from .topk_mask import topk_indices, topk_mask
 
 __all__ = ["GramWithSignCounts", "combine", "graddrop", "gram", "pcgrad", "pcgrad_weights",
            "random_orders", "segment_gram"]
-__all__ += ["topk_indices", "topk_mask"]
+__all__ += ["linear_combine", "linear_gram", "topk_indices", "topk_mask"]

@@ -10,6 +10,12 @@ The data path (SPEC §0)::
        shared parameters' .grad
     -> (clip, GradScaler, ...) -> inner optimizer step.
 
+For ``nn.Linear`` layers among the shared parameters, at large T and small batch, the Gram and
+combine stages can read each layer's input ``X`` and per-task output gradients ``D_t`` instead of
+its columns of ``J`` (``linear_gram=``, :mod:`gradops.optim._linear_engine`): the same ``G`` and
+``w^T J`` up to float32 rounding, from ``<L^T D_s, L^T D_t>`` (``X X^T = L L^T``) and
+``(sum_t w_t D_t)^T X``. ``J`` is filled all the same.
+
 Task-specific parameters (reached by one task's loss, or not listed in ``shared``) accumulate the
 ordinary sum of their tasks' gradients in their own ``.grad``, as with ``sum(losses).backward()``.
 
@@ -41,6 +47,7 @@ from ..ops.graddrop import draw_seed, graddrop_raw
 from ..ops.gram import gram, segment_gram
 from ..ops.pcgrad import pcgrad_weights, random_orders
 from ..segments import offsets_from_numels
+from ._linear_engine import MODES as LINEAR_MODES, LinearEngine
 from ._methods import SCALE_INVARIANT, MethodSpec, gradvac_weights, resolve_method
 from ._wrapper import OptimizerWrapper
 from .sparse_training import SparseTraining, resolve_masks
@@ -88,6 +95,15 @@ def _as_params(shared: Any) -> list[torch.Tensor]:
             raise TypeError(f"MTLOptimizer: shared must hold parameters or modules, got "
                             f"{type(item).__name__}")
     return out
+
+
+def _modules_of(shared: Any) -> list[nn.Module]:
+    """The modules in a ``shared`` argument (a module, or a list / tuple holding some)."""
+    if isinstance(shared, nn.Module):
+        return [shared]
+    if isinstance(shared, (list, tuple)):
+        return [m for m in shared if isinstance(m, nn.Module)]
+    return []
 
 
 def _reached_leaves(root: torch.Tensor | GradientEdge) -> set[int]:
@@ -177,6 +193,14 @@ class MTLOptimizer(OptimizerWrapper):
             ``"local"``: run the method per rank and average the combined gradients (cheaper
             traffic, a different method: documented, not equal to the global one).
         bucket_mb: all-reduce bucket size.
+        linear_gram: ``"auto"`` (default), ``"on"`` or ``"off"``: for ``nn.Linear`` layers among
+            the shared parameters (found in the modules passed as ``shared`` or ``module``),
+            compute the Gram and the combined gradient from each layer's input and per-task
+            output gradients (:func:`gradops.linear_gram`, far fewer operations at large ``T``
+            and small batch) instead of from the layer's columns of ``J``; ``"auto"`` where its
+            cost model says it is cheaper (see :mod:`gradops.optim._linear_engine`), ``"on"`` for
+            every eligible layer. Not used with a process group or with sparse masks (``"on"`` is
+            refused there). Same results up to float32 rounding.
         **options: the method's options, e.g. ``c=0.4`` (CAGrad), ``leak=0.2`` (GradDrop),
             ``max_norm=1.0`` (Nash-MTL), ``normalization="l2"`` (MGDA), ``beta=0.5`` (GradVac),
             ``reduction="mean"``.
@@ -192,7 +216,8 @@ class MTLOptimizer(OptimizerWrapper):
                  generator: torch.Generator | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None,
                  ddp_model: nn.Module | None = None, process_group: Any = None,
-                 sync: str = "global", bucket_mb: float = 25.0, **options: Any):
+                 sync: str = "global", bucket_mb: float = 25.0, linear_gram: str = "auto",
+                 **options: Any):
         if isinstance(optimizer, MTLOptimizer):
             raise TypeError("MTLOptimizer: the inner optimizer is already an MTLOptimizer")
         if sparse is not None:
@@ -209,6 +234,9 @@ class MTLOptimizer(OptimizerWrapper):
                              f" not {self.spec.name!r}")
         if sync not in ("global", "local"):
             raise ValueError(f"MTLOptimizer: sync must be 'global' or 'local', got {sync!r}")
+        if linear_gram not in LINEAR_MODES:
+            raise ValueError(f"MTLOptimizer: linear_gram must be one of {LINEAR_MODES}, got "
+                             f"{linear_gram!r}")
         self.update_every = update_every
         self.stats_enabled = bool(stats)
         self.grad_scaler = grad_scaler
@@ -228,6 +256,20 @@ class MTLOptimizer(OptimizerWrapper):
             ddp_model.require_backward_grad_sync = False   # its reducer stays idle; we reduce
             process_group = ddp_model.process_group
         self.process_group = process_group
+        self._linear_mode = linear_gram
+        self._linear_modules = _modules_of(shared) + ([module] if module is not None else [])
+        self._engine: LinearEngine | None = None
+        if (linear_gram != "off" and self._linear_modules and process_group is None and
+                not isinstance(optimizer, SparseTraining)):
+            self._engine = LinearEngine(self._linear_modules, linear_gram)
+        if linear_gram == "on":
+            why = ("no modules to find Linear layers in (pass shared= as modules, or module=)"
+                   if not self._linear_modules else
+                   "it runs in single-process training only (a process group averages "
+                   "gradients over the ranks)" if process_group is not None else
+                   "sparse masks mask J" if isinstance(optimizer, SparseTraining) else None)
+            if why:
+                raise ValueError(f"MTLOptimizer: linear_gram='on' cannot be used here: {why}")
         self._layout_ready = False
         self._step = 0
         self._weights: torch.Tensor | None = None           # last weights (update_every, state)
@@ -288,6 +330,8 @@ class MTLOptimizer(OptimizerWrapper):
         self._J_views = [[self._J[t, a:b].view_as(p) for p, a, b in
                           zip(shared, bounds[:-1], bounds[1:])] for t in range(T)]
         self._keep = self._sparse_keep(dev, dt)
+        if self._engine is not None:
+            self._engine.bind(shared)
         leak = torch.as_tensor(self.spec.options.get("leak", 0.0), dtype=torch.float32)
         if leak.dim() > 1 or (leak.dim() == 1 and leak.shape != (T,)):
             raise ValueError(f"MTLOptimizer: graddrop leak must be a float or [T] = [{T}] values")
@@ -352,7 +396,8 @@ class MTLOptimizer(OptimizerWrapper):
         values = torch.stack([l.detach().reshape(()) for l in roots])
         return roots, [torch.ones_like(r) for r in roots], values, True
 
-    def _per_task_backward(self, roots, seeds, retain_graph: bool) -> None:
+    def _per_task_backward(self, roots, seeds, retain_graph: bool,
+                           engine: LinearEngine | None = None) -> None:
         """Task t's gradients of the shared parameters land in row t of ``J``; the task-specific
         parameters' gradients accumulate into their ``.grad`` as in a plain backward.
 
@@ -397,11 +442,15 @@ class MTLOptimizer(OptimizerWrapper):
             for t in range(T):
                 current[:] = rows[t]
                 filled[:] = [False] * len(shared)
+                if engine is not None:
+                    engine.task = t
                 torch.autograd.backward(roots[t], grad_tensors=seeds[t], inputs=inputs,
                                         retain_graph=retain_graph or t < T - 1)
                 for i, done in enumerate(filled):
                     if not done:                     # task t does not reach shared[i]
                         current[i].zero_()
+                if engine is not None:
+                    engine.after_task(t)
         finally:
             for h in handles:
                 h.remove()
@@ -488,7 +537,14 @@ class MTLOptimizer(OptimizerWrapper):
                                                                 not recompute):
             return self._weighted_backward(roots, seeds, values, retain_graph)
 
-        self._per_task_backward(roots, seeds, retain_graph)
+        engine = self._engine
+        use_engine = engine is not None and spec.kind != "graddrop" and \
+            engine.begin(roots, T) > 0
+        try:
+            self._per_task_backward(roots, seeds, retain_graph, engine if use_engine else None)
+        finally:
+            if engine is not None:
+                engine.end()
         J = self._J
         if self.process_group is not None and self.sync == "global":
             self._all_reduce_mean(J)
@@ -498,11 +554,11 @@ class MTLOptimizer(OptimizerWrapper):
         info = MTLStepInfo()
         need_layers = self.stats_enabled or spec.kind == "layer"
         if need_layers:
-            Gl = segment_gram(J, self._offsets)
+            Gl = self._layer_grams(J, engine if use_engine else None)
             G = Gl.sum(0)
             info.layer_gram = Gl
         elif spec.kind != "graddrop":      # GradDrop needs no Gram (computed with stats=True)
-            G = gram(J)
+            G = self._gram(J, engine) if use_engine else gram(J)
         if spec.kind != "graddrop" or need_layers:
             info.gram = G
             info.conflict_incidence = metrics.conflict_incidence(G)
@@ -520,7 +576,12 @@ class MTLOptimizer(OptimizerWrapper):
         else:
             w, converged = self._weights_from(G, info.layer_gram, values)
             info.weights, info.converged = w, converged
-            combine(J, w, self._offsets if w.dim() == 2 else None, out=g)
+            if use_engine:
+                self._combine_with(engine, J, w, g)
+            else:
+                combine(J, w, self._offsets if w.dim() == 2 else None, out=g)
+        if engine is not None:
+            engine.release()
         if self.process_group is not None and self.sync == "local":
             self._all_reduce_mean(g)
             self._reduce_specific()
@@ -529,8 +590,71 @@ class MTLOptimizer(OptimizerWrapper):
         self._accumulate(info)
         return info
 
+    # --- the Linear engine's share of the Gram and combine stages -----------------------------
+    def _uncovered_runs(self, engine: LinearEngine) -> list[tuple[int, int]]:
+        """Runs ``[i0, i1)`` of consecutive shared parameters no active Linear layer covers."""
+        covered = set()
+        for l in engine.active():
+            covered.add(l.w_index)
+            if l.b_index is not None:
+                covered.add(l.b_index)
+        runs, i0 = [], None
+        for i in range(self.L + 1):
+            if i < self.L and i not in covered:
+                i0 = i if i0 is None else i0
+            elif i0 is not None:
+                runs.append((i0, i))
+                i0 = None
+        return runs
+
+    def _gram(self, J: torch.Tensor, engine: LinearEngine) -> torch.Tensor:
+        """``G = J J^T``: active Linear layers from their activations, the rest from ``J``."""
+        b = self._bounds
+        parts = [G for l in engine.active() for _, G in engine.param_grams(l)]
+        parts += [gram(J[:, b[i0]:b[i1]]) for i0, i1 in self._uncovered_runs(engine)
+                  if b[i1] > b[i0]]
+        return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
+
+    def _layer_grams(self, J: torch.Tensor, engine: LinearEngine | None) -> torch.Tensor:
+        """Per-parameter Grams ``[L, T, T]`` (one pass over ``J`` without an active engine)."""
+        if engine is None:
+            return segment_gram(J, self._offsets)
+        b = self._bounds
+        Gl = torch.zeros(self.L, self.T, self.T, dtype=torch.float32, device=J.device)
+        for l in engine.active():
+            for i, G in engine.param_grams(l):
+                Gl[i] = G
+        for i0, i1 in self._uncovered_runs(engine):
+            offs = torch.tensor(b[i0:i1 + 1], dtype=torch.int64) - b[i0]
+            Gl[i0:i1] = segment_gram(J[:, b[i0]:b[i1]], offs)
+        return Gl
+
+    def _combine_with(self, engine: LinearEngine, J: torch.Tensor, w: torch.Tensor,
+                      g: torch.Tensor) -> None:
+        """``g = w^T J`` (per parameter for ``[L, T]`` weights): active Linear layers from their
+        activations, the rest from ``J``."""
+        b, per = self._bounds, w.dim() == 2
+        views = self._g_views
+        for l in engine.active():
+            bi = l.b_index
+            engine.combine_into(l, w[l.w_index] if per else w,
+                                None if bi is None else (w[bi] if per else w),
+                                views[l.w_index], None if bi is None else views[bi])
+        for i0, i1 in self._uncovered_runs(engine):
+            if b[i1] == b[i0]:
+                continue
+            if per:
+                offs = torch.tensor(b[i0:i1 + 1], dtype=torch.int64) - b[i0]
+                combine(J[:, b[i0]:b[i1]], w[i0:i1], offs, out=g[b[i0]:b[i1]])
+            else:
+                combine(J[:, b[i0]:b[i1]], w, out=g[b[i0]:b[i1]])
+
     def _weighted_backward(self, roots, seeds, values, retain_graph) -> MTLStepInfo:
         """One backward of ``sum_t w_t L_t`` (EW, or the steps between weight updates)."""
+        if self._engine is not None:     # the Linear engine has nothing to do this step
+            self._engine.end()
+            self._engine.release()
+            self._engine.last_active = 0
         if self.spec.kind == "sum":
             w = torch.ones(len(roots), dtype=torch.float32, device=values.device)
             if self.spec.options.get("reduction", "sum") == "mean":
