@@ -407,21 +407,33 @@ _MODULE_STAGES = (
     ("gradops.metrics", "conflict_incidence", "conflict_incidence (T x T)"),
 )
 _METHOD_STAGES = (
-    ("_per_task_backward", "T per-task backward passes into J"),
+    ("_per_task_backward", "T per-task backward passes (into J; D_t for the Linear engine)"),
+    ("_gram", "Gram (Linear engine, + J's other columns)"),
+    ("_layer_grams", "per-layer Grams (Linear engine, + J's other columns)"),
+    ("_combine_with", "combine (Linear engine, + J's other columns) into .grad"),
     ("_weighted_backward", "one backward of the weighted loss sum"),
     ("_weights_from", "weights (T x T solve)"),
     ("_accumulate", "statistics accumulation"),
 )
 
 
-def _timed(fn: Callable, label: str, out: dict[str, float], device: torch.device) -> Callable:
+def _timed(fn: Callable, label: str, out: dict[str, float], device: torch.device,
+           depth: list[int]) -> Callable:
+    """``fn``, timed (with a device sync around it) into ``out[label]``; a call made inside
+    another timed call counts for the outer one only (``depth`` is shared by one step's timers)."""
     def call(*args, **kwargs):
-        _sync(device)
-        t0 = time.perf_counter()
-        res = fn(*args, **kwargs)
-        _sync(device)
-        out[label] = out.get(label, 0.0) + time.perf_counter() - t0
-        return res
+        if depth[0]:
+            return fn(*args, **kwargs)
+        depth[0] += 1
+        try:
+            _sync(device)
+            t0 = time.perf_counter()
+            res = fn(*args, **kwargs)
+            _sync(device)
+            out[label] = out.get(label, 0.0) + time.perf_counter() - t0
+            return res
+        finally:
+            depth[0] -= 1
     return call
 
 
@@ -434,16 +446,17 @@ def _stage_times(opt, model, s: MTLSetup) -> dict[str, float]:
     import importlib
     dev = s.device
     out: dict[str, float] = {}
+    depth = [0]
     patched: list[tuple[object, str, object, bool]] = []
     for modname, attr, label in _MODULE_STAGES:
         mod = importlib.import_module(modname)
         if hasattr(mod, attr):
             orig = getattr(mod, attr)
-            setattr(mod, attr, _timed(orig, label, out, dev))
+            setattr(mod, attr, _timed(orig, label, out, dev, depth))
             patched.append((mod, attr, orig, False))
     for attr, label in _METHOD_STAGES:
         if hasattr(opt, attr):
-            setattr(opt, attr, _timed(getattr(opt, attr), label, out, dev))
+            setattr(opt, attr, _timed(getattr(opt, attr), label, out, dev, depth))
             patched.append((opt, attr, None, True))
     try:
         _sync(dev)

@@ -712,19 +712,20 @@ def test_linear_engine_is_off_under_autocast_and_after_unused_forwards():
 
 def test_linear_engine_cost_model_and_auto_mode():
     from gradops.optim._linear_engine import LinearEngine
-    assert LinearEngine._cheaper(40, 64, 1024, 1024)         # the benchmark at T = 40
-    assert not LinearEngine._cheaper(8, 64, 1024, 1024)      # ... at T = 8 and 3
-    assert not LinearEngine._cheaper(3, 64, 1024, 1024)
-    assert not LinearEngine._cheaper(40, 4096, 1024, 1024)   # many rows: the buffer is cheaper
-    _, _, used = _run_engine("auto", T=5, steps=1)             # 24-wide layers, T = 5: no
-    assert used == [0]
-    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
-    heads = nn.ModuleList(nn.Linear(256, 1) for _ in range(30))
+    for T in (3, 8, 40):                                        # the benchmark's layers
+        assert LinearEngine._cheaper(T, 64, 1024, 1024)
+    assert not LinearEngine._cheaper(2, 64, 1024, 1024)         # ... at T = 1, 2: J is cheaper
+    assert not LinearEngine._cheaper(1, 64, 1024, 1024)
+    assert not LinearEngine._cheaper(40, 4096, 1024, 1024)      # many rows: J is cheaper
+    _, _, used = _run_engine("auto", T=5, steps=1)               # 6 rows, 24 wide, T = 5: yes
+    assert used == [3]
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(3))
     opt = MTLOptimizer(torch.optim.SGD([*model.parameters(), *heads.parameters()], lr=0.1),
-                       method="mgda", shared=model)                    # auto: T = 30, N = 4
-    h = model(torch.randn(4, 256))
+                       method="mgda", shared=model)                       # 512 rows: no
+    h = model(torch.randn(512, 8))
     opt.backward([hd(h).pow(2).mean() for hd in heads])
-    assert opt._engine.last_active == 2
+    assert opt._engine.last_active == 0
 
 
 def test_linear_engine_overflow_propagates_and_the_step_is_skipped():
@@ -757,3 +758,58 @@ def test_linear_gram_errors_name_the_argument():
     masks = {model.encoder[0].weight: torch.rand(13, 7) > 0.5}
     with pytest.raises(ValueError, match="sparse masks"):
         MTLOptimizer(sgd, method="pcgrad", shared=model.encoder, linear_gram="on", sparse=masks)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["pcgrad", "mgda", "nashmtl"])
+def test_linear_engine_on_gpu_matches_the_buffer_path(method):
+    T = 6
+    grads = {}
+    for mode in ("off", "on"):
+        model = WideNet(T=T).cuda()
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(3, 2, 24, generator=g).cuda()
+        ys = [torch.randn(3, 2, generator=g).cuda() for _ in range(T)]
+        opt = MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), method=method,
+                           shared=model.encoder, linear_gram=mode,
+                           generator=torch.Generator(device="cuda").manual_seed(0))
+        info = opt.backward(model.losses(x, ys))
+        assert (opt._engine.last_active if opt._engine else 0) == (3 if mode == "on" else 0)
+        grads[mode] = (torch.cat([p.grad.reshape(-1) for p in model.encoder.parameters()]),
+                       info.gram)
+    torch.testing.assert_close(grads["on"][0], grads["off"][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads["on"][1], grads["off"][1], rtol=1e-4, atol=1e-5)
+
+
+def test_linear_engine_never_forms_the_per_task_weight_gradients():
+    # bias-free layers, and a first layer whose input does not require grad: the passes still
+    # produce D_t (the layers' outputs are backward inputs through their gradient edges)
+    def build():
+        torch.manual_seed(0)
+        enc = nn.Sequential(nn.Linear(6, 10, bias=False), nn.Tanh(), nn.Linear(10, 4, bias=False))
+        heads = nn.ModuleList(nn.Linear(4, 1) for _ in range(4))
+        return enc, heads
+    x = torch.randn(5, 6)
+    grads, calls = {}, {}
+    for mode in ("off", "on"):
+        enc, heads = build()
+        opt = MTLOptimizer(torch.optim.SGD([*enc.parameters(), *heads.parameters()], lr=0.1),
+                           method="pcgrad", shared=enc, linear_gram=mode,
+                           generator=torch.Generator().manual_seed(0))
+        n = [0]
+        enc[0].weight.register_post_accumulate_grad_hook(lambda p: n.__setitem__(0, n[0] + 1))
+        for step in range(2):
+            if step == 1 and mode == "on":       # J's columns of the layers are left alone
+                opt._J.fill_(float("nan"))
+            h = enc(x)
+            opt.zero_grad()
+            opt.backward([hd(h).pow(2).mean() * (t + 1) for t, hd in enumerate(heads)])
+            grads[mode, step] = [p.grad.clone() for p in enc.parameters()]
+            opt.step()
+        calls[mode] = n[0]
+        if mode == "on":
+            assert opt._engine.last_active == 2 and torch.isnan(opt._J).all()
+    assert calls == {"off": 8, "on": 0}           # T = 4 per-task weight gradients per step
+    for step in range(2):
+        for a, b in zip(grads["off", step], grads["on", step]):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -16,8 +16,9 @@ layer's activations and output gradients, e.g. TorchJD's ``autogram`` engine, an
 gradient norms of Goodfellow, "Efficient per-example gradient computations", 2015).
 ``L = V diag(sqrt(max(lambda, 0)))`` comes from the eigendecomposition ``K = V diag(lambda) V^T``
 (``K`` is positive semi-definite; it may be singular, e.g. with ReLU's zero rows), computed in
-float64, on CPU tensors; elsewhere (``form="kernel"``) ``G[s, t] = <D_s, K D_t>`` instead, one
-more ``T^2 N out / 2`` but no decomposition, which on CUDA could synchronise with the host. The
+float64, on CPU tensors at large ``T``; otherwise (``form="kernel"``) ``G[s, t] = <D_s, K D_t>``,
+one more ``T^2 N out / 2`` but no decomposition (which on CUDA could synchronise with the
+host). The
 combined gradient ``sum_t w_t g_t`` is ``(sum_t w_t D_t)^T X``: one ``[out, N] x
 [N, in]`` product instead of a pass over ``T`` gradients.
 
@@ -85,7 +86,9 @@ def linear_gram(X: torch.Tensor, D: torch.Tensor, bias: bool = False, *,
             ``"kernel"``: ``G[s, t] = <D_s, K D_t>`` (one more product of ``T^2 N out / 2``
             multiply-adds, symmetrised), which needs no decomposition: ``torch.linalg.eigh``
             may synchronise with a CUDA device, this form never does. ``"auto"`` (default):
-            ``"eigh"`` on CPU tensors, ``"kernel"`` elsewhere.
+            ``"eigh"`` on CPU tensors when the saved product outweighs the decomposition
+            (``T^2 out > 64 N^2``, e.g. ``T > 16`` for ``N = 64``, ``out = 1024``),
+            ``"kernel"`` otherwise.
 
     Returns:
         ``[T, T]`` in float32 (float64 for float64 inputs). Rounding differs from the Gram of the
@@ -98,9 +101,9 @@ def linear_gram(X: torch.Tensor, D: torch.Tensor, bias: bool = False, *,
     if form not in ("auto", "eigh", "kernel"):
         raise ValueError(f"gradops.linear_gram: form must be 'auto', 'eigh' or 'kernel', got "
                          f"{form!r}")
-    if form == "auto":
-        form = "eigh" if X.device.type == "cpu" else "kernel"
     T, N, out = D.shape
+    if form == "auto":
+        form = "eigh" if X.device.type == "cpu" and T * T * out > 64 * N * N else "kernel"
     acc = torch.float64 if X.dtype == torch.float64 else torch.float32
     if N == 0:
         return torch.zeros(T, T, dtype=acc, device=X.device)

@@ -1,11 +1,18 @@
-"""The Gram and the combination of ``nn.Linear`` layers from their inputs and output gradients
+"""Per-task gradients of ``nn.Linear`` layers in factored form, and their Gram and combination
 (:mod:`gradops.ops.linear_gram`), for :class:`~gradops.optim.mtl.MTLOptimizer`.
 
-``J`` is still filled by the per-task backward passes (GradDrop, statistics and every other
-layer read it); for an eligible Linear layer the Gram and combine stages read, instead of the
-layer's ``T x out x in`` columns of ``J``, its input ``X`` (``[N, in]``, kept by a forward hook)
-and task ``t``'s gradient with respect to its output (``[N, out]``, copied by a tensor hook during
-task ``t``'s backward into a buffer ``D`` of ``[T, N, out]``, allocated once per batch size).
+Task ``t``'s gradient of a Linear layer's weight is ``D_t^T X``: the layer's input ``X``
+(``[N, in]``, kept by a forward hook) times task ``t``'s gradient with respect to the layer's
+output ``D_t`` (``[N, out]``, copied by a tensor hook during task ``t``'s backward into a buffer
+``D`` of ``[T, N, out]``, allocated once per batch size); the bias gradient is ``D_t^T 1``. For a
+layer the engine takes on a step, the per-task backward passes compute ``D_t`` only (the
+layer's output is a backward input, through its gradient edge, in place of its weight and
+bias): the ``T`` weight-gradient products ``D_t^T X`` (``T N in out`` multiply-adds, about half
+of each backward pass of an MLP) are never run, and the layer's columns of ``J`` are neither
+written nor read this step. The Gram comes from ``<L^T D_s, L^T D_t>`` (``X X^T = L L^T``), the
+combined gradient from ``(sum_t w_t D_t)^T X``, written into the layer's ``.grad`` views: the same
+values as through ``J``, up to float32 rounding. Every other shared parameter goes through
+``J`` as before.
 
 A layer is used on a step when all of these hold (Python-level checks, no host sync):
 
@@ -17,12 +24,14 @@ A layer is used on a step when all of these hold (Python-level checks, no host s
 - the optimizer runs in one process (with a process group, ``sync="global"`` averages ``J``
   over the ranks, which the local activations cannot reproduce; ``sync="local"`` could use the
   engine but is not tested with it) and without sparse-training masks (which mask ``J``);
-- ``mode="on"``, or ``mode="auto"`` and the cost model says it is cheaper:
-  ``N^2 in + 2 T N^2 out + T^2 N out / 2 + 2 N in out + 8 N^3`` against
-  ``(T^2 / 2 + 4 T) in out`` multiply-adds (the products ``L^T D_t`` and the combine's
-  ``[out, N] x [N, in]`` product count double: they run as small torch matrix products; the
-  direct combine counts 4 per element: it is memory-bound). With ``N = 64`` and
-  ``in = out = 1024`` the crossover is near ``T = 22``.
+- ``mode="on"``, or ``mode="auto"`` on CPU tensors (the engine has not been measured on a GPU
+  yet; ``"on"`` runs it there) and the cost model says it is cheaper, in multiply-adds:
+  ``N^2 in + 8 N^3 + T N^2 out + T^2 N out / 2 + 2 N in out`` (``K``, its eigendecomposition,
+  ``L^T D_t``, their Gram, the combine's product, which counts double: small torch products)
+  against ``T N in out + T^2 in out / 2 + 4 T in out`` (the per-task weight gradients, the Gram
+  over ``J``, and writing and reading ``J``: memory-bound, 4 per element). For ``N = 64`` rows
+  and ``in = out = 1024`` the engine is cheaper from ``T = 3`` on; for ``N`` in the thousands
+  (sequence models) it is not.
 """
 from __future__ import annotations
 
@@ -30,9 +39,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.autograd.graph import GradientEdge
+from torch.autograd.graph import get_gradient_edge
 
 from ..ops.linear_gram import _rows_gram, linear_combine, linear_gram
+from ._graph import leaf_uses
 
 MODES = ("auto", "on", "off")
 
@@ -46,36 +56,11 @@ class _Layer:
     x: torch.Tensor | None = None   # [N, in], the last forward's input
     ok: bool = True                 # the last forward was usable (no autocast, dtype)
     tied: bool = False              # the graph reaches its parameters more than once
+    edge: object = None             # the gradient edge of the last forward's output
     D: torch.Tensor | None = None   # [T, N, out] output gradients of this step
     S: torch.Tensor | None = None   # [T, out] per-task bias gradients (D summed over rows)
     filled: list[bool] = field(default_factory=list)
     active: bool = False
-
-
-def _leaf_uses(roots) -> dict[int, int]:
-    """id(leaf) -> number of graph edges into its AccumulateGrad node, over the graphs of
-    ``roots``."""
-    stack = []
-    for r in roots:
-        if isinstance(r, GradientEdge):
-            stack.append(r.node)
-        elif r.grad_fn is not None:
-            stack.append(r.grad_fn)
-    uses: dict[int, int] = {}
-    seen = set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        for f, _ in node.next_functions:
-            if f is None:
-                continue
-            var = getattr(f, "variable", None)
-            if var is not None:
-                uses[id(var)] = uses.get(id(var), 0) + 1
-            stack.append(f)
-    return uses
 
 
 class LinearEngine:
@@ -132,9 +117,10 @@ class LinearEngine:
             layer.ok = (isinstance(x, torch.Tensor) and x.dtype == module.weight.dtype and
                         not torch.is_autocast_enabled(x.device.type))
             if not layer.ok:
-                layer.x = None
+                layer.x = layer.edge = None
                 return
             layer.x = x.detach().reshape(-1, module.in_features)
+            layer.edge = get_gradient_edge(output)
             output.register_hook(self._grad_hook(layer))
         return hook
 
@@ -148,16 +134,17 @@ class LinearEngine:
     # --- a step --------------------------------------------------------------------------------
     @staticmethod
     def _cheaper(T: int, N: int, n_in: int, n_out: int) -> bool:
-        act = N * N * n_in + 2 * T * N * N * n_out + T * T * N * n_out // 2 + \
-            2 * N * n_in * n_out + 8 * N ** 3
-        direct = (T * T // 2 + 4 * T) * n_in * n_out
-        return act < direct
+        """The cost model (module docstring): is the engine cheaper than ``J`` for this layer?"""
+        engine = N * N * n_in + 8 * N ** 3 + T * N * N * n_out + T * T * N * n_out // 2 + \
+            2 * N * n_in * n_out
+        direct = T * N * n_in * n_out + T * T * n_in * n_out // 2 + 4 * T * n_in * n_out
+        return engine < direct
 
     def begin(self, roots, T: int) -> int:
         """Before the per-task passes: decide which layers are active this step and ready their
         buffers; returns how many are."""
         if not self._checked:                   # first step: tied parameters are never used
-            uses = _leaf_uses(roots)
+            uses = leaf_uses(roots)
             for l in self.layers:
                 ps = [l.module.weight] + ([l.module.bias] if l.module.bias is not None else [])
                 l.tied = any(uses.get(id(p), 0) != 1 for p in ps)
@@ -167,9 +154,9 @@ class LinearEngine:
             x = l.x
             l.active = (self.mode != "off" and not l.tied and l.calls == 1 and l.ok and
                         x is not None)
-            if l.active and self.mode == "auto":
-                l.active = self._cheaper(T, x.shape[0], l.module.in_features,
-                                         l.module.out_features)
+            if l.active and self.mode == "auto":      # (CPU only until measured on a GPU)
+                l.active = x.device.type == "cpu" and self._cheaper(
+                    T, x.shape[0], l.module.in_features, l.module.out_features)
             if l.active:
                 shape = (T, x.shape[0], l.module.out_features)
                 if l.D is None or l.D.shape != shape or l.D.device != x.device:
@@ -192,10 +179,24 @@ class LinearEngine:
         for l in self.layers:
             l.calls = 0
 
+    def covered(self) -> set[int]:
+        """Indices (among the shared parameters) of the active layers' weights and biases."""
+        out = set()
+        for l in self.active():
+            out.add(l.w_index)
+            if l.b_index is not None:
+                out.add(l.b_index)
+        return out
+
+    def edges(self) -> list:
+        """The gradient edges of the active layers' outputs: backward inputs in place of their
+        parameters, so that each pass computes ``D_t`` and not ``D_t^T X``."""
+        return [l.edge for l in self.active()]
+
     def release(self) -> None:
         """After the combine: drop the step's inputs."""
         for l in self.layers:
-            l.x = l.S = None
+            l.x = l.S = l.edge = None
             l.active = False
 
     def active(self) -> list[_Layer]:

@@ -10,11 +10,12 @@ The data path (SPEC §0)::
        shared parameters' .grad
     -> (clip, GradScaler, ...) -> inner optimizer step.
 
-For ``nn.Linear`` layers among the shared parameters, at large T and small batch, the Gram and
-combine stages can read each layer's input ``X`` and per-task output gradients ``D_t`` instead of
-its columns of ``J`` (``linear_gram=``, :mod:`gradops.optim._linear_engine`): the same ``G`` and
-``w^T J`` up to float32 rounding, from ``<L^T D_s, L^T D_t>`` (``X X^T = L L^T``) and
-``(sum_t w_t D_t)^T X``. ``J`` is filled all the same.
+For ``nn.Linear`` layers among the shared parameters (``linear_gram=``,
+:mod:`gradops.optim._linear_engine`), where it is cheaper (small batch), task ``t``'s gradient
+of the layer stays in factored form ``D_t^T X``: the passes compute the output gradients ``D_t``
+but not the weight gradients, and the Gram and the combination come from ``<L^T D_s, L^T D_t>``
+(``X X^T = L L^T``) and ``(sum_t w_t D_t)^T X``: the same ``G`` and ``w^T J`` up to float32
+rounding, without the layer's row of ``J``.
 
 Task-specific parameters (reached by one task's loss, or not listed in ``shared``) accumulate the
 ordinary sum of their tasks' gradients in their own ``.grad``, as with ``sum(losses).backward()``.
@@ -47,6 +48,7 @@ from ..ops.graddrop import draw_seed, graddrop_raw
 from ..ops.gram import gram, segment_gram
 from ..ops.pcgrad import pcgrad_weights, random_orders
 from ..segments import offsets_from_numels
+from ._graph import leaf_uses
 from ._linear_engine import MODES as LINEAR_MODES, LinearEngine
 from ._methods import SCALE_INVARIANT, MethodSpec, gradvac_weights, resolve_method
 from ._wrapper import OptimizerWrapper
@@ -108,23 +110,7 @@ def _modules_of(shared: Any) -> list[nn.Module]:
 
 def _reached_leaves(root: torch.Tensor | GradientEdge) -> set[int]:
     """ids of the leaf tensors whose AccumulateGrad nodes the graph of ``root`` reaches."""
-    if isinstance(root, GradientEdge):
-        stack, out = [root.node], set()
-    elif root.grad_fn is None:
-        return {id(root)} if root.requires_grad else set()
-    else:
-        stack, out = [root.grad_fn], set()
-    seen = set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        var = getattr(node, "variable", None)
-        if var is not None:
-            out.add(id(var))
-        stack.extend(f for f, _ in node.next_functions)
-    return out
+    return set(leaf_uses([root]))
 
 
 # per-element operations with one differentiable input that may sit between torch.stack and the
@@ -195,11 +181,12 @@ class MTLOptimizer(OptimizerWrapper):
         bucket_mb: all-reduce bucket size.
         linear_gram: ``"auto"`` (default), ``"on"`` or ``"off"``: for ``nn.Linear`` layers among
             the shared parameters (found in the modules passed as ``shared`` or ``module``),
-            compute the Gram and the combined gradient from each layer's input and per-task
-            output gradients (:func:`gradops.linear_gram`, far fewer operations at large ``T``
-            and small batch) instead of from the layer's columns of ``J``; ``"auto"`` where its
-            cost model says it is cheaper (see :mod:`gradops.optim._linear_engine`), ``"on"`` for
-            every eligible layer. Not used with a process group or with sparse masks (``"on"`` is
+            keep the per-task gradients in factored form (the layer's input and per-task output
+            gradients; the per-task weight gradients are never computed) and compute the Gram
+            and the combined gradient from them (:func:`gradops.linear_gram`, far fewer
+            operations at small batch) instead of through the layer's columns of ``J``; ``"auto"`` on CPU where
+            its cost model says it is cheaper (see :mod:`gradops.optim._linear_engine`), ``"on"``
+            for every eligible layer on any device. Not used with a process group or with sparse masks (``"on"`` is
             refused there). Same results up to float32 rounding.
         **options: the method's options, e.g. ``c=0.4`` (CAGrad), ``leak=0.2`` (GradDrop),
             ``max_norm=1.0`` (Nash-MTL), ``normalization="l2"`` (MGDA), ``beta=0.5`` (GradVac),
@@ -413,10 +400,18 @@ class MTLOptimizer(OptimizerWrapper):
         task's gradients together at the end of its backward, one parallel region per task, was
         measured slower here: the gradients are no longer in cache by then.) Slices of
         parameters that task t does not reach are zero-filled. The hooks live only for the
-        duration of this call."""
+        duration of this call.
+
+        With ``engine`` (the Linear engine, :mod:`gradops.optim._linear_engine`), the weights and
+        biases of its active layers are not backward inputs: the gradient edges of the layers'
+        outputs are, so each pass computes the layers' output gradients (which the engine's
+        hooks copy) but not their weight gradients, and their columns of ``J`` are left
+        alone."""
         T = len(roots)
         shared, specific = self._shared, self._specific
-        inputs = shared + specific
+        skip = engine.covered() if engine is not None else set()   # in factored form instead
+        via_j = [i for i in range(len(shared)) if i not in skip]
+        inputs = [shared[i] for i in via_j] + specific + (engine.edges() if skip else [])
         rows = self._J_views
         filled = [False] * len(shared)
         current: list[torch.Tensor] = []
@@ -436,8 +431,7 @@ class MTLOptimizer(OptimizerWrapper):
 
         for p in shared:
             p.grad = None
-        handles = [p.register_post_accumulate_grad_hook(make_hook(i))
-                   for i, p in enumerate(shared)]
+        handles = [shared[i].register_post_accumulate_grad_hook(make_hook(i)) for i in via_j]
         try:
             for t in range(T):
                 current[:] = rows[t]
@@ -446,8 +440,8 @@ class MTLOptimizer(OptimizerWrapper):
                     engine.task = t
                 torch.autograd.backward(roots[t], grad_tensors=seeds[t], inputs=inputs,
                                         retain_graph=retain_graph or t < T - 1)
-                for i, done in enumerate(filled):
-                    if not done:                     # task t does not reach shared[i]
+                for i in via_j:
+                    if not filled[i]:                # task t does not reach shared[i]
                         current[i].zero_()
                 if engine is not None:
                     engine.after_task(t)
@@ -554,7 +548,7 @@ class MTLOptimizer(OptimizerWrapper):
         info = MTLStepInfo()
         need_layers = self.stats_enabled or spec.kind == "layer"
         if need_layers:
-            Gl = self._layer_grams(J, engine if use_engine else None)
+            Gl = self._layer_grams(J, engine) if use_engine else segment_gram(J, self._offsets)
             G = Gl.sum(0)
             info.layer_gram = Gl
         elif spec.kind != "graddrop":      # GradDrop needs no Gram (computed with stats=True)
@@ -615,10 +609,9 @@ class MTLOptimizer(OptimizerWrapper):
                   if b[i1] > b[i0]]
         return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
 
-    def _layer_grams(self, J: torch.Tensor, engine: LinearEngine | None) -> torch.Tensor:
-        """Per-parameter Grams ``[L, T, T]`` (one pass over ``J`` without an active engine)."""
-        if engine is None:
-            return segment_gram(J, self._offsets)
+    def _layer_grams(self, J: torch.Tensor, engine: LinearEngine) -> torch.Tensor:
+        """Per-parameter Grams ``[L, T, T]``: active Linear layers from their factors, the rest
+        from ``J``."""
         b = self._bounds
         Gl = torch.zeros(self.L, self.T, self.T, dtype=torch.float32, device=J.device)
         for l in engine.active():
