@@ -35,6 +35,7 @@ A layer is used on a step when all of these hold (Python-level checks, no host s
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -103,14 +104,23 @@ class LinearEngine:
         self.layers = keep
 
     def remove(self) -> None:
+        """Remove the forward hooks (also done when the engine is garbage-collected: the hooks
+        hold only weak references to it, so a dropped optimizer leaves nothing on the model)."""
         for h in self._handles.values():
             h.remove()
         self._handles = {}
 
+    def __del__(self) -> None:
+        self.remove()
+
     # --- hooks ---------------------------------------------------------------------------------
-    def _forward_hook(self, layer: _Layer):
+    def _forward_hook(self, layer_: _Layer):
+        engine_ref, layer_ref = weakref.ref(self), weakref.ref(layer_)
+
         def hook(module: nn.Linear, inputs, output) -> None:
-            if not (isinstance(output, torch.Tensor) and output.requires_grad):
+            engine, layer = engine_ref(), layer_ref()
+            if engine is None or layer is None or not (isinstance(output, torch.Tensor) and
+                                                       output.requires_grad):
                 return
             layer.calls += 1
             x = inputs[0] if inputs else None
@@ -121,14 +131,17 @@ class LinearEngine:
                 return
             layer.x = x.detach().reshape(-1, module.in_features)
             layer.edge = get_gradient_edge(output)
-            output.register_hook(self._grad_hook(layer))
+            output.register_hook(engine._grad_hook(layer))
         return hook
 
-    def _grad_hook(self, layer: _Layer):
+    def _grad_hook(self, layer_: _Layer):
+        engine_ref, layer_ref = weakref.ref(self), weakref.ref(layer_)
+
         def hook(g: torch.Tensor) -> None:
-            if self.capturing and layer.active:
-                layer.D[self.task].copy_(g.reshape(layer.D.shape[1:]))
-                layer.filled[self.task] = True
+            engine, layer = engine_ref(), layer_ref()
+            if engine is not None and layer is not None and engine.capturing and layer.active:
+                layer.D[engine.task].copy_(g.reshape(layer.D.shape[1:]))
+                layer.filled[engine.task] = True
         return hook
 
     # --- a step --------------------------------------------------------------------------------

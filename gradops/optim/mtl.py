@@ -247,7 +247,7 @@ class MTLOptimizer(OptimizerWrapper):
         self._linear_modules = _modules_of(shared) + ([module] if module is not None else [])
         self._engine: LinearEngine | None = None
         if (linear_gram != "off" and self._linear_modules and process_group is None and
-                not isinstance(optimizer, SparseTraining)):
+                not isinstance(optimizer, SparseTraining) and self.spec.kind != "graddrop"):
             self._engine = LinearEngine(self._linear_modules, linear_gram)
         if linear_gram == "on":
             why = ("no modules to find Linear layers in (pass shared= as modules, or module=)"
@@ -310,12 +310,11 @@ class MTLOptimizer(OptimizerWrapper):
         self._offsets = self._offsets_cpu.to(dev)
         P = int(self._offsets_cpu[-1])
         self.T, self.P, self.L = T, P, len(shared)
-        self._J = torch.zeros(T, P, dtype=dt, device=dev)
+        self._J: torch.Tensor | None = None          # allocated by _buffer on first use
+        self._J_views: list[list[torch.Tensor]] = []
         self._g = torch.zeros(P, dtype=dt, device=dev)
         bounds = self._bounds = self._offsets_cpu.tolist()
         self._g_views = [self._g[a:b].view_as(p) for p, a, b in zip(shared, bounds[:-1], bounds[1:])]
-        self._J_views = [[self._J[t, a:b].view_as(p) for p, a, b in
-                          zip(shared, bounds[:-1], bounds[1:])] for t in range(T)]
         self._keep = self._sparse_keep(dev, dt)
         if self._engine is not None:
             self._engine.bind(shared)
@@ -324,6 +323,18 @@ class MTLOptimizer(OptimizerWrapper):
             raise ValueError(f"MTLOptimizer: graddrop leak must be a float or [T] = [{T}] values")
         self._leak_t = leak.expand(T).contiguous().to(dev)
         self._layout_ready = True
+
+    def _buffer(self) -> torch.Tensor:
+        """The ``[T, P]`` buffer ``J`` and its per-row views of the parameters, allocated once, on
+        the first step that needs it (never, while the Linear engine takes every shared
+        parameter). Each step writes every row it uses in full, so it is not zeroed."""
+        if self._J is None:
+            p0 = self._shared[0]
+            self._J = torch.zeros(self.T, self.P, dtype=p0.dtype, device=p0.device)
+            b = self._bounds
+            self._J_views = [[self._J[t, x:y].view_as(p) for p, x, y in
+                              zip(self._shared, b[:-1], b[1:])] for t in range(self.T)]
+        return self._J
 
     def _sparse_keep(self, dev, dt) -> torch.Tensor | None:
         """``[P]`` 0/1 of the trainable entries of the shared parameters under sparse training."""
@@ -412,10 +423,12 @@ class MTLOptimizer(OptimizerWrapper):
         skip = engine.covered() if engine is not None else set()   # in factored form instead
         via_j = [i for i in range(len(shared)) if i not in skip]
         inputs = [shared[i] for i in via_j] + specific + (engine.edges() if skip else [])
+        if via_j:
+            self._buffer()
         rows = self._J_views
         filled = [False] * len(shared)
         current: list[torch.Tensor] = []
-        stream = _C is not None and self._J.device.type == "cpu"
+        stream = _C is not None and shared[0].device.type == "cpu"
 
         def make_hook(i: int):
             def hook(p: torch.Tensor) -> None:
@@ -434,7 +447,7 @@ class MTLOptimizer(OptimizerWrapper):
         handles = [shared[i].register_post_accumulate_grad_hook(make_hook(i)) for i in via_j]
         try:
             for t in range(T):
-                current[:] = rows[t]
+                current[:] = rows[t] if via_j else []
                 filled[:] = [False] * len(shared)
                 if engine is not None:
                     engine.task = t
@@ -539,7 +552,7 @@ class MTLOptimizer(OptimizerWrapper):
         finally:
             if engine is not None:
                 engine.end()
-        J = self._J
+        J = self._J        # None when the Linear engine took every shared parameter
         if self.process_group is not None and self.sync == "global":
             self._all_reduce_mean(J)
             self._reduce_specific()
@@ -587,11 +600,7 @@ class MTLOptimizer(OptimizerWrapper):
     # --- the Linear engine's share of the Gram and combine stages -----------------------------
     def _uncovered_runs(self, engine: LinearEngine) -> list[tuple[int, int]]:
         """Runs ``[i0, i1)`` of consecutive shared parameters no active Linear layer covers."""
-        covered = set()
-        for l in engine.active():
-            covered.add(l.w_index)
-            if l.b_index is not None:
-                covered.add(l.b_index)
+        covered = engine.covered()
         runs, i0 = [], None
         for i in range(self.L + 1):
             if i < self.L and i not in covered:
@@ -601,7 +610,7 @@ class MTLOptimizer(OptimizerWrapper):
                 i0 = None
         return runs
 
-    def _gram(self, J: torch.Tensor, engine: LinearEngine) -> torch.Tensor:
+    def _gram(self, J: torch.Tensor | None, engine: LinearEngine) -> torch.Tensor:
         """``G = J J^T``: active Linear layers from their activations, the rest from ``J``."""
         b = self._bounds
         parts = [G for l in engine.active() for _, G in engine.param_grams(l)]
@@ -609,11 +618,11 @@ class MTLOptimizer(OptimizerWrapper):
                   if b[i1] > b[i0]]
         return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
 
-    def _layer_grams(self, J: torch.Tensor, engine: LinearEngine) -> torch.Tensor:
+    def _layer_grams(self, J: torch.Tensor | None, engine: LinearEngine) -> torch.Tensor:
         """Per-parameter Grams ``[L, T, T]``: active Linear layers from their factors, the rest
         from ``J``."""
         b = self._bounds
-        Gl = torch.zeros(self.L, self.T, self.T, dtype=torch.float32, device=J.device)
+        Gl = torch.zeros(self.L, self.T, self.T, dtype=torch.float32, device=self._g.device)
         for l in engine.active():
             for i, G in engine.param_grams(l):
                 Gl[i] = G
@@ -622,7 +631,7 @@ class MTLOptimizer(OptimizerWrapper):
             Gl[i0:i1] = segment_gram(J[:, b[i0]:b[i1]], offs)
         return Gl
 
-    def _combine_with(self, engine: LinearEngine, J: torch.Tensor, w: torch.Tensor,
+    def _combine_with(self, engine: LinearEngine, J: torch.Tensor | None, w: torch.Tensor,
                       g: torch.Tensor) -> None:
         """``g = w^T J`` (per parameter for ``[L, T]`` weights): active Linear layers from their
         activations, the rest from ``J``."""
