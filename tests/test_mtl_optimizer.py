@@ -726,6 +726,10 @@ def test_linear_engine_cost_model_and_auto_mode():
     h = model(torch.randn(512, 8))
     opt.backward([hd(h).pow(2).mean() for hd in heads])
     assert opt._engine.last_active == 0
+    h = model(torch.randn(512, 8))       # from the second step on, such layers keep no input
+    assert all(l.x is None and l.edge is None for l in opt._engine.layers)
+    opt.backward([hd(h).pow(2).mean() for hd in heads])
+    assert opt._engine.last_active == 0
 
 
 def test_linear_engine_overflow_propagates_and_the_step_is_skipped():
@@ -823,3 +827,25 @@ def test_linear_engine_hooks_leave_with_the_optimizer():
     del opt
     gc.collect()
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_linear_engine_under_torch_compile_matches_the_buffer_path():
+    x = torch.randn(3, 2, 24, generator=torch.Generator().manual_seed(1))
+    ys = [torch.randn(3, 2, generator=torch.Generator().manual_seed(t)) for t in range(3)]
+    out = {}
+    for mode in ("off", "on"):
+        torch._dynamo.reset()
+        model = WideNet(T=3)
+        opt = MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), method="pcgrad",
+                           shared=model.encoder, linear_gram=mode,
+                           generator=torch.Generator().manual_seed(0))
+        losses = torch.compile(model.losses, backend="eager")
+        for _ in range(3):
+            opt.zero_grad()
+            opt.backward(losses(x, ys))
+            opt.step()
+        if mode == "on":
+            assert opt._engine.last_active == 3
+        out[mode] = [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(out["off"], out["on"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -76,6 +76,7 @@ class LinearEngine:
         self.capturing = False
         self.task = 0
         self.last_active = 0            # layers the last step used
+        self.T: int | None = None       # the number of tasks, from the first step
         self._checked = False
         seen = set()
         for root in modules:
@@ -125,7 +126,8 @@ class LinearEngine:
             layer.calls += 1
             x = inputs[0] if inputs else None
             layer.ok = (isinstance(x, torch.Tensor) and x.dtype == module.weight.dtype and
-                        not torch.is_autocast_enabled(x.device.type))
+                        not torch.is_autocast_enabled(x.device.type) and
+                        engine._wanted(x, module))
             if not layer.ok:
                 layer.x = layer.edge = None
                 return
@@ -153,9 +155,21 @@ class LinearEngine:
         direct = T * N * n_in * n_out + T * T * n_in * n_out // 2 + 4 * T * n_in * n_out
         return engine < direct
 
+    def _wanted(self, x: torch.Tensor, m: nn.Linear) -> bool:
+        """Whether ``begin`` could take this layer on the next step, as far as the forward
+        tells (``"auto"``: the device and the cost model at the last step's T), so that a layer
+        it will not take keeps no input and adds no tensor hook."""
+        if self.mode != "auto":
+            return True
+        if x.device.type != "cpu":             # (CPU only until measured on a GPU)
+            return False
+        return self.T is None or self._cheaper(self.T, x.numel() // max(1, m.in_features),
+                                               m.in_features, m.out_features)
+
     def begin(self, roots, T: int) -> int:
         """Before the per-task passes: decide which layers are active this step and ready their
         buffers; returns how many are."""
+        self.T = T
         if not self._checked:                   # first step: tied parameters are never used
             uses = leaf_uses(roots)
             for l in self.layers:
@@ -167,9 +181,8 @@ class LinearEngine:
             x = l.x
             l.active = (self.mode != "off" and not l.tied and l.calls == 1 and l.ok and
                         x is not None)
-            if l.active and self.mode == "auto":      # (CPU only until measured on a GPU)
-                l.active = x.device.type == "cpu" and self._cheaper(
-                    T, x.shape[0], l.module.in_features, l.module.out_features)
+            if l.active and self.mode == "auto":
+                l.active = self._wanted(x, l.module)
             if l.active:
                 shape = (T, x.shape[0], l.module.out_features)
                 if l.D is None or l.D.shape != shape or l.D.device != x.device:
