@@ -123,3 +123,20 @@ def test_benchmark_contenders_compute_the_same_step():
     torch.testing.assert_close(results[2], results[0])
     assert not torch.equal(results[0], torch.cat([p.detach().reshape(-1)
                                                   for p in s.model.parameters()]))
+
+
+@pytest.mark.parametrize("script,args", [("ops_quickstart.py", []),
+                                         ("mtl_training.py", ["--T", "3", "--steps", "40"])])
+def test_examples_run(script, args):
+    path = Path(__file__).resolve().parent.parent / "examples" / script
+    res = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    if script == "mtl_training.py":                 # both modes train, to the same losses
+        lines = [l for l in res.stdout.splitlines() if l.startswith("linear_gram=")]
+        assert len(lines) == 2
+        ends = [float(l.split("->")[1].split()[0]) for l in lines]
+        starts = [float(l.split("loss")[1].split("->")[0]) for l in lines]
+        assert ends[0] < 0.5 * starts[0] and abs(ends[0] - ends[1]) <= 1e-3 + 1e-2 * ends[1]
+    else:
+        assert "cosine" in res.stdout
