@@ -22,8 +22,8 @@ is one whole training step:
   ``opt.step()`` with :class:`gradops.optim.mtl.MTLOptimizer` (``shared=`` the encoder). For
   ``ew`` this is one backward of the summed loss (the wrapper needs no per-task gradients), so
   the ew group also times ``stats=True`` (per-task gradients + per-layer Grams and statistics).
-  Where ``linear_gram="auto"`` takes the encoder's Linear layers in factored form (the cost
-  model of :mod:`gradops.optim._linear_engine`; here at T = 3, 8 and 40), the group also times
+  Where ``linear_gram="auto"`` takes the encoder's Linear layers in factored form (as the
+  optimizer reports after one step; on CPU here at T = 3, 8 and 40), the group also times
   ``linear_gram="off"`` (``GRADOPS_BUFFER``: per-task gradients formed into ``J``), side by
   side.
 * **TorchJD** (``TORCHJD``): ``zero_grad`` + forward + ``torchjd.autojac.mtl_backward(losses,
@@ -62,7 +62,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from .benchmark import _sync, device_name, time_side_by_side
-from .optim._linear_engine import LinearEngine
 
 FLOOR = "floor: T backward passes + step"
 SUM = "EW: one backward of the summed loss + step"
@@ -252,6 +251,14 @@ def gradops_step(s: MTLSetup, method: str, **kwargs) -> Callable[[], None]:
     return step
 
 
+def _uses_linear_engine(step: Callable[[], None]) -> bool:
+    """Run one gradops step and tell whether its optimizer took any layer in factored form (the
+    Linear engine's own decision: cost model, device, method)."""
+    step()
+    engine = step.optimizer._engine  # type: ignore[attr-defined]
+    return engine is not None and engine.last_active > 0
+
+
 def torchjd_step(s: MTLSetup, aggregator) -> Callable[[], None]:
     from torchjd.autojac import jac_to_grad, mtl_backward
     model, opt = s.fresh()
@@ -333,7 +340,7 @@ def bench_mtl_group(s: MTLSetup, method: str, rounds: int = 15, budget_s: float 
     if method == "ew":
         fns[GRADOPS_STATS] = gradops_step(s, method, stats=True)
         labels[GRADOPS_STATS] = "per-task gradients + per-layer Grams, conflict counts, GMS"
-    elif method != "graddrop" and LinearEngine._cheaper(s.T, s.batch, s.width, s.width):
+    elif _uses_linear_engine(fns[GRADOPS]):
         fns[GRADOPS_BUFFER] = gradops_step(s, method, linear_gram="off")
         labels[GRADOPS_BUFFER] = "per-task gradients formed into J (the Linear engine off)"
     if torchjd and s.device.type in ("cpu", "cuda"):

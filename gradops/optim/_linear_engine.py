@@ -179,9 +179,8 @@ class LinearEngine:
         n = 0
         for l in self.layers:
             x = l.x
-            l.active = (self.mode != "off" and not l.tied and l.calls == 1 and l.ok and
-                        x is not None)
-            if l.active and self.mode == "auto":
+            l.active = not l.tied and l.calls == 1 and l.ok and x is not None
+            if l.active:
                 l.active = self._wanted(x, l.module)
             if l.active:
                 shape = (T, x.shape[0], l.module.out_features)
@@ -224,6 +223,13 @@ class LinearEngine:
         for l in self.layers:
             l.x = l.S = l.edge = None
             l.active = False
+
+    def idle(self) -> None:
+        """A step that needs no per-task gradients (one weighted backward): forget this step's
+        forwards and take no layer."""
+        self.end()
+        self.release()
+        self.last_active = 0
 
     def active(self) -> list[_Layer]:
         return [l for l in self.layers if l.active]

@@ -184,10 +184,11 @@ class MTLOptimizer(OptimizerWrapper):
             keep the per-task gradients in factored form (the layer's input and per-task output
             gradients; the per-task weight gradients are never computed) and compute the Gram
             and the combined gradient from them (:func:`gradops.linear_gram`, far fewer
-            operations at small batch) instead of through the layer's columns of ``J``; ``"auto"`` on CPU where
-            its cost model says it is cheaper (see :mod:`gradops.optim._linear_engine`), ``"on"``
-            for every eligible layer on any device. Not used with a process group or with sparse masks (``"on"`` is
-            refused there). Same results up to float32 rounding.
+            operations at small batch) instead of through the layer's columns of ``J``;
+            ``"auto"`` on CPU where its cost model says it is cheaper (see
+            :mod:`gradops.optim._linear_engine`), ``"on"`` for every eligible layer on any
+            device. Not used with a process group, with sparse masks (``"on"`` is refused
+            there) or with GradDrop. Same results up to float32 rounding.
         **options: the method's options, e.g. ``c=0.4`` (CAGrad), ``leak=0.2`` (GradDrop),
             ``max_norm=1.0`` (Nash-MTL), ``normalization="l2"`` (MGDA), ``beta=0.5`` (GradVac),
             ``reduction="mean"``.
@@ -545,14 +546,14 @@ class MTLOptimizer(OptimizerWrapper):
             return self._weighted_backward(roots, seeds, values, retain_graph)
 
         engine = self._engine
-        use_engine = engine is not None and spec.kind != "graddrop" and \
-            engine.begin(roots, T) > 0
+        use_engine = engine is not None and engine.begin(roots, T) > 0   # (None for GradDrop)
         try:
             self._per_task_backward(roots, seeds, retain_graph, engine if use_engine else None)
         finally:
             if engine is not None:
                 engine.end()
         J = self._J        # None when the Linear engine took every shared parameter
+        runs = self._uncovered_runs(engine) if use_engine else []
         if self.process_group is not None and self.sync == "global":
             self._all_reduce_mean(J)
             self._reduce_specific()
@@ -561,11 +562,12 @@ class MTLOptimizer(OptimizerWrapper):
         info = MTLStepInfo()
         need_layers = self.stats_enabled or spec.kind == "layer"
         if need_layers:
-            Gl = self._layer_grams(J, engine) if use_engine else segment_gram(J, self._offsets)
+            Gl = self._layer_grams(J, engine, runs) if use_engine else \
+                segment_gram(J, self._offsets)
             G = Gl.sum(0)
             info.layer_gram = Gl
         elif spec.kind != "graddrop":      # GradDrop needs no Gram (computed with stats=True)
-            G = self._gram(J, engine) if use_engine else gram(J)
+            G = self._gram(J, engine, runs) if use_engine else gram(J)
         if spec.kind != "graddrop" or need_layers:
             info.gram = G
             info.conflict_incidence = metrics.conflict_incidence(G)
@@ -584,7 +586,7 @@ class MTLOptimizer(OptimizerWrapper):
             w, converged = self._weights_from(G, info.layer_gram, values)
             info.weights, info.converged = w, converged
             if use_engine:
-                self._combine_with(engine, J, w, g)
+                self._combine_with(engine, J, w, g, runs)
             else:
                 combine(J, w, self._offsets if w.dim() == 2 else None, out=g)
         if engine is not None:
@@ -610,31 +612,36 @@ class MTLOptimizer(OptimizerWrapper):
                 i0 = None
         return runs
 
-    def _gram(self, J: torch.Tensor | None, engine: LinearEngine) -> torch.Tensor:
-        """``G = J J^T``: active Linear layers from their activations, the rest from ``J``."""
+    def _run_offsets(self, i0: int, i1: int) -> torch.Tensor:
+        """The segment table of shared parameters ``[i0, i1)`` within their columns of ``J``."""
+        return self._offsets_cpu[i0:i1 + 1] - self._offsets_cpu[i0]
+
+    def _gram(self, J: torch.Tensor | None, engine: LinearEngine,
+              runs: list[tuple[int, int]]) -> torch.Tensor:
+        """``G = J J^T``: active Linear layers from their factors, the other ``runs`` of
+        parameters from ``J``."""
         b = self._bounds
         parts = [G for l in engine.active() for _, G in engine.param_grams(l)]
-        parts += [gram(J[:, b[i0]:b[i1]]) for i0, i1 in self._uncovered_runs(engine)
-                  if b[i1] > b[i0]]
+        parts += [gram(J[:, b[i0]:b[i1]]) for i0, i1 in runs if b[i1] > b[i0]]
         return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
 
-    def _layer_grams(self, J: torch.Tensor | None, engine: LinearEngine) -> torch.Tensor:
-        """Per-parameter Grams ``[L, T, T]``: active Linear layers from their factors, the rest
-        from ``J``."""
+    def _layer_grams(self, J: torch.Tensor | None, engine: LinearEngine,
+                     runs: list[tuple[int, int]]) -> torch.Tensor:
+        """Per-parameter Grams ``[L, T, T]``: active Linear layers from their factors, the other
+        ``runs`` of parameters from ``J``."""
         b = self._bounds
         Gl = torch.zeros(self.L, self.T, self.T, dtype=torch.float32, device=self._g.device)
         for l in engine.active():
             for i, G in engine.param_grams(l):
                 Gl[i] = G
-        for i0, i1 in self._uncovered_runs(engine):
-            offs = torch.tensor(b[i0:i1 + 1], dtype=torch.int64) - b[i0]
-            Gl[i0:i1] = segment_gram(J[:, b[i0]:b[i1]], offs)
+        for i0, i1 in runs:
+            Gl[i0:i1] = segment_gram(J[:, b[i0]:b[i1]], self._run_offsets(i0, i1))
         return Gl
 
     def _combine_with(self, engine: LinearEngine, J: torch.Tensor | None, w: torch.Tensor,
-                      g: torch.Tensor) -> None:
+                      g: torch.Tensor, runs: list[tuple[int, int]]) -> None:
         """``g = w^T J`` (per parameter for ``[L, T]`` weights): active Linear layers from their
-        activations, the rest from ``J``."""
+        factors, the other ``runs`` of parameters from ``J``."""
         b, per = self._bounds, w.dim() == 2
         views = self._g_views
         for l in engine.active():
@@ -642,21 +649,19 @@ class MTLOptimizer(OptimizerWrapper):
             engine.combine_into(l, w[l.w_index] if per else w,
                                 None if bi is None else (w[bi] if per else w),
                                 views[l.w_index], None if bi is None else views[bi])
-        for i0, i1 in self._uncovered_runs(engine):
+        for i0, i1 in runs:
             if b[i1] == b[i0]:
                 continue
             if per:
-                offs = torch.tensor(b[i0:i1 + 1], dtype=torch.int64) - b[i0]
-                combine(J[:, b[i0]:b[i1]], w[i0:i1], offs, out=g[b[i0]:b[i1]])
+                combine(J[:, b[i0]:b[i1]], w[i0:i1], self._run_offsets(i0, i1),
+                        out=g[b[i0]:b[i1]])
             else:
                 combine(J[:, b[i0]:b[i1]], w, out=g[b[i0]:b[i1]])
 
     def _weighted_backward(self, roots, seeds, values, retain_graph) -> MTLStepInfo:
         """One backward of ``sum_t w_t L_t`` (EW, or the steps between weight updates)."""
         if self._engine is not None:     # the Linear engine has nothing to do this step
-            self._engine.end()
-            self._engine.release()
-            self._engine.last_active = 0
+            self._engine.idle()
         if self.spec.kind == "sum":
             w = torch.ones(len(roots), dtype=torch.float32, device=values.device)
             if self.spec.options.get("reduction", "sum") == "mean":
