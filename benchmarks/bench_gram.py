@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import gradops
-from gradops import benchmark as peers
+from gradops.bench import peers
+from gradops.bench.gram import equal_offsets
 
 P = int(float(os.environ.get("GRADOPS_BENCH_P", 4_194_304)))
 DEVICE = torch.device(os.environ.get("GRADOPS_BENCH_DEVICE", "cpu"))
@@ -48,7 +49,7 @@ def test_gram(benchmark, J, impl):
 
 @pytest.mark.parametrize("impl", ["gradops.segment_gram", "matmul per segment"])
 def test_segment_gram(benchmark, J, impl):
-    offsets = peers.equal_offsets(J.shape[1], SEGMENTS)
+    offsets = equal_offsets(J.shape[1], SEGMENTS)
     fn = {"gradops.segment_gram": gradops.segment_gram,
           "matmul per segment": peers.segment_matmul_loop}[impl]
     benchmark.extra_info["bytes"] = J.numel() * J.element_size()

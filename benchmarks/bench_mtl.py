@@ -3,7 +3,7 @@
     .venv/bin/python -m pytest benchmarks/bench_mtl.py --benchmark-only \
         --benchmark-group-by=param:method --benchmark-columns=median,iqr,rounds
 
-The model of ``gradops bench --suite mtl`` (``gradops/benchmark_mtl.py``): a 4-layer MLP encoder
+The model of ``gradops bench --suite mtl`` (``gradops/bench/mtl.py``): a 4-layer MLP encoder
 with T linear heads, batch 64, MSE losses, plain SGD. Per method: the floor (zero_grad + forward +
 T backward passes + step), gradops' ``MTLOptimizer`` step, and TorchJD's ``mtl_backward`` +
 ``jac_to_grad`` step with the same method's aggregator (skipped where TorchJD lacks it or its
@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 
-from gradops import benchmark_mtl as bm
+from gradops.bench import mtl as bm
 
 WIDTH = int(os.environ.get("GRADOPS_BENCH_WIDTH", 256))
 T = int(os.environ.get("GRADOPS_BENCH_T", 3))

@@ -19,7 +19,8 @@ import os
 import pytest
 import torch
 
-from gradops import benchmark as peers
+from gradops.bench import sparse as peers
+from gradops.bench.models import vit_b16_encoder
 from gradops.sparse import psn_masks
 
 FRACTION = float(os.environ.get("GRADOPS_BENCH_FRACTION", 0.3))
@@ -30,7 +31,7 @@ IMPLS = [peers.SPARSE_DENSE, "AdamW (torch fused=True)",
 
 @pytest.fixture(scope="module")
 def setup():
-    encoder, source = peers.vit_b16_encoder(DEVICE)
+    encoder, source = vit_b16_encoder(DEVICE)
     masks = psn_masks(encoder, fraction=FRACTION)
     return encoder, masks, source
 

@@ -17,14 +17,16 @@ import os
 import pytest
 import torch
 
-from gradops import benchmark as peers
+from gradops.bench import peers
+from gradops.bench.models import vit_b16_weights
+from gradops.bench.topk import topk_mask_all
 
 K = int(os.environ.get("GRADOPS_BENCH_K", 300))
 DEVICE = torch.device(os.environ.get("GRADOPS_BENCH_DEVICE", "cpu"))
 
 IMPLS = {
     "one_read": lambda ws, k: [w.sum() for w in ws],
-    "gradops.topk_mask": peers.topk_mask_all,
+    "gradops.topk_mask": topk_mask_all,
     "torch.topk loop": peers.torch_topk_masks,
     "argsort per row": peers.argsort_masks,
     "numpy row loop (paper)": peers.numpy_row_loop_masks,
@@ -33,7 +35,7 @@ IMPLS = {
 
 @pytest.fixture(scope="module")
 def weights():
-    return peers.vit_b16_weights(DEVICE)[0]
+    return vit_b16_weights(DEVICE)[0]
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))

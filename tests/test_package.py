@@ -1,4 +1,4 @@
-"""Package-level behaviour: the build, backend report, CLI, segment tables, the quick benchmark."""
+"""Package-level behaviour: the build, backend report, CLI, segment tables, the quick peers."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import gradops
-from gradops import _backend, benchmark
+from gradops import _backend
+from gradops.bench import peers
+from gradops.bench.gram import equal_offsets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,8 +56,20 @@ def test_cli_info_and_bench(tmp_path):
                          capture_output=True, text=True, env=env, check=True).stdout
     assert "| gram | gradops | 2 |" in out and "| segment_gram | gradops | 3 |" in out
     lines = csv_path.read_text().strip().splitlines()
-    assert lines[0].startswith("op,impl,T,P,L,dtype,device,ms")
+    assert lines[0].startswith("date,device_name,torch,triton,gradops,git_rev,omp_wait_policy,"
+                               "op,impl,T,P,L,dtype,device,ms")
     assert len(lines) == 1 + 2 * 8
+    row = dict(zip(lines[0].split(","), lines[1].split(",")))
+    assert row["torch"] == torch.__version__ and row["gradops"] == gradops.__version__
+    assert row["date"].count("-") == 2 and row["device_name"].startswith("cpu")
+    # --append adds one more run's rows under the same header; a file of other columns is refused
+    subprocess.run([sys.executable, "-m", "gradops", "bench", "--suite", "gram", "--T", "2",
+                    "--P", "999", "--segments", "3", "--rounds", "3", "--csv", str(csv_path),
+                    "--append"], capture_output=True, text=True, env=env, check=True)
+    assert len(csv_path.read_text().strip().splitlines()) == 1 + 3 * 8
+    from gradops.bench.report import write_csv
+    with pytest.raises(ValueError, match="has columns"):
+        write_csv([{"other": 1}], str(csv_path), append=True)
     out = subprocess.run([sys.executable, "-m", "gradops", "bench", "--suite", "methods", "--T", "3",
                           "--P", "5000", "--rounds", "3"],
                          capture_output=True, text=True, env=env, check=True).stdout
@@ -68,22 +82,22 @@ def test_method_peers_compute_the_same_thing():
     perms = gradops.random_orders(3, generator=torch.Generator().manual_seed(0))
     from gradops.reference import pcgrad_reference
     assert torch.allclose(gradops.pcgrad(J, perms=perms), pcgrad_reference(J, perms), atol=1e-4)
-    jd = benchmark.torchjd_aggregators()
+    jd = peers.torchjd_aggregators()
     if jd:  # TorchJD's PCGrad uses its own random orders: T = 2 does not depend on them
         J2 = torch.randn(2, 500)
         assert torch.allclose(jd["pcgrad"](J2), gradops.pcgrad(J2), atol=1e-4)
-    assert benchmark.torch_graddrop(J).shape == (500,)
+    assert peers.torch_graddrop(J).shape == (500,)
 
 
 def test_bench_peers_compute_the_same_thing():
     J = torch.randn(4, 999)
-    offsets = benchmark.equal_offsets(999, 10)
+    offsets = equal_offsets(999, 10)
     assert offsets.tolist()[-1] == 999 and len(offsets) == 11
     G = gradops.gram(J)
-    for peer in (benchmark.matmul_gram, benchmark.pair_loop_gram):
+    for peer in (peers.matmul_gram, peers.pair_loop_gram):
         assert torch.allclose(peer(J), G, atol=1e-4)
     Gl = gradops.segment_gram(J, offsets)
-    for peer in (benchmark.segment_matmul_loop, benchmark.segment_pair_loop):
+    for peer in (peers.segment_matmul_loop, peers.segment_pair_loop):
         assert torch.allclose(peer(J, offsets), Gl, atol=1e-4)
 
 
@@ -111,7 +125,7 @@ def test_cli_bench_mtl_smoke(tmp_path):
 
 def test_benchmark_contenders_compute_the_same_step():
     """The mtl suite's floor, batched floor and gradops EW steps move the parameters alike."""
-    from gradops import benchmark_mtl as bm
+    from gradops.bench import mtl as bm
     s = bm.make_setup(3, width=32, depth=2, batch=8)
     results = []
     for make in (bm.floor_step, bm.batched_floor_step, lambda s: bm.gradops_step(s, "ew")):

@@ -363,12 +363,12 @@ def test_errors_name_the_argument(fn):
 
 def test_benchmark_peers_agree_with_reference():
     """The contenders of ``gradops bench --suite topk`` compute the same masks (no ties here)."""
-    from gradops import benchmark
-    assert len(benchmark.VIT_B16_SHAPES) == 49
-    assert sum(torch.Size(s).numel() for s in benchmark.VIT_B16_SHAPES) == 85_524_480
+    from gradops.bench import models, peers, topk
+    assert len(models.VIT_B16_SHAPES) == 49
+    assert sum(torch.Size(s).numel() for s in models.VIT_B16_SHAPES) == 85_524_480
     ws = [_rand((6, 40), seed=40), _rand((5, 3, 4, 4), seed=41), _rand((4, 10), seed=42)]
-    for fn in (benchmark.topk_mask_all, benchmark.torch_topk_masks, benchmark.argsort_masks,
-               benchmark.numpy_row_loop_masks):
+    for fn in (topk.topk_mask_all, peers.torch_topk_masks, peers.argsort_masks,
+               peers.numpy_row_loop_masks):
         for m, w in zip(fn(ws, 12), ws):
             assert torch.equal(torch.as_tensor(m), topk_mask_reference(w, 12)), fn.__name__
 

@@ -1,4 +1,4 @@
-"""One multi-task training step, end to end: ``gradops bench --suite mtl`` (issue 5's headline).
+"""One multi-task training step, end to end: ``gradops bench --suite mtl`` .
 
 The model (ANCHORS.md's): a 4-layer MLP encoder, ``Linear(1024, 1024) + ReLU`` x 4 (4,198,400
 shared parameters), ``T`` linear heads ``Linear(1024, 16)`` (task-specific), batch 64 of fixed
@@ -34,7 +34,7 @@ is one whole training step:
   clarabel / ecos) and are skipped, with a note, where those are not installed.
 
 Per ``T`` and per method, the contenders are timed interleaved round by round in one
-:func:`gradops.benchmark.time_side_by_side` run, and every ratio is to the floor measured in that
+:func:`gradops.bench.timing.time_side_by_side` run, and every ratio is to the floor measured in that
 same run (the floor is re-measured in every method's group). Each row also gives the fastest
 step over the floor's fastest step ("min/min"), and the load average when the group started.
 
@@ -50,26 +50,39 @@ device sync around each, beside the floor's ``T`` backward passes.
 """
 from __future__ import annotations
 
-import copy
+import argparse
 import dataclasses
+import datetime
 import os
-import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
-from .benchmark import _sync, device_name, time_side_by_side
+from .models import MTLNet, MTLSetup, make_setup
+from .peers import torchjd_aggregator
+from .report import emit, write_csv
+from .timing import device_name, load_average, recorded, time_side_by_side
 
 FLOOR = "floor: T backward passes + step"
+
+
 SUM = "EW: one backward of the summed loss + step"
+
+
 GRADOPS = "gradops MTLOptimizer"
+
+
 GRADOPS_STATS = "gradops MTLOptimizer (stats=True)"
+
+
 GRADOPS_BUFFER = "gradops MTLOptimizer (linear_gram='off')"  # the J path for every parameter
+
+
 BATCHED = "floor, batched: one vmap'd backward for all T tasks + step"
+
+
 TORCHJD = "TorchJD mtl_backward + jac_to_grad"
+
 
 METHODS = ("ew", "pcgrad", "pcgrad_layer", "graddrop", "mgda", "cagrad", "imtlg", "nashmtl",
            "alignedmtl", "gradvac")
@@ -79,103 +92,6 @@ per_layer=True)``."""
 GRAM_WEIGHTED = ("pcgrad", "mgda", "cagrad", "imtlg", "nashmtl", "alignedmtl")
 """Methods whose weights come from the whole-model Gram (issue 5's 1.15x target covers these,
 GradDrop, and the per-layer methods)."""
-
-def _torchjd_factories() -> dict[str, tuple[str, Callable[[int], object]]]:
-    from torchjd import aggregation as A
-    return {
-        "ew": ("Mean", lambda T: A.Mean()),
-        "pcgrad": ("PCGrad", lambda T: A.PCGrad()),
-        "graddrop": ("GradDrop", lambda T: A.GradDrop()),
-        "mgda": ("MGDA", lambda T: A.MGDA()),
-        "cagrad": ("CAGrad(c=0.4)", lambda T: A.CAGrad(c=0.4)),
-        "imtlg": ("IMTLG", lambda T: A.IMTLG()),
-        "nashmtl": ("NashMTL", lambda T: A.NashMTL(n_tasks=T)),
-        "alignedmtl": ("AlignedMTL", lambda T: A.AlignedMTL()),
-        "gradvac": ("GradVac (whole model, not per layer)", lambda T: A.GradVac()),
-    }
-
-
-def torchjd_aggregator(method: str, T: int) -> tuple[object | None, str]:
-    """TorchJD's aggregator for ``method`` and its label, or ``(None, why)`` when TorchJD is not
-    installed, has no such method, or the aggregator's optional dependencies are missing (checked
-    by aggregating a small random Jacobian)."""
-    try:
-        import torchjd  # noqa: F401
-    except ImportError:
-        return None, "torchjd not installed"
-    facts = _torchjd_factories()
-    if method not in facts:
-        return None, "no TorchJD counterpart"
-    label, make = facts[method]
-    try:
-        agg = make(T)
-        agg(torch.randn(T, 5, generator=torch.Generator().manual_seed(0)))
-        if hasattr(agg, "reset"):
-            agg.reset()
-    except Exception as exc:  # ImportError of cvxpy & co., raised by the aggregator
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return None, f"TorchJD {label} skipped: {msg}"
-    return agg, label
-
-
-# --- the model ----------------------------------------------------------------------------------
-class MTLNet(nn.Module):
-    """``depth`` x (``Linear(width, width)`` + ReLU) shared encoder, ``T`` heads
-    ``Linear(width, head_out)``."""
-
-    def __init__(self, T: int, width: int = 1024, depth: int = 4, head_out: int = 16):
-        super().__init__()
-        layers: list[nn.Module] = []
-        for _ in range(depth):
-            layers += [nn.Linear(width, width), nn.ReLU()]
-        self.encoder = nn.Sequential(*layers)
-        self.heads = nn.ModuleList(nn.Linear(width, head_out) for _ in range(T))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        f = self.encoder(x)
-        return f, [h(f) for h in self.heads]
-
-
-@dataclasses.dataclass
-class MTLSetup:
-    """A model, its fixed batch, and the constructor arguments of the contenders."""
-    T: int
-    width: int
-    depth: int
-    batch: int
-    head_out: int
-    device: torch.device
-    model: MTLNet
-    x: torch.Tensor
-    y: torch.Tensor           # [T, batch, head_out]
-    lr: float = 1e-4
-
-    @property
-    def shared_params(self) -> int:
-        return sum(p.numel() for p in self.model.encoder.parameters())
-
-    @property
-    def total_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-    def fresh(self) -> tuple[MTLNet, torch.optim.Optimizer]:
-        """A copy of the model (same initial weights) and a fresh SGD over all its parameters."""
-        m = copy.deepcopy(self.model)
-        return m, torch.optim.SGD(m.parameters(), lr=self.lr)
-
-    def losses(self, outs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [F.mse_loss(o, self.y[t]) for t, o in enumerate(outs)]
-
-
-def make_setup(T: int, device: torch.device | str = "cpu", width: int = 1024, depth: int = 4,
-               batch: int = 64, head_out: int = 16, seed: int = 0) -> MTLSetup:
-    dev = torch.device(device)
-    torch.manual_seed(seed)
-    model = MTLNet(T, width, depth, head_out).to(dev)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, width, generator=g).to(dev)
-    y = torch.randn(T, batch, head_out, generator=g).to(dev)
-    return MTLSetup(T, width, depth, batch, head_out, dev, model, x, y)
 
 
 # --- the contenders: each returns a closure doing one training step -----------------------------
@@ -230,7 +146,7 @@ def batched_floor_step(s: MTLSetup) -> Callable[[], None]:
 
 def gradops_optimizer(s: MTLSetup, method: str, model: MTLNet, inner: torch.optim.Optimizer,
                       **kwargs):
-    from .optim.mtl import MTLOptimizer
+    from ..optim.mtl import MTLOptimizer
     per_layer = method == "pcgrad_layer"
     name = "pcgrad" if per_layer else method
     return MTLOptimizer(inner, method=name, shared=model.encoder, per_layer=per_layer,
@@ -300,28 +216,6 @@ class MTLRow:
         return dataclasses.asdict(self)
 
 
-def _recorded(fn: Callable[[], object], device: torch.device
-              ) -> tuple[Callable[[], object], list[float]]:
-    """``fn`` wrapped to record the seconds of each call (synced, as time_side_by_side's)."""
-    times: list[float] = []
-
-    def call():
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        return out
-    return call, times
-
-
-def _load() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
-
-
 def bench_mtl_group(s: MTLSetup, method: str, rounds: int = 15, budget_s: float = 20.0,
                     torchjd: bool = True) -> tuple[list[MTLRow], list[str]]:
     """Time, interleaved, one method's contenders on ``s``: the floor, gradops, TorchJD (and, for
@@ -353,8 +247,8 @@ def bench_mtl_group(s: MTLSetup, method: str, rounds: int = 15, budget_s: float 
         else:
             fns[TORCHJD] = torchjd_step(s, agg)
             labels[TORCHJD] = label
-    rec = {k: _recorded(f, s.device) for k, f in fns.items()}
-    load = _load()
+    rec = {k: recorded(f, s.device) for k, f in fns.items()}
+    load = load_average()
     secs = time_side_by_side({k: c[0] for k, c in rec.items()}, s.device, rounds, budget_s)
     floor = secs[FLOOR]
     best = {k: min(c[1][1:]) for k, c in rec.items()}     # [0] is the warm-up call
@@ -392,183 +286,6 @@ def bench_mtl(Ts: Sequence[int], methods: Sequence[str] = METHODS, device: str =
     return rows, notes
 
 
-# --- where gradops' time goes -------------------------------------------------------------------
-@dataclasses.dataclass
-class StageRow:
-    method: str
-    stage: str
-    T: int
-    ms: float            # median over the rounds
-    share: float         # ms / the whole gradops step, timed in the same rounds
-    x_floor: float       # ms / the floor step, timed in the same rounds
-    device: str
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# the functions and methods MTLOptimizer.backward calls, timed where they are looked up:
-# (object path, attribute, stage label); a name missing from the current code is skipped
-_MODULE_STAGES = (
-    ("gradops.optim.mtl", "gram", "gram (one pass over J)"),
-    ("gradops.optim.mtl", "segment_gram", "segment_gram (per-layer Grams, one pass)"),
-    ("gradops.optim.mtl", "combine", "combine (w^T J into .grad, one pass)"),
-    ("gradops.metrics", "conflict_incidence", "conflict_incidence (T x T)"),
-)
-_METHOD_STAGES = (
-    ("_per_task_backward", "T per-task backward passes (into J; D_t for the Linear engine)"),
-    ("_gram", "Gram (Linear engine, + J's other columns)"),
-    ("_layer_grams", "per-layer Grams (Linear engine, + J's other columns)"),
-    ("_combine_with", "combine (Linear engine, + J's other columns) into .grad"),
-    ("_weighted_backward", "one backward of the weighted loss sum"),
-    ("_weights_from", "weights (T x T solve)"),
-    ("_accumulate", "statistics accumulation"),
-)
-
-
-def _timed(fn: Callable, label: str, out: dict[str, float], device: torch.device,
-           depth: list[int]) -> Callable:
-    """``fn``, timed (with a device sync around it) into ``out[label]``; a call made inside
-    another timed call counts for the outer one only (``depth`` is shared by one step's timers)."""
-    def call(*args, **kwargs):
-        if depth[0]:
-            return fn(*args, **kwargs)
-        depth[0] += 1
-        try:
-            _sync(device)
-            t0 = time.perf_counter()
-            res = fn(*args, **kwargs)
-            _sync(device)
-            out[label] = out.get(label, 0.0) + time.perf_counter() - t0
-            return res
-        finally:
-            depth[0] -= 1
-    return call
-
-
-def _stage_times(opt, model, s: MTLSetup) -> dict[str, float]:
-    """One gradops training step, split into stages by timing (with a device sync around each)
-    the functions and methods that ``MTLOptimizer.backward`` calls (patched for the duration of
-    the call, then restored): nothing of the wrapper's code path is re-implemented here. What
-    ``backward`` spends outside those is reported as "rest of backward" (for GradDrop: its fused
-    pass and the copy into the .grad buffer)."""
-    import importlib
-    dev = s.device
-    out: dict[str, float] = {}
-    depth = [0]
-    patched: list[tuple[object, str, object, bool]] = []
-    for modname, attr, label in _MODULE_STAGES:
-        mod = importlib.import_module(modname)
-        if hasattr(mod, attr):
-            orig = getattr(mod, attr)
-            setattr(mod, attr, _timed(orig, label, out, dev, depth))
-            patched.append((mod, attr, orig, False))
-    for attr, label in _METHOD_STAGES:
-        if hasattr(opt, attr):
-            setattr(opt, attr, _timed(getattr(opt, attr), label, out, dev, depth))
-            patched.append((opt, attr, None, True))
-    try:
-        _sync(dev)
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        _, outs = model(s.x)
-        losses = s.losses(outs)
-        _sync(dev)
-        t1 = time.perf_counter()
-        opt.backward(losses)
-        _sync(dev)
-        t2 = time.perf_counter()
-        opt.step()
-        _sync(dev)
-        t3 = time.perf_counter()
-    finally:
-        for obj, attr, orig, is_instance in reversed(patched):
-            if is_instance:
-                delattr(obj, attr)          # back to the class's method
-            else:
-                setattr(obj, attr, orig)
-    inner = sum(out.values())
-    res = {"forward + losses": t1 - t0, **out,
-           "rest of backward (Python, info; GradDrop's fused pass)": (t2 - t1) - inner,
-           "optimizer step": t3 - t2}
-    return res
-
-
-def _floor_stage_times(model, inner, s: MTLSetup) -> dict[str, float]:
-    dev = s.device
-    _sync(dev)
-    t0 = time.perf_counter()
-    inner.zero_grad(set_to_none=True)
-    _, outs = model(s.x)
-    losses = s.losses(outs)
-    _sync(dev)
-    t1 = time.perf_counter()
-    for t, loss in enumerate(losses):
-        loss.backward(retain_graph=t < s.T - 1)
-    _sync(dev)
-    t2 = time.perf_counter()
-    inner.step()
-    _sync(dev)
-    t3 = time.perf_counter()
-    return {"forward + losses": t1 - t0, "T backward passes": t2 - t1,
-            "optimizer step": t3 - t2}
-
-
-def breakdown_case(s: MTLSetup, methods: Sequence[str] = METHODS, rounds: int = 10,
-                   budget_s: float = 20.0) -> list[StageRow]:
-    """gradops' step split into stages, per method, interleaved with the floor's stages (round by
-    round), plus both whole steps timed in the same rounds. Medians; ``x_floor`` is each stage
-    over the whole floor step."""
-    dev = s.device
-    contenders = {}
-    for m in methods:
-        model, inner = s.fresh()
-        contenders[m] = (gradops_optimizer(s, m, model, inner), model)
-    fmodel, finner = s.fresh()
-    whole_floor = floor_step(s)
-    whole = {m: gradops_step(s, m) for m in methods}
-    for m, (opt, model) in contenders.items():      # warm-up (builds the buffers)
-        _, outs = model(s.x)
-        opt.zero_grad()
-        opt.backward(s.losses(outs))
-        opt.step()
-    _floor_stage_times(fmodel, finner, s)
-    for f in (whole_floor, *whole.values()):
-        f()
-    stage: dict[str, dict[str, list[float]]] = {m: {} for m in [*methods, "floor"]}
-    step_t: dict[str, list[float]] = {m: [] for m in [*methods, "floor"]}
-    start = time.perf_counter()
-    for r in range(rounds):
-        for name, sec in _floor_stage_times(fmodel, finner, s).items():
-            stage["floor"].setdefault(name, []).append(sec)
-        _sync(dev)
-        t0 = time.perf_counter()
-        whole_floor()
-        _sync(dev)
-        step_t["floor"].append(time.perf_counter() - t0)
-        for m, (opt, model) in contenders.items():
-            for name, sec in _stage_times(opt, model, s).items():
-                stage[m].setdefault(name, []).append(sec)
-            _sync(dev)
-            t0 = time.perf_counter()
-            whole[m]()
-            _sync(dev)
-            step_t[m].append(time.perf_counter() - t0)
-        if r >= 2 and time.perf_counter() - start > budget_s:
-            break
-    floor = statistics.median(step_t["floor"])
-    rows = []
-    for m in ["floor", *methods]:
-        whole_m = statistics.median(step_t[m])
-        for name, v in stage[m].items():
-            med = statistics.median(v)
-            rows.append(StageRow(method=m, stage=name, T=s.T, ms=med * 1e3, share=med / whole_m,
-                                 x_floor=med / floor, device=device_name(dev)))
-        rows.append(StageRow(method=m, stage="whole step (timed apart)", T=s.T, ms=whole_m * 1e3,
-                             share=1.0, x_floor=whole_m / floor, device=device_name(dev)))
-    return rows
-
-
 # --- output ------------------------------------------------------------------------------------
 def format_mtl_table(rows: Sequence[MTLRow]) -> str:
     """One line per (T, method): the floor, gradops, TorchJD (and EW's reference lines).
@@ -602,9 +319,43 @@ def format_mtl_table(rows: Sequence[MTLRow]) -> str:
     return "\n".join([head, *body])
 
 
-def format_stage_table(rows: Sequence[StageRow]) -> str:
-    head = ("| method | stage | ms | share of its step | x floor step |\n"
-            "|---|---|---:|---:|---:|")
-    body = [f"| {r.method} | {r.stage} | {r.ms:.2f} | {r.share:.2f} | {r.x_floor:.3f} |"
-            for r in rows]
-    return "\n".join([head, *body])
+
+def main(args: argparse.Namespace) -> int:
+    """``gradops bench --suite mtl``: one training step of a 4-layer MLP (4.2M shared params)
+    with T heads, every method: gradops vs T plain backward passes (the floor) vs TorchJD."""
+    import sys
+
+    from .._backend import use_backend
+    from .gram import parse_ints
+    from .mtl_breakdown import breakdown_case, format_stage_table
+    device = torch.device(args.device)
+    Ts = parse_ints(args.T or "3,8,40")
+    methods = [x.strip() for x in args.methods.split(",") if x.strip()] if args.methods \
+        else list(METHODS)
+    bad = [x for x in methods if x not in METHODS]
+    if bad:
+        print(f"gradops bench --suite mtl: unknown method(s) {bad}; valid: "
+              f"{', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    width = 256 if args.quick else 1024
+    omp = os.environ.get("OMP_WAIT_POLICY", "(unset; PASSIVE advised on a shared machine)")
+    print(f"gradops bench --suite mtl: device {device_name(device)}, fp32, MLP encoder "
+          f"4 x Linear({width}, {width}), batch 64, T in {Ts}, SGD, {datetime.date.today()}, "
+          f"OMP_WAIT_POLICY={omp}", flush=True)
+    with use_backend(args.backend):
+        rows, notes = bench_mtl(Ts, methods, device=str(device), width=width,
+                                rounds=args.rounds, budget_s=args.budget,
+                                progress=lambda line: print(line, flush=True))
+        emit(format_mtl_table(rows), notes, rows, args.csv, device, args.append)
+        if args.breakdown:
+            T_b = 8 if 8 in Ts else Ts[0]
+            stages = breakdown_case(make_setup(T_b, device, width=width), methods,
+                                    rounds=args.rounds, budget_s=args.budget)
+            print(f"\ngradops step breakdown, T = {T_b} (stages timed one by one, synced):\n")
+            print(format_stage_table(stages))
+            if args.csv:
+                path = (args.csv[:-4] if args.csv.endswith(".csv") else args.csv) + \
+                    "_breakdown.csv"
+                write_csv(stages, path, device, args.append)
+                print(f"wrote {path}")
+    return 0

@@ -1,0 +1,27 @@
+"""Benchmarks of gradops against the implementations in use today (``gradops bench``).
+
+One module per suite, each with a ``main(args) -> int`` that ``gradops bench --suite NAME``
+calls; shared pieces in their own modules:
+
+=================  ==============================================================================
+``timing``         contenders timed interleaved, round by round; device names; load average
+``peers``          the implementations measured against (pair loops, matmuls, TorchJD, numpy)
+``models``         the models the suites time (ViT-B/16's encoder, the multi-task MLP)
+``report``         rows, Markdown tables, results CSVs with date/device/versions/revision columns
+``gram``           suite ``gram``: ``gram`` / ``segment_gram`` (and ``all`` = gram + methods)
+``methods``        suite ``methods``: ``combine`` / ``pcgrad`` / ``graddrop``
+``topk``           suite ``topk``: per-neuron top-K masks of ViT-B/16's weights
+``sparse``         suite ``sparse``: ``SparseAdamW`` vs dense AdamW
+``mtl``            suite ``mtl``: one training step per method vs the floor and TorchJD
+``mtl_breakdown``  ``--suite mtl --breakdown``: that step split into its stages
+=================  ==============================================================================
+
+``benchmarks/bench_*.py`` (pytest-benchmark) pick a suite's cases from here. See
+``docs/benchmarks.md`` for how to run and read them.
+"""
+from __future__ import annotations
+
+SUITES = ("all", "gram", "methods", "topk", "sparse", "mtl")
+"""The suites of ``gradops bench --suite``; ``all`` is gram + methods in one table."""
+
+__all__ = ["SUITES"]

@@ -1,0 +1,80 @@
+"""``gradops bench --suite gram``: ``gram`` and ``segment_gram`` against ``J @ J.T``, a matmul per
+segment and the Python pair loops of LibMTL and Recon, beside the one-read floor."""
+from __future__ import annotations
+
+import argparse
+import datetime
+from collections.abc import Callable
+
+import torch
+
+from ..ops.gram import gram, segment_gram
+from ..segments import offsets_from_numels
+from .peers import (FLOOR, column_sum, matmul_gram, one_read, pair_loop_gram,
+                    segment_matmul_loop, segment_pair_loop)
+from .report import Row, emit, format_rows, op_rows
+
+
+def equal_offsets(P: int, L: int) -> torch.Tensor:
+    """``L`` segments of (nearly) equal size covering ``P`` columns."""
+    base, extra = divmod(P, L)
+    return offsets_from_numels([base + (1 if i < extra else 0) for i in range(L)])
+
+
+def bench_case(T: int, P: int, L: int, dtype: torch.dtype, device: torch.device, rounds: int = 15,
+               pair_loops: bool = True, budget_s: float = 20.0) -> list[Row]:
+    """Time every contender for one shape; returns one :class:`Row` per (op, implementation)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    J = torch.randn(T, P, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+    offsets = equal_offsets(P, L)
+    fns: dict[str, Callable[[], object]] = {
+        FLOOR: lambda: one_read(J),
+        "column sum (J.sum(0))": lambda: column_sum(J),
+        "gram: gradops": lambda: gram(J),
+        "gram: J @ J.T": lambda: matmul_gram(J),
+        "segment_gram: gradops": lambda: segment_gram(J, offsets),
+        "segment_gram: matmul per segment": lambda: segment_matmul_loop(J, offsets),
+    }
+    if pair_loops:
+        fns["gram: pair loop (LibMTL/Recon)"] = lambda: pair_loop_gram(J)
+        fns["segment_gram: pair loop per layer (Recon)"] = lambda: segment_pair_loop(J, offsets)
+    return op_rows(fns, J, L, device, rounds, budget_s)
+
+
+
+def header(args: argparse.Namespace, suite: str, P: int, Ts: list[int]) -> str:
+    from .timing import device_name
+    return (f"gradops bench --suite {suite}: device {device_name(torch.device(args.device))}, "
+            f"dtype {args.dtype}, P = {P:,}, L = {args.segments} segments, T in {Ts}, "
+            f"{datetime.date.today()}")
+
+
+def main(args: argparse.Namespace, suites: tuple[str, ...] = ("gram",)) -> int:
+    """Run the ops suites named in ``suites`` (``gram``, ``methods``) for every T: one table."""
+    from .._backend import use_backend
+    from .methods import bench_methods_case
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    P = args.P if args.P else (262_144 if args.quick else 4_194_304)
+    Ts = parse_ints(args.T or "2,8,40")
+    print(header(args, "+".join(suites), P, Ts), flush=True)
+    rows: list[Row] = []
+    with use_backend(args.backend):
+        for T in Ts:
+            if "gram" in suites:
+                rows += bench_case(T, P, args.segments, dtype, device, rounds=args.rounds,
+                                   pair_loops=not args.no_pair_loops, budget_s=args.budget)
+            if "methods" in suites:
+                rows += bench_methods_case(T, P, dtype, device, rounds=args.rounds,
+                                           vector_form=not args.no_pair_loops,
+                                           budget_s=args.budget)
+            print(f"  T = {T} done", flush=True)
+    return emit(format_rows(rows), [], rows, args.csv, device, args.append)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_ints(text: str) -> list[int]:
+    """``"2,8,40"`` -> ``[2, 8, 40]`` (``"1e3"`` is accepted)."""
+    return [int(float(x)) for x in text.split(",") if x]

@@ -1,0 +1,48 @@
+"""``gradops bench --suite methods``: ``combine``, ``pcgrad`` and ``graddrop`` against ``w @ J``,
+the vector form of PCGrad with a host sync per pair (LibMTL, the paper), the torch formula of
+GradDrop and TorchJD's aggregators, beside the one-read floor."""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+
+from ..ops.combine import combine
+from ..ops.graddrop import graddrop
+from ..ops.pcgrad import pcgrad, random_orders
+from ..reference import pcgrad_reference
+from .peers import FLOOR, column_sum, one_read, torch_graddrop, torchjd_aggregators
+from .report import Row, op_rows
+
+
+def bench_methods_case(T: int, P: int, dtype: torch.dtype, device: torch.device,
+                       rounds: int = 15, vector_form: bool = True,
+                       budget_s: float = 20.0) -> list[Row]:
+    """Time combine, PCGrad and GradDrop against their peers for one shape."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    J = torch.randn(T, P, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+    w = torch.randn(T, generator=g).to(device)
+    perms = random_orders(T, generator=g, device=device)
+    fns: dict[str, Callable[[], object]] = {
+        FLOOR: lambda: one_read(J),
+        "column sum (J.sum(0))": lambda: column_sum(J),
+        "combine: gradops": lambda: combine(J, w),
+        "combine: w @ J": lambda: w.to(J.dtype) @ J,
+        "pcgrad: gradops": lambda: pcgrad(J, perms=perms),
+        "graddrop: gradops": lambda: graddrop(J),
+        "graddrop: torch formula": lambda: torch_graddrop(J),
+    }
+    if vector_form:
+        fns["pcgrad: vector form, sync per pair (LibMTL)"] = lambda: pcgrad_reference(J, perms)
+    jd = torchjd_aggregators()
+    if jd and dtype == torch.float32:
+        fns["pcgrad: TorchJD PCGrad"] = lambda: jd["pcgrad"](J)
+        fns["graddrop: TorchJD GradDrop"] = lambda: jd["graddrop"](J)
+    return op_rows(fns, J, 1, device, rounds, budget_s)
+
+
+
+def main(args: argparse.Namespace) -> int:
+    from .gram import main as ops_main
+    return ops_main(args, ("methods",))

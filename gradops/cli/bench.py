@@ -1,0 +1,68 @@
+"""``gradops bench``: benchmark the ops and the optimizer against the implementations in use.
+
+Only argument parsing lives here; each suite is a module of :mod:`gradops.bench` with a
+``main(args)``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import torch
+
+from ..bench import SUITES
+
+
+def run(args: argparse.Namespace) -> int:
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        print("gradops bench: --device cuda asked for, but no CUDA device is visible",
+              file=sys.stderr)
+        return 2
+    if args.suite == "all":
+        from ..bench.gram import main as ops_main
+        return ops_main(args, ("gram", "methods"))
+    return importlib.import_module(f"gradops.bench.{args.suite}").main(args)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    pb = sub.add_parser("bench", help="benchmark the ops against reference implementations")
+    pb.add_argument("--suite", choices=SUITES,
+                    default="all",
+                    help="gram: gram/segment_gram; methods: combine/pcgrad/graddrop; topk: "
+                         "per-neuron top-k masks of ViT-B/16's weights; sparse: SparseAdamW vs "
+                         "dense AdamW steps on ViT-B/16's encoder; mtl: one training step of a "
+                         "4.2M-parameter MLP with T heads, every MTLOptimizer method vs T plain "
+                         "backward passes vs TorchJD (topk, sparse and mtl are not part of all)")
+    pb.add_argument("--T", default=None,
+                    help="comma-separated task counts (default 2,8,40; mtl suite: 3,8,40)")
+    pb.add_argument("--methods", default=None,
+                    help="mtl suite: comma-separated methods (default all: ew, pcgrad, "
+                         "pcgrad_layer, graddrop, mgda, cagrad, imtlg, nashmtl, alignedmtl, "
+                         "gradvac)")
+    pb.add_argument("--breakdown", action="store_true",
+                    help="mtl suite: also split gradops' step into stages at T = 8")
+    pb.add_argument("--P", type=lambda s: int(float(s)), default=0,
+                    help="columns of J (default 4,194,304; 262,144 with --quick)")
+    pb.add_argument("--segments", type=int, default=100, help="segments for segment_gram")
+    pb.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    pb.add_argument("--device", default="cpu", help="cpu or cuda")
+    pb.add_argument("--backend", default=None, help="force a gradops backend "
+                    "(triton, cuda, cpp, torch)")
+    pb.add_argument("--k", type=int, default=300,
+                    help="topk suite: entries kept per output neuron (default 300, the paper's)")
+    pb.add_argument("--fraction", type=float, default=0.3,
+                    help="sparse suite: trainable fraction of the encoder (default 0.3)")
+    pb.add_argument("--rounds", type=int, default=15, help="timed rounds (median reported)")
+    pb.add_argument("--budget", type=float, default=20.0,
+                    help="seconds per shape after which timing stops (>= 3 rounds)")
+    pb.add_argument("--quick", action="store_true",
+                    help="small P (a smoke run); mtl suite: a 4 x Linear(256, 256) encoder")
+    pb.add_argument("--no-pair-loops", action="store_true",
+                    help="skip the Python pair-loop peers and the vector-form PCGrad (slow at "
+                         "large T), and in the topk suite the paper's per-row numpy loop")
+    pb.add_argument("--csv", default=None, help="also write the rows to this CSV file (with "
+                    "date, device, versions and git revision columns)")
+    pb.add_argument("--append", action="store_true",
+                    help="add the rows to an existing --csv file with the same columns")
+    pb.set_defaults(fn=run)
