@@ -16,7 +16,7 @@ from gradops import weighting
 from gradops.ops.graddrop import draw_seed
 from gradops.ops.pcgrad import random_orders
 from gradops.optim import MTLOptimizer
-from gradops.optim._methods import gradvac_weights
+from gradops.weighting import gradvac_weights
 from gradops.reference import graddrop_reference, pcgrad_reference, philox_uniform_reference
 
 GRAM_METHODS = ["mgda", "cagrad", "imtlg", "nashmtl", "alignedmtl"]

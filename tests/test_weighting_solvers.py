@@ -1,6 +1,6 @@
 """gradops.weighting's solver backends against the torch reference loops: the C++ CPU loops
 (csrc/weighting_cpu.cpp) and, under TRITON_INTERPRET=1, the Triton programs of
-gradops/_solver_kernels.py (the GPU path; on a GPU, tests/test_gpu.py runs them for real).
+gradops/weighting/_triton_solvers.py (the GPU path; on a GPU, tests/test_gpu.py runs them for real).
 
 The C++ loops run the torch loops' algorithms in double precision, the Triton ones in G's dtype. For Nash-MTL (Newton: no
 discrete choices) that gives the same iterates to rounding. Pairwise Frank-Wolfe picks a vertex
@@ -21,6 +21,7 @@ import torch
 import gradops
 from gradops import _backend
 from gradops import weighting as W
+from gradops.weighting import _common as WC, _solvers as WS
 
 from conftest import cpu_backends
 
@@ -140,7 +141,7 @@ class _Spy:
 @pytest.fixture
 def spy(monkeypatch):
     s = _Spy()
-    monkeypatch.setattr(W, "_C", s)
+    monkeypatch.setattr(WS, "_C", s)
     return s
 
 
@@ -161,13 +162,13 @@ def test_default_backend_on_cpu_is_cpp(spy, monkeypatch):
     assert cpu["live"] == (["triton"] if interpreted else []) + ["cpp", "torch"]
     assert "weighting_solvers" in gradops.format_info()
     G = _gram(CASES["random_T5"], torch.float32)
-    assert W._solver_backend(G) == "cpp"
+    assert WS._solver_backend(G) == "cpp"
     _call_all(G)
     assert spy.calls == ["pairwise_fw_cpu", "pairwise_fw_cpu", "pairwise_fw_cpu",
                          "nash_newton_cpu"]
     spy.calls.clear()
     with gradops.use_backend("torch"):
-        assert W._solver_backend(G) == "torch"
+        assert WS._solver_backend(G) == "torch"
         _call_all(G)
     monkeypatch.setenv("GRADOPS_BACKEND", "torch")
     _call_all(G)
@@ -183,12 +184,12 @@ def test_forced_triton_runs_the_triton_solvers_or_says_why(monkeypatch):
     not have (``cuda``) leaves them their automatic choice; T > 64 cannot use Triton."""
     G = _gram(CASES["random_T3"], torch.float32)
     calls = []
-    real = W._solver_kernels.pairwise_fw_triton
-    monkeypatch.setattr(W._solver_kernels, "pairwise_fw_triton",
+    real = WS._triton_solvers.pairwise_fw_triton
+    monkeypatch.setattr(WS._triton_solvers, "pairwise_fw_triton",
                         lambda *a: calls.append(1) or real(*a))
     with gradops.use_backend("triton"):
         if "triton" in cpu_backends():
-            assert W._solver_backend(G) == "triton"
+            assert WS._solver_backend(G) == "triton"
             W.mgda(G)
             assert calls == [1]
             with pytest.raises(RuntimeError, match="T <= 64"):
@@ -197,7 +198,7 @@ def test_forced_triton_runs_the_triton_solvers_or_says_why(monkeypatch):
             with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
                 W.mgda(G)
     with gradops.use_backend("cuda"):
-        assert W._solver_backend(G) == ("cpp" if "cpp" in cpu_backends() else "torch")
+        assert WS._solver_backend(G) == ("cpp" if "cpp" in cpu_backends() else "torch")
 
 
 @pytest.mark.skipif("triton" not in cpu_backends(), reason="Triton is not interpreted here")
@@ -344,12 +345,12 @@ def test_mgda_matches_torch(name, normalization, dtype, backend):
 
 def _cagrad_problem(G: torch.Tensor, c: float):
     """CAGrad's Frank-Wolfe problem as gradops.weighting.cagrad sets it up."""
-    G = W._prep(G, "test")
+    G = WC._prep(G, "test")
     T = G.shape[0]
     b = G.sum(1) / T
     k = c * torch.sqrt(torch.clamp(b.sum() / T, min=0.0))
-    scale = torch.clamp(G.diagonal().max(), min=W._tiny(G))
-    delta2 = (math.sqrt(W._eps(G)) ** 2) * scale + W._tiny(G)
+    scale = torch.clamp(G.diagonal().max(), min=WC._tiny(G))
+    delta2 = (math.sqrt(WC._eps(G)) ** 2) * scale + WC._tiny(G)
     return G, b, k, delta2, scale
 
 
@@ -368,7 +369,7 @@ def test_cagrad_solver_matches_torch(name, c, dtype, backend):
     res = {}
     for bk in ("torch", backend):
         with gradops.use_backend(bk):
-            res[bk] = W._pairwise_fw(G, 250, 1e-6, scale, b=b, k=k, delta2=delta2)
+            res[bk] = WS._pairwise_fw(G, 250, 1e-6, scale, b=b, k=k, delta2=delta2)
     (w_t, st_t), (w_c, st_c) = res["torch"], res[backend]
     assert bool(st_t.converged) and bool(st_c.converged), (st_t, st_c)
     assert _its_close(int(st_t.iterations), int(st_c.iterations)), (st_t, st_c)

@@ -13,7 +13,8 @@ Kinds:
   segmented ``combine``.
 - ``"graddrop"``: GradDrop's fused pass over ``J``.
 
-GradVac's Gram-form recurrence lives here too (it carries state: the EMA targets).
+GradVac's Gram-form recurrence is :func:`gradops.weighting.gradvac_weights` (its state, the EMA
+targets, lives in the optimizer).
 """
 from __future__ import annotations
 
@@ -21,11 +22,10 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
 
 from .. import weighting
 
-__all__ = ["MethodSpec", "resolve_method", "gradvac_weights", "METHOD_NAMES"]
+__all__ = ["MethodSpec", "resolve_method", "METHOD_NAMES"]
 
 # weightings whose weights do not change when every task gradient is scaled by the same s > 0,
 # so that GradScaler's scaled gradients give the scaled update (the others get the unscaled Gram)
@@ -105,49 +105,3 @@ def _check_options(name: str, options: dict[str, Any], allowed: set[str]) -> Non
     if bad:
         raise TypeError(f"MTLOptimizer: method {name!r} takes no option(s) {bad}; its options: "
                         f"{sorted(allowed) or 'none'}")
-
-
-def gradvac_weights(G: torch.Tensor, targets: torch.Tensor, perms: torch.Tensor, beta: float,
-                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GradVac (Wang et al., "Gradient Vaccine", ICLR 2021, Alg. 1) per layer, in Gram form.
-
-    For each layer ``l`` and task ``i``: ``g_i' = g_i``; for ``j != i`` in the order ``perms[i]``,
-    with ``phi = cos(g_i', g_j)`` and the EMA target ``phi^ = targets[l, i, j]``: if
-    ``phi < phi^``, ``g_i' += g_j ||g_i'|| (phi^ sqrt(1 - phi^2) - phi sqrt(1 - phi^^2)) /
-    (||g_j|| sqrt(1 - phi^^2))`` (Eq. 8); then ``phi^ <- (1 - beta) phi^ + beta phi`` (Eq. 9,
-    LibMTL's placement: every visited pair). The update is ``sum_i g_i'``.
-
-    With ``g_i' = sum_k C[l, i, k] g_k`` every quantity is a function of ``G``: all rows and layers
-    advance together, ``T`` steps of batched ``[L, T, T]`` arithmetic on ``G``'s device.
-
-    Args:
-        G: per-layer Grams ``[L, T, T]``; targets: ``[L, T, T]`` EMA targets (start at 0);
-        perms: ``[T, T]`` orders (row ``i`` visits the tasks in that order; ``j = i`` is skipped).
-    Returns:
-        weights ``[L, T]`` (``sum_i C[l, i, :]``) and the new targets (non-finite values leave
-        the old targets in place, so one overflowed AMP step does not poison the EMA).
-    """
-    L, T, _ = G.shape
-    G = G.to(torch.float32)
-    C = torch.eye(T, dtype=G.dtype, device=G.device).expand(L, T, T).clone()
-    tgt = targets.clone()
-    rows = torch.arange(T, device=G.device)
-    diag = G.diagonal(dim1=-2, dim2=-1)                       # [L, T]
-    for s in range(T):
-        j = perms[:, s]                                       # [T]: the task row i visits now
-        active = (j != rows)[None, :]                         # [1, T]
-        CG = C @ G                                            # [L, T, T]
-        dot = CG[:, rows, j]                                  # (C G)_{i j}
-        ni = torch.sqrt(torch.clamp((CG * C).sum(-1), min=0))  # ||g_i'||
-        nj = torch.sqrt(torch.clamp(diag[:, j], min=0))       # ||g_j||
-        phi = dot / (ni * nj + eps)
-        phi_t = tgt[:, rows, j]
-        root_t = torch.sqrt(torch.clamp(1 - phi_t * phi_t, min=0))
-        root = torch.sqrt(torch.clamp(1 - phi * phi, min=0))
-        coef = ni * (phi_t * root - phi * root_t) / (nj * root_t + eps)
-        coef = torch.where(active & (phi < phi_t), coef, torch.zeros_like(coef))
-        C[:, rows, j] += coef
-        new_t = (1 - beta) * phi_t + beta * phi
-        keep = active & torch.isfinite(new_t)
-        tgt[:, rows, j] = torch.where(keep, new_t, phi_t)
-    return C.sum(1), tgt

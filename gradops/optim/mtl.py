@@ -31,9 +31,8 @@ The first step also walks the autograd graph to find the shared parameters when
 """
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -50,9 +49,10 @@ from ..ops.pcgrad import pcgrad_weights, random_orders
 from ..segments import offsets_from_numels
 from ._graph import leaf_uses
 from ._linear_engine import MODES as LINEAR_MODES, LinearEngine
-from ._methods import SCALE_INVARIANT, MethodSpec, gradvac_weights, resolve_method
+from ..weighting import gradvac_weights
+from ._methods import SCALE_INVARIANT, MethodSpec, resolve_method
 from ._wrapper import OptimizerWrapper
-from .sparse_training import SparseTraining, resolve_masks
+from .sparse_training import SparseTraining
 
 __all__ = ["MTLOptimizer", "MTLStepInfo"]
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend
+from .. import _backend
 
 MAX_T = 64
 """Largest ``T`` the Triton solvers take (``G`` lives in the registers of one program)."""

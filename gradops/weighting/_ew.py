@@ -1,0 +1,21 @@
+"""Equal weighting (EW, "Joint Train")."""
+from __future__ import annotations
+
+
+import torch
+
+from ._common import _closed_status, _poison, _prep, _ret
+
+
+def ew(G: torch.Tensor, reduction: str = "sum", *, return_status: bool = False):
+    """Equal weighting ("Joint Train", SPEC §4): ``w = 1`` (``reduction="sum"``, the sum of the
+    losses) or ``w = 1/T`` (``"mean"``, the ST paper's average loss). ``G`` only gives ``T``,
+    the device and the dtype."""
+    G = _prep(G, "ew")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"gradops.weighting.ew: reduction must be 'sum' or 'mean', "
+                         f"got {reduction!r}")
+    T = G.shape[0]
+    w = torch.full((T,), 1.0 if reduction == "sum" else 1.0 / T, dtype=G.dtype, device=G.device)
+    w = w + _poison(G)                       # NaN/Inf in G propagate, as in every other method
+    return _ret(w, _closed_status(w), return_status)

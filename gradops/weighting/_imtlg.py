@@ -1,0 +1,51 @@
+"""IMTL-G (Liu et al. 2021)."""
+from __future__ import annotations
+
+
+import torch
+
+from ._common import _closed_status, _eigh_psd, _eps, _prep, _ret
+
+
+def imtlg(G: torch.Tensor, ridge: float = 0.0, rcond: float | None = None, *,
+          return_status: bool = False):
+    """IMTL-G (Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021, the gradient
+    balance part, IMTL-G):
+    the update ``d = sum_i alpha_i g_i`` with ``sum_i alpha_i = 1`` has equal projections onto
+    every unit gradient ``u_i = g_i / ||g_i||``.
+
+    Closed form from ``G`` only. The paper's form ``alpha_{2..T} = g_1 U^T (D U^T)^{-1}``
+    (``D = g_1 - g_i``, ``U = u_1 - u_i``) is the solution of ``d . u_i = d . u_1``; since
+    ``d . u_i = (G alpha)_i / n_i`` (``n_i = sqrt(G_ii)``) that condition reads
+    ``G alpha = lambda n``, hence ``alpha = G^{-1} n / (1^T G^{-1} n)`` — the same weights when
+    ``G`` is invertible, symmetric in the tasks, and with ``G^{-1}`` replaced by the
+    pseudo-inverse (``torch.linalg.eigh``, eigenvalues ``<= rcond * l_max`` cut, default
+    ``rcond = T eps``) when it is not: TorchJD's generalisation (Quinton & Rey, "Jacobian
+    Descent"). Duplicate tasks then share their weight, and a zero gradient gets weight 0 while the
+    others get the IMTL-G weights of the remaining tasks. For a ``J`` of rank ``< T`` whose
+    ``n`` is not in the range of ``G`` this is the least-squares compromise (the paper's exact
+    condition would force ``d = 0`` there). ``ridge > 0`` uses ``1 / (l + ridge * l_max)``
+    instead of ``1 / l`` on the kept eigenvalues (Tikhonov damping of near-singular systems).
+
+    ``T = 1`` gives ``[1]``. If ``|1^T G^+ n|`` vanishes (``<= eps / max_i n_i``), ``w = 0``
+    (TorchJD's choice). Weights are invariant to ``J -> sJ``; ``d`` scales by ``s``.
+    """
+    G = _prep(G, "imtlg")
+    if not isinstance(ridge, (int, float)) or not ridge >= 0:
+        raise ValueError(f"gradops.weighting.imtlg: ridge must be a float >= 0, got {ridge!r}")
+    T = G.shape[0]
+    if T == 1:
+        w = torch.ones(1, dtype=G.dtype, device=G.device) + 0.0 * G[0]
+        return _ret(w, _closed_status(w), return_status)
+    n = torch.sqrt(torch.clamp(G.diagonal(), min=0.0))
+    l, V, keep, poison = _eigh_psd(G, rcond)
+    lmax = torch.clamp(l.max(), min=0.0)
+    inv = torch.where(keep, 1.0 / torch.where(keep, l + ridge * lmax, torch.ones_like(l)),
+                      torch.zeros_like(l))
+    v = V @ (inv * (V.T @ n))
+    v = torch.where(n > _eps(G) * n.max(), v, torch.zeros_like(v))   # zero gradients: exactly 0
+    s = v.sum()
+    ok = s.abs() * n.max() > _eps(G)
+    w = torch.where(ok, v / torch.where(ok, s, torch.ones_like(s)), torch.zeros_like(v))
+    w = w + poison                          # NaN / Inf in G propagate
+    return _ret(w, _closed_status(w), return_status)

@@ -1,0 +1,21 @@
+"""PCGrad (Yu et al. 2020) as a weighting of the Gram."""
+from __future__ import annotations
+
+
+import torch
+
+from ..ops.pcgrad import pcgrad_weights
+from ._common import _closed_status, _ret
+
+
+def pcgrad(G: torch.Tensor, generator: torch.Generator | None = None,
+           perms: torch.Tensor | None = None, reduction: str = "sum", *,
+           return_status: bool = False):
+    """PCGrad (Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020, Alg. 1) in
+    Gram form: :func:`gradops.pcgrad_weights` (docs/methods.md#pcgrad). Weights are float32 whatever ``G``'s
+    dtype (the op's recurrence runs in fp32); invariant to ``J -> sJ``."""
+    if not isinstance(G, torch.Tensor) or G.dim() != 2:
+        raise ValueError(f"gradops.weighting.pcgrad: G must be a square Gram [T, T], got "
+                         f"{tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__}")
+    w = pcgrad_weights(G, generator=generator, perms=perms, reduction=reduction)
+    return _ret(w, _closed_status(w), return_status)
