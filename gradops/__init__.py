@@ -18,18 +18,14 @@ from __future__ import annotations
 
 from . import metrics, reference
 from ._backend import BACKENDS, format_info, info, use_backend
-from .ops import (GramWithSignCounts, combine, graddrop, gram, pcgrad, pcgrad_weights,
-                  random_orders, segment_gram)
-from .ops import linear_combine, linear_gram, topk_indices, topk_mask
+from .ops import (GramWithSignCounts, combine, graddrop, gram, linear_combine, linear_gram,
+                  pcgrad, pcgrad_weights, random_orders, segment_gram, topk_indices, topk_mask)
 from .segments import offsets_from_numels
-from . import optim, sparse
+from . import optim, sparse, weighting
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["BACKENDS", "GramWithSignCounts", "combine", "format_info", "graddrop", "gram", "info",
-           "metrics", "offsets_from_numels", "pcgrad", "pcgrad_weights", "random_orders",
-           "reference", "segment_gram", "use_backend", "__version__"]
-__all__ += ["linear_combine", "linear_gram", "topk_indices", "topk_mask"]
-__all__ += ["optim", "sparse"]
-from . import weighting  # noqa: E402  (Gram -> weights solvers: MGDA, CAGrad, IMTL-G, ...)
-__all__ += ["weighting"]
+__all__ = ["BACKENDS", "GramWithSignCounts", "__version__", "combine", "format_info", "graddrop",
+           "gram", "info", "linear_combine", "linear_gram", "metrics", "offsets_from_numels",
+           "optim", "pcgrad", "pcgrad_weights", "random_orders", "reference", "segment_gram",
+           "sparse", "topk_indices", "topk_mask", "use_backend", "weighting"]

@@ -2,11 +2,13 @@
 
 These are the ``torch`` backend (any device) and the ground truth the tests compare the fused
 kernels against. They favour obviousness over speed: matrix products per segment, fp32
-accumulation (``float64`` when the input is ``float64``, which tests use). Math: SPEC.md §1.
+accumulation (``float64`` when the input is ``float64``, which tests use). The math: docs/methods.md.
 """
 from __future__ import annotations
 
 import torch
+
+from .segments import segment_bounds
 
 
 def _acc_dtype(J: torch.Tensor) -> torch.dtype:
@@ -17,12 +19,6 @@ def gram_reference(J: torch.Tensor) -> torch.Tensor:
     """``G = J J^T`` accumulated in fp32 (fp64 for fp64 input). ``J``: ``[T, P]`` -> ``[T, T]``."""
     X = J.to(_acc_dtype(J))
     return X @ X.T
-
-
-def segment_bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:
-    """``[(start, end), ...]`` of each segment of a segment table (reads the values on the host)."""
-    o = offsets.tolist()
-    return list(zip(o[:-1], o[1:]))
 
 
 def segment_gram_reference(J: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Segment tables (SPEC.md §0): int64 ``[L+1]`` column offsets splitting ``J``'s columns."""
+"""Segment tables: int64 ``[L+1]`` column offsets splitting ``J``'s columns into segments
+(docs/methods.md#notation)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -19,3 +20,9 @@ def offsets_from_numels(numels: Iterable[int]) -> torch.Tensor:
     out = torch.zeros(len(sizes) + 1, dtype=torch.int64)
     out[1:] = torch.tensor(sizes, dtype=torch.int64).cumsum(0)
     return out
+
+
+def segment_bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` of each segment of a segment table (reads the values on the host)."""
+    o = offsets.tolist()
+    return list(zip(o[:-1], o[1:]))

@@ -1,9 +1,16 @@
-"""Independent references for gradops.weighting: each paper's algorithm in its *vector* form on
+"""Independent test oracles for gradops.weighting: each paper's algorithm in its *vector* form on
 ``J`` (numpy float64; scipy where the paper's code uses a solver), never from the Gram formulas of
 ``gradops.weighting``. Every function takes ``J`` ``[T, P]`` (array-like) and returns the update
 ``d`` ``[P]`` (and, where useful, the weights) in float64.
+
+These are kept apart from :mod:`gradops.reference` on purpose: ``gradops.reference`` holds the
+ops' torch references (which also serve as the ``torch`` backend), while these re-derive each
+method from its paper a second, different way, so that a mistake shared by the Gram form and its
+reference cannot pass unseen.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from scipy import optimize
@@ -256,3 +263,29 @@ def alignedmtl_reference(J, scale_mode: str = "min") -> np.ndarray:
     lk = lam[keep]
     ls = {"min": lk.min(), "median": np.sort(lk)[(len(lk) - 1) // 2], "rmse": lk.mean()}[scale_mode]
     return np.sqrt(ls) * (Wt[keep].T @ (U[:, keep].T @ np.ones(T)))
+
+
+def gradvac_reference(J, offsets, perms, targets, beta, eps=1e-8):
+    """GradVac (Wang et al., ICLR 2021, Alg. 1) on vectors, per layer, LibMTL's loop order
+    (torch tensors in, ``(d [P], new targets)`` out)."""
+    import torch
+    T = J.shape[0]
+    out = torch.zeros(J.shape[1], dtype=J.dtype)
+    tgt = targets.clone()
+    for l, (a, b) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        gl = J[:, a:b]
+        for i in range(T):
+            gi = gl[i].clone()
+            for j in perms[i].tolist():
+                if j == i:
+                    continue
+                gj = gl[j]
+                phi = torch.dot(gi, gj) / (gi.norm() * gj.norm() + eps)
+                ph = tgt[l, i, j]
+                if phi < ph:
+                    coef = gi.norm() * (ph * math.sqrt(1 - phi ** 2) - phi * math.sqrt(1 - ph ** 2)) \
+                        / (gj.norm() * math.sqrt(1 - ph ** 2) + eps)
+                    gi = gi + coef * gj
+                tgt[l, i, j] = (1 - beta) * ph + beta * phi
+            out[a:b] += gi
+    return out, tgt

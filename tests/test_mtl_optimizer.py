@@ -4,8 +4,6 @@ end training with every method. The methods' own math is checked against indepen
 in test_weighting.py; here each method's combined gradient is checked against the same method run
 on independently computed per-task gradients."""
 import copy
-import math
-import warnings
 
 import pytest
 import torch
@@ -13,11 +11,12 @@ from torch import nn
 
 import gradops
 from gradops import weighting
-from gradops.ops.graddrop import draw_seed
+from gradops.ops.graddrop import _draw_seed
 from gradops.ops.pcgrad import random_orders
 from gradops.optim import MTLOptimizer
 from gradops.weighting import gradvac_weights
 from gradops.reference import graddrop_reference, pcgrad_reference, philox_uniform_reference
+from method_references import gradvac_reference
 
 GRAM_METHODS = ["mgda", "cagrad", "imtlg", "nashmtl", "alignedmtl"]
 ALL_METHODS = ["ew", "pcgrad", "graddrop", *GRAM_METHODS, "gradvac"]
@@ -63,30 +62,6 @@ def shared_grad(model):
     return torch.cat([p.grad.reshape(-1) for p in model.encoder.parameters()])
 
 
-def gradvac_reference(J, offsets, perms, targets, beta, eps=1e-8):
-    """GradVac (Wang et al., ICLR 2021, Alg. 1) on vectors, per layer, LibMTL's loop order."""
-    T = J.shape[0]
-    out = torch.zeros(J.shape[1], dtype=J.dtype)
-    tgt = targets.clone()
-    for l, (a, b) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
-        gl = J[:, a:b]
-        for i in range(T):
-            gi = gl[i].clone()
-            for j in perms[i].tolist():
-                if j == i:
-                    continue
-                gj = gl[j]
-                phi = torch.dot(gi, gj) / (gi.norm() * gj.norm() + eps)
-                ph = tgt[l, i, j]
-                if phi < ph:
-                    coef = gi.norm() * (ph * math.sqrt(1 - phi ** 2) - phi * math.sqrt(1 - ph ** 2)) \
-                        / (gj.norm() * math.sqrt(1 - ph ** 2) + eps)
-                    gi = gi + coef * gj
-                tgt[l, i, j] = (1 - beta) * ph + beta * phi
-            out[a:b] += gi
-    return out, tgt
-
-
 # --- the data path ----------------------------------------------------------------------------
 @pytest.mark.parametrize("linear_gram", ["off", "on"])
 @pytest.mark.parametrize("method", ALL_METHODS)
@@ -109,7 +84,7 @@ def test_combined_gradient_matches_method_on_reference_jacobian(method, linear_g
     if method == "ew":
         ref = J.sum(0)
     elif method == "graddrop":
-        seed = int(draw_seed(gen, torch.device("cpu")))
+        seed = int(_draw_seed(gen, torch.device("cpu")))
         noise = philox_uniform_reference(seed, torch.arange(J.shape[1]))
         ref, _ = graddrop_reference(J, torch.zeros(T), noise)
     elif method == "pcgrad":

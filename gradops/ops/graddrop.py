@@ -149,7 +149,7 @@ def _(J, leak, seed, noise, with_mask, eps):
     return J.new_empty(P), J.new_empty((T, P) if with_mask else (0,), dtype=torch.bool)
 
 
-def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+def _draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """A 63-bit Philox seed from ``generator`` (the default generator of ``device`` when None),
     as an int64 ``[1]`` tensor on ``device``: drawing it advances the generator and needs no
     host synchronisation."""
@@ -195,12 +195,12 @@ def graddrop(J: torch.Tensor, *, leak: float | Sequence[float] | torch.Tensor = 
     if leak_t.numel() == 1:
         leak_t = leak_t.expand(T).contiguous()
     seed = torch.zeros(1, dtype=torch.int64, device=J.device) if noise is not None else \
-        draw_seed(generator, J.device)
-    g, mask = graddrop_raw(J, leak_t, seed, noise, return_mask, eps)
+        _draw_seed(generator, J.device)
+    g, mask = _graddrop_raw(J, leak_t, seed, noise, return_mask, eps)
     return (g, mask) if return_mask else g
 
 
-def graddrop_raw(J: torch.Tensor, leak: torch.Tensor, seed: torch.Tensor,
+def _graddrop_raw(J: torch.Tensor, leak: torch.Tensor, seed: torch.Tensor,
                  noise: torch.Tensor | None, with_mask: bool, eps: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.ops.gradops.graddrop`` on prepared arguments (``leak`` ``[T]`` float32, ``seed``

@@ -25,7 +25,8 @@ import torch
 from .. import _backend
 from .._backend import _C, register_op, select_backend
 from .._validate import check_matrix, check_offsets
-from ..reference import segment_bounds, segment_gram_reference, sign_counts_reference
+from ..reference import segment_gram_reference, sign_counts_reference
+from ..segments import segment_bounds
 from ._eager import plain_eager_cpu
 
 __all__ = ["gram", "segment_gram", "GramWithSignCounts"]
@@ -158,7 +159,7 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def triton_chunk_size(P: int, block_p: int, device: torch.device, chunk: int | None = None) -> int:
+def _triton_chunk_size(P: int, block_p: int, device: torch.device, chunk: int | None = None) -> int:
     """Columns per Triton program: about 4 programs per SM (a few under the interpreter), a
     multiple of ``block_p``, and below 2^24 so that fp32 sign counts per piece stay exact."""
     if chunk is None:
@@ -195,7 +196,7 @@ def _segment_gram_triton(J: torch.Tensor, offsets: torch.Tensor, with_counts: bo
     # fp32 inputs: 3xTF32 on tensor cores (about fp32 accuracy); bf16/fp16: exact products,
     # fp32 accumulation. The interpreter computes in fp32/fp64 with numpy.
     precision = "ieee" if interpret else "tf32x3"
-    CH = triton_chunk_size(P, BLOCK_P, J.device, chunk)
+    CH = _triton_chunk_size(P, BLOCK_P, J.device, chunk)
     NC = -(-P // CH)
     ws = torch.empty((NC + L, T, T), dtype=torch.float32, device=J.device)
     cnt_ws = (torch.empty((NC + L, 2, T, T), dtype=torch.int32, device=J.device)

@@ -43,7 +43,7 @@ from torch.autograd.graph import GradientEdge
 from .. import metrics
 from .._backend import _C
 from ..ops.combine import combine
-from ..ops.graddrop import draw_seed, graddrop_raw
+from ..ops.graddrop import _draw_seed, _graddrop_raw
 from ..ops.gram import gram, segment_gram
 from ..ops.pcgrad import pcgrad_weights, random_orders
 from ..segments import offsets_from_numels
@@ -577,8 +577,8 @@ class MTLOptimizer(OptimizerWrapper):
 
         g, views = self._g, self._g_views
         if spec.kind == "graddrop":
-            seed = draw_seed(self._generator, J.device)
-            g = graddrop_raw(J, self._leak_t, seed, None, False,
+            seed = _draw_seed(self._generator, J.device)
+            g = _graddrop_raw(J, self._leak_t, seed, None, False,
                              float(spec.options.get("eps", 1e-7)))[0]
             views = [g[a:b].view_as(p) for p, a, b in zip(self._shared, self._bounds[:-1],
                                                           self._bounds[1:])]
