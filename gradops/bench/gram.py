@@ -21,12 +21,11 @@ def equal_offsets(P: int, L: int) -> torch.Tensor:
     return offsets_from_numels([base + (1 if i < extra else 0) for i in range(L)])
 
 
-def bench_case(T: int, P: int, L: int, dtype: torch.dtype, device: torch.device, rounds: int = 15,
-               pair_loops: bool = True, budget_s: float = 20.0) -> list[Row]:
-    """Time every contender for one shape; returns one :class:`Row` per (op, implementation)."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    J = torch.randn(T, P, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
-    offsets = equal_offsets(P, L)
+def contenders(J: torch.Tensor, offsets: torch.Tensor, pair_loops: bool = True
+               ) -> dict[str, Callable[[], object]]:
+    """``{"op: implementation": call}`` for one ``J`` and segment table: the one-read floor, the
+    column sum, gradops' ``gram`` / ``segment_gram``, their matmul peers, and (``pair_loops``) the
+    Python pair loops of LibMTL and Recon. ``benchmarks/bench_gram.py`` times the same calls."""
     fns: dict[str, Callable[[], object]] = {
         FLOOR: lambda: one_read(J),
         "column sum (J.sum(0))": lambda: column_sum(J),
@@ -38,8 +37,21 @@ def bench_case(T: int, P: int, L: int, dtype: torch.dtype, device: torch.device,
     if pair_loops:
         fns["gram: pair loop (LibMTL/Recon)"] = lambda: pair_loop_gram(J)
         fns["segment_gram: pair loop per layer (Recon)"] = lambda: segment_pair_loop(J, offsets)
-    return op_rows(fns, J, L, device, rounds, budget_s)
+    return fns
 
+
+def random_J(T: int, P: int, dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu") -> torch.Tensor:
+    """The suites' ``J``: standard normal ``[T, P]`` from a fixed seed."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    return torch.randn(T, P, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def bench_case(T: int, P: int, L: int, dtype: torch.dtype, device: torch.device, rounds: int = 15,
+               pair_loops: bool = True, budget_s: float = 20.0) -> list[Row]:
+    """Time every contender for one shape; returns one :class:`Row` per (op, implementation)."""
+    J = random_J(T, P, dtype, device)
+    return op_rows(contenders(J, equal_offsets(P, L), pair_loops), J, L, device, rounds, budget_s)
 
 
 def header(args: argparse.Namespace, suite: str, P: int, Ts: list[int]) -> str:

@@ -13,17 +13,17 @@ from ..ops.graddrop import graddrop
 from ..ops.pcgrad import pcgrad, random_orders
 from ..reference import pcgrad_reference
 from .peers import FLOOR, column_sum, one_read, torch_graddrop, torchjd_aggregators
+from .gram import random_J
 from .report import Row, op_rows
 
 
-def bench_methods_case(T: int, P: int, dtype: torch.dtype, device: torch.device,
-                       rounds: int = 15, vector_form: bool = True,
-                       budget_s: float = 20.0) -> list[Row]:
-    """Time combine, PCGrad and GradDrop against their peers for one shape."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    J = torch.randn(T, P, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
-    w = torch.randn(T, generator=g).to(device)
-    perms = random_orders(T, generator=g, device=device)
+def contenders(J: torch.Tensor, w: torch.Tensor, perms: torch.Tensor, vector_form: bool = True
+               ) -> dict[str, Callable[[], object]]:
+    """``{"op: implementation": call}`` for one ``J``: the one-read floor, the column sum,
+    gradops' ``combine`` / ``pcgrad`` / ``graddrop`` and their peers (``w @ J``, the torch formula
+    of GradDrop, TorchJD's aggregators for fp32 when installed, and with ``vector_form`` the
+    vector-form PCGrad with a host sync per pair). ``benchmarks/bench_methods.py`` times the same
+    calls."""
     fns: dict[str, Callable[[], object]] = {
         FLOOR: lambda: one_read(J),
         "column sum (J.sum(0))": lambda: column_sum(J),
@@ -36,11 +36,27 @@ def bench_methods_case(T: int, P: int, dtype: torch.dtype, device: torch.device,
     if vector_form:
         fns["pcgrad: vector form, sync per pair (LibMTL)"] = lambda: pcgrad_reference(J, perms)
     jd = torchjd_aggregators()
-    if jd and dtype == torch.float32:
+    if jd and J.dtype == torch.float32:
         fns["pcgrad: TorchJD PCGrad"] = lambda: jd["pcgrad"](J)
         fns["graddrop: TorchJD GradDrop"] = lambda: jd["graddrop"](J)
-    return op_rows(fns, J, 1, device, rounds, budget_s)
+    return fns
 
+
+def method_inputs(J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed random weights ``[T]`` and PCGrad orders ``[T, T]`` on ``J``'s device."""
+    g = torch.Generator().manual_seed(1)
+    T = J.shape[0]
+    return (torch.randn(T, generator=g).to(J.device),
+            random_orders(T, generator=g, device=J.device))
+
+
+def bench_methods_case(T: int, P: int, dtype: torch.dtype, device: torch.device,
+                       rounds: int = 15, vector_form: bool = True,
+                       budget_s: float = 20.0) -> list[Row]:
+    """Time combine, PCGrad and GradDrop against their peers for one shape."""
+    J = random_J(T, P, dtype, device)
+    w, perms = method_inputs(J)
+    return op_rows(contenders(J, w, perms, vector_form), J, 1, device, rounds, budget_s)
 
 
 def main(args: argparse.Namespace) -> int:
