@@ -134,7 +134,7 @@ void combine_cpu(const at::Tensor& J_in, const at::Tensor& weights,
   gradops::combine_cpu(a);
 }
 
-// GradDrop (SPEC §3) into `out` ([P]) and, when given, `mask` (bool [T, P]).
+// GradDrop (docs/methods.md#graddrop) into `out` ([P]) and, when given, `mask` (bool [T, P]).
 void graddrop_cpu(const at::Tensor& J_in, const at::Tensor& leak, int64_t seed,
                   const c10::optional<at::Tensor>& noise, at::Tensor& out,
                   const c10::optional<at::Tensor>& mask, double eps) {

@@ -1,9 +1,9 @@
 // gradops CPU kernels: weighted combination and GradDrop, each one pass over J. Interface and math:
 // combine_kernels.h.
 //
-//   combine  (SPEC.md §0, the second pass of every Gram-weighted method):
+//   combine  (docs/methods.md#combine, the second pass of every Gram-weighted method):
 //       out[k] = sum_t w[l(k), t] * J[t, k]
-//   graddrop (SPEC.md §3; Z. Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with
+//   graddrop (docs/methods.md#graddrop; Z. Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with
 //       Gradient Sign Dropout", NeurIPS 2020; the parameter-gradient variant of TorchJD / CAGrad):
 //       S_k = sum_t J[t,k], A_k = sum_t |J[t,k]|, p_k = 0.5 (1 + S_k / (A_k + eps)), one uniform U_k
 //       per column, M[t,k] = [p_k > U_k][J[t,k] > 0] + [p_k < U_k][J[t,k] < 0],

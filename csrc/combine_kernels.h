@@ -1,9 +1,9 @@
-// gradops: plain-pointer interface of the element-wise combination kernels of issue 3
+// gradops: plain-pointer interface of the element-wise combination kernels
 // (weighted combination and GradDrop). No torch headers; csrc/bindings.cpp wraps them.
 //
-//   combine  (SPEC §0, second pass of every Gram-weighted method):
+//   combine  (docs/methods.md#combine, second pass of every Gram-weighted method):
 //       out[k] = sum_t w[l(k), t] * J[t, k]        (l(k): the segment of column k; L = 1: one w)
-//   graddrop (SPEC §3, Chen et al. "Just Pick a Sign", parameter-gradient variant, TorchJD's):
+//   graddrop (docs/methods.md#graddrop, Chen et al. "Just Pick a Sign", parameter-gradient variant, TorchJD's):
 //       S_k = sum_t J[t,k],  A_k = sum_t |J[t,k]|,  p_k = 0.5 * (1 + S_k / (A_k + eps)),
 //       U_k ~ U(0,1),  M[t,k] = [p_k > U_k][J[t,k] > 0] + [p_k < U_k][J[t,k] < 0],
 //       out[k] = sum_t (leak[t] + (1 - leak[t]) * M[t,k]) * J[t,k]

@@ -1,5 +1,5 @@
 // gradops: a copy that writes its destination with non-temporal stores (MTLOptimizer's per-task
-// rows of J, SPEC §0).
+// rows of J, docs/methods.md#mtloptimizer-data-path).
 //
 // MTLOptimizer copies every shared parameter's gradient of task t into its slice of row t of the
 // [T, P] buffer J right after autograd computes it: the source is hot in the cache, the

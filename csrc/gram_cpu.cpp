@@ -1,5 +1,5 @@
 // gradops CPU kernel: per-segment Gram matrices and sign-conflict counts in one pass over J
-// (SPEC.md §1: Gram G^(l) = J_l J_l^T and the sign-conflict ratio opposite / both_nonzero).
+// (docs/methods.md#gram: Gram G^(l) = J_l J_l^T and the sign-conflict ratio opposite / both_nonzero).
 // Interface and math: gram_kernels.h.
 //
 // Decomposition (fixed, so results are bit-identical for any OpenMP thread count):

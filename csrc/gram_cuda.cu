@@ -1,6 +1,6 @@
 // gradops: CUDA backend of the segmented Gram kernel (interface: csrc/gram_kernels.h).
 //
-// What it computes (SPEC §1). J is [T, P] (row t = flattened gradient of task t; fp32, bf16 or
+// What it computes (docs/methods.md#gram). J is [T, P] (row t = flattened gradient of task t; fp32, bf16 or
 // fp16; column stride 1, row stride `row_stride`); `offsets` cuts the columns into L segments
 // (the layers). Per segment l:
 //   gram[l]         = J_l J_l^T in fp32 (the Gram of the whole model is the sum over l; the

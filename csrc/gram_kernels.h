@@ -1,7 +1,7 @@
 // gradops: plain-pointer interface of the Gram-family kernels (no torch headers here, so the
 // kernel files compile fast; csrc/bindings.cpp validates tensors and calls these).
 //
-// Math (SPEC.md §0-1): J is [T, P] (row t = flattened gradient of task t). For a segment table
+// Math (docs/methods.md#gram): J is [T, P] (row t = flattened gradient of task t). For a segment table
 // `offsets` ([L+1], int64, offsets[0]=0, offsets[L]=P, non-decreasing) the output is, per segment l,
 //   gram[l, i, j]         = sum_{k in [offsets[l], offsets[l+1])} J[i,k] * J[j,k]     (fp32)
 //   opposite[l, i, j]     = #{k in segment : J[i,k] != 0, J[j,k] != 0, sign(J[i,k]) != sign(J[j,k])}

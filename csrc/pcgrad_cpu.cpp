@@ -1,4 +1,4 @@
-// gradops: PCGrad's T x T coefficient recurrence on the CPU (SPEC §2; Yu et al., "Gradient Surgery
+// gradops: PCGrad's T x T coefficient recurrence on the CPU (docs/methods.md#pcgrad; Yu et al., "Gradient Surgery
 // for Multi-Task Learning", NeurIPS 2020, Alg. 1 in its Gram form).
 //
 // Row i of C starts as e_i; for s = 0..T-1, with j = perms[i, s]:

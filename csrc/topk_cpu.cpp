@@ -1,4 +1,4 @@
-// gradops CPU kernel: per-neuron top-K magnitude masks / packed indices (SPEC §5). Interface and
+// gradops CPU kernel: per-neuron top-K magnitude masks / packed indices (docs/methods.md#sparse-training). Interface and
 // semantics: topk_kernels.h.
 //
 // Keys. Each entry becomes a uint32 key that orders like its fp32 magnitude: non-negative floats

@@ -1,4 +1,4 @@
-// gradops: plain-pointer interface of the per-neuron top-K magnitude selection (SPEC §5;
+// gradops: plain-pointer interface of the per-neuron top-K magnitude selection (docs/methods.md#sparse-training;
 // csrc/topk_cpu.cpp). No torch headers; csrc/bindings.cpp wraps it.
 //
 // W is viewed as [R, F] (row r = output neuron r, unit column stride). In each row the K entries of

@@ -1,5 +1,5 @@
 // gradops: the iterative T x T solvers of gradops.weighting on the CPU (interface and conventions:
-// weighting_kernels.h). The torch loops in gradops/weighting.py are the reference; these are the
+// weighting_kernels.h). The torch loops in gradops/weighting/_solvers.py are the reference; these are the
 // same algorithms, step for step, in double precision. At T = 8 an iteration is a few hundred
 // flops: the point of a C++ loop is to avoid ~30 rounds of torch dispatch per iteration.
 //

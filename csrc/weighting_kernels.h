@@ -1,7 +1,7 @@
 // gradops: plain-pointer interface of the iterative T x T solvers of gradops.weighting
 // (csrc/weighting_cpu.cpp). No torch headers; csrc/bindings.cpp wraps them.
 //
-// Both run the algorithm of their torch reference in gradops/weighting.py step for step, in double
+// Both run the algorithm of their torch reference in gradops/weighting/_solvers.py step for step, in double
 // precision, and stop as soon as the iterate has converged: the torch loop freezes a converged
 // iterate (torch.where), so stopping there returns what the full budget returns.
 //

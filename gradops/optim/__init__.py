@@ -1,5 +1,5 @@
-"""Optimizers and optimizer wrappers: the multi-task wrapper (:class:`MTLOptimizer`, SPEC §0-4)
-and sparse training (SPEC §5)."""
+"""Optimizers and optimizer wrappers: the multi-task wrapper (:class:`MTLOptimizer`, docs/methods.md#mtloptimizer-data-path)
+and sparse training (docs/methods.md#sparse-training)."""
 from .sparse_adamw import SparseAdamW, sparse_adamw_update
 from .sparse_training import SparseTraining
 from .mtl import MTLOptimizer, MTLStepInfo
