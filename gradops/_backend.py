@@ -13,6 +13,9 @@ torch     pure-torch reference (``gradops/reference.py``)         any
 
 Default choice: CUDA tensors -> ``triton`` (then ``cuda``, then ``torch``); CPU tensors -> ``cpp``
 (then ``torch``). Triton is never launched on CPU tensors unless ``TRITON_INTERPRET=1``.
+The kernels of the Gram, combine, PCGrad and GradDrop ops take float32 / bfloat16 / float16
+(:data:`KERNEL_DTYPES`, float32 accumulation); float64 inputs take the ``torch`` path on every
+device, which accumulates in float64.
 
 Forcing one backend (tests, benchmarks): the environment variable ``GRADOPS_BACKEND`` or the
 context manager :func:`use_backend`. A forced backend that cannot serve a call raises
@@ -29,6 +32,9 @@ from typing import Iterator
 import torch
 
 BACKENDS = ("triton", "cuda", "cpp", "torch")
+#: Input dtypes of the Triton, CUDA and C++ kernels of the ops that register them as their
+#: limit (they accumulate in float32); other dtypes (float64) go to the torch path.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # --- the compiled extension -------------------------------------------------------------------
 try:
@@ -120,12 +126,19 @@ def forced_backend() -> str | None:
     return name
 
 
-def backend_usable(name: str, device: torch.device, max_t: dict[str, int], T: int) -> str | None:
-    """``None`` if backend ``name`` can serve a call on ``device`` with ``T`` rows, else why not."""
+def backend_usable(name: str, device: torch.device, max_t: dict[str, int], T: int,
+                   dtype: torch.dtype | None = None,
+                   dtypes: dict[str, tuple[torch.dtype, ...]] | None = None) -> str | None:
+    """``None`` if backend ``name`` can serve a call on ``device`` with ``T`` rows (and inputs of
+    ``dtype``, when the op limits ``name`` to ``dtypes[name]``), else why not."""
     if name == "torch":
         return None
     if name in max_t and T > max_t[name]:
         return f"the {name} kernel supports T <= {max_t[name]}, got T = {T}"
+    if dtype is not None and dtypes and name in dtypes and dtype not in dtypes[name]:
+        accepted = ", ".join(str(d).removeprefix("torch.") for d in dtypes[name])
+        return (f"the {name} kernel takes {accepted} inputs, got {dtype} (use the torch "
+                f"backend, or the automatic choice, for {dtype})")
     if name == "triton":
         ok, err = triton_importable()
         if not ok:
@@ -157,39 +170,52 @@ _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 
 
 def auto_backend(device: torch.device, T: int, max_t: dict[str, int] | None = None,
-                 backends: tuple[str, ...] = BACKENDS) -> str:
+                 backends: tuple[str, ...] = BACKENDS, dtype: torch.dtype | None = None,
+                 dtypes: dict[str, tuple[torch.dtype, ...]] | None = None) -> str:
     """The backend chosen when none is forced: the first usable one in the device's order."""
     for name in _AUTO_ORDER.get(device.type, ("torch",)):
-        if name in backends and backend_usable(name, device, max_t or {}, T) is None:
+        if name in backends and \
+                backend_usable(name, device, max_t or {}, T, dtype, dtypes) is None:
             return name
     return "torch"
 
 
-def select_backend(op: str, device: torch.device, T: int) -> str:
-    """Pick the backend for one call of registered op ``op`` on ``device`` with ``T`` rows.
+def select_backend(op: str, device: torch.device, T: int, dtype: torch.dtype | None = None
+                   ) -> str:
+    """Pick the backend for one call of registered op ``op`` on ``device`` with ``T`` rows and
+    inputs of ``dtype`` (``None``: not checked).
 
     A forced backend (:func:`use_backend`, ``GRADOPS_BACKEND``) applies to the ops that implement
     it; an op without that backend (e.g. a ``T x T`` solver without a C++ version) makes its
     automatic choice. A forced backend that the op has but that cannot serve this call (wrong
-    device, T too large) raises ``RuntimeError``: no silent fallback.
+    device, T too large, a dtype its kernel does not take, e.g. float64) raises
+    ``RuntimeError``: no silent fallback.
     """
     backends, max_t = _OPS[op]
+    dtypes = _OP_DTYPES.get(op)
     forced = forced_backend()
     if forced is not None and forced in backends:
-        why = backend_usable(forced, device, max_t, T)
+        why = backend_usable(forced, device, max_t, T, dtype, dtypes)
         if why is not None:
             raise RuntimeError(f"gradops.{op}: forced backend {forced!r} cannot run this call: {why}")
         return forced
-    return auto_backend(device, T, max_t, backends)
+    return auto_backend(device, T, max_t, backends, dtype, dtypes)
 
 
 # --- op registry and the `info` report -----------------------------------------------------------
 _OPS: dict[str, tuple[tuple[str, ...], dict[str, int]]] = {}
+_OP_DTYPES: dict[str, dict[str, tuple[torch.dtype, ...]]] = {}
 
 
-def register_op(name: str, backends: tuple[str, ...], max_t: dict[str, int] | None = None) -> None:
-    """Declare which backends implement op ``name`` (and their limits on T), for :func:`info`."""
+def register_op(name: str, backends: tuple[str, ...], max_t: dict[str, int] | None = None,
+                dtypes: dict[str, tuple[torch.dtype, ...]] | None = None) -> None:
+    """Declare which backends implement op ``name`` (and their limits on T), for :func:`info`.
+
+    ``dtypes``: per backend, the input dtypes its kernel takes (a backend not named takes every
+    dtype the op accepts); :func:`select_backend` routes other dtypes elsewhere.
+    """
     _OPS[name] = (backends, dict(max_t or {}))
+    _OP_DTYPES[name] = dict(dtypes or {})
 
 
 def info() -> dict:
@@ -199,6 +225,7 @@ def info() -> dict:
 
         {"torch": ..., "triton": ..., "extension": ..., "cuda_available": ...,
          "forced_backend": ..., "ops": {op: {device_type: {"default": name,
+                                                             "default_float64": name,
                                                              "live": [names],
                                                              "unavailable": {name: why}}}}}
     """
@@ -230,7 +257,9 @@ def info() -> dict:
                 # T = 1 here: limits on T are listed separately
                 why = backend_usable(b, dev, {}, 1)
                 (live.append(b) if why is None else why_not.__setitem__(b, why))
-            per_dev[dev.type] = {"default": auto_backend(dev, 1, max_t, backends), "live": live,
+            f64 = auto_backend(dev, 1, max_t, backends, torch.float64, _OP_DTYPES.get(op))
+            per_dev[dev.type] = {"default": auto_backend(dev, 1, max_t, backends),
+                                 "default_float64": f64, "live": live,
                                  "unavailable": why_not,
                                  "max_T": {b: t for b, t in max_t.items() if b in live}}
         report["ops"][op] = per_dev
@@ -252,7 +281,9 @@ def format_info(report: dict | None = None) -> str:
         for dev, d in per_dev.items():
             live = ", ".join(b + (f" (T<={d['max_T'][b]})" if b in d["max_T"] else "")
                              for b in d["live"])
-            lines.append(f"  {op:<{width}}  {dev:<6}  {d['default']:<7}  {live}")
+            f64 = d.get("default_float64", d["default"])
+            lines.append(f"  {op:<{width}}  {dev:<6}  {d['default']:<7}  {live}"
+                         + (f"; float64: {f64}" if f64 != d["default"] else ""))
     missing = {(dev, b): why for per_dev in r["ops"].values() for dev, d in per_dev.items()
                for b, why in d["unavailable"].items()}
     if missing:

@@ -3,18 +3,28 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: The floating dtypes every op takes. float32, bfloat16 and float16 inputs accumulate in float32;
+#: float64 inputs accumulate in float64 (on the torch path: no kernel computes in float64).
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+#: What the error message lists as accepted.
+FLOAT_NAMES = "float32, bfloat16, float16 or float64"
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation (and floating result) dtype for inputs of ``dtype``: float64 for float64,
+    float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_matrix(J: torch.Tensor, op: str, name: str = "J") -> None:
-    """``J`` must be a 2-D ``[T, P]`` floating tensor (fp32 / bf16 / fp16) with ``T >= 1``."""
+    """``J`` must be a 2-D ``[T, P]`` floating tensor (fp32 / bf16 / fp16 / fp64), ``T >= 1``."""
     if not isinstance(J, torch.Tensor):
         raise TypeError(f"gradops.{op}: {name} must be a torch.Tensor, got {type(J).__name__}")
     if J.dim() != 2:
         raise ValueError(f"gradops.{op}: {name} must be 2-D [T, P] (one row per task), "
                          f"got shape {tuple(J.shape)}")
     if J.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"gradops.{op}: {name} must be float32, bfloat16 or float16, got {J.dtype}")
+        raise TypeError(f"gradops.{op}: {name} must be {FLOAT_NAMES}, got {J.dtype}")
     if J.shape[0] < 1:
         raise ValueError(f"gradops.{op}: {name} must have at least one row (T >= 1), "
                          f"got shape {tuple(J.shape)}")

@@ -1,8 +1,9 @@
-"""Conflict statistics from Gram matrices (SPEC.md §1), batched, on device, with no host sync.
+"""Conflict statistics from Gram matrices (docs/methods.md#statistics), batched, on device, with no host sync.
 
 Every function takes ``G`` of shape ``[..., T, T]`` (one Gram, or a batch such as the per-segment
-Grams ``[L, T, T]`` of :func:`gradops.segment_gram`) and returns tensors on ``G``'s device. Rows of
-zero norm give cosine 0 and GMS 0 (never NaN); non-finite Grams propagate into the results.
+Grams ``[L, T, T]`` of :func:`gradops.segment_gram`) and returns tensors on ``G``'s device
+(norms, cosines and GMS in ``G``'s dtype: float64 for a float64 ``G``). Rows of zero norm give
+cosine 0 and GMS 0 (never NaN); non-finite Grams propagate into the results.
 """
 from __future__ import annotations
 
@@ -86,13 +87,14 @@ def conflict_counts(G: torch.Tensor, S: float = 0.0) -> torch.Tensor:
 def conflict_incidence(G: torch.Tensor) -> torch.Tensor:
     """Incidence of gradient conflict ``N_gc / N_all`` (Zhang et al., sparse-training paper, §4.1).
 
-    ``N_all = T(T-1)/2`` unordered pairs, ``N_gc`` those with ``cos < 0``. float32 ``[...]``;
-    0 when ``T == 1`` (no pairs).
+    ``N_all = T(T-1)/2`` unordered pairs, ``N_gc`` those with ``cos < 0``. float32 ``[...]``
+    (float64 for a float64 ``G``); 0 when ``T == 1`` (no pairs).
     """
     T = G.shape[-1] if G.dim() >= 2 else 0
     n_all = T * (T - 1) // 2
     counts = conflict_counts(G, 0.0)
-    return counts.to(torch.float32) / max(n_all, 1)
+    dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
+    return counts.to(dtype) / max(n_all, 1)
 
 
 def sign_conflict_ratio(opposite: torch.Tensor, both_nonzero: torch.Tensor) -> torch.Tensor:

@@ -144,7 +144,7 @@ def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def graddrop_reference(J: torch.Tensor, leak: torch.Tensor, noise: torch.Tensor,
                        eps: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor]:
     """GradDrop on parameter gradients (Chen et al., "Just Pick a Sign", NeurIPS 2020, Eq. 1-3;
-    SPEC §3), given the uniform numbers ``noise`` ``[P]``.
+    docs/methods.md#graddrop), given the uniform numbers ``noise`` ``[P]``.
 
     ``p_k = 0.5 (1 + S_k / (A_k + eps))`` with ``S_k = sum_t J_tk``, ``A_k = sum_t |J_tk|``;
     ``M_tk = [p_k > U_k][J_tk > 0] + [p_k < U_k][J_tk < 0]``;
@@ -162,7 +162,7 @@ def graddrop_reference(J: torch.Tensor, leak: torch.Tensor, noise: torch.Tensor,
 
 
 def topk_mask_reference(W: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-neuron top-K magnitude mask (PSN, the sparse-training paper's Sec. 3.4; SPEC §5).
+    """Per-neuron top-K magnitude mask (PSN, the sparse-training paper's Sec. 3.4; docs/methods.md#sparse-training).
 
     ``W`` is viewed as ``[out, F]`` (dim 0 = output neurons, the rest flattened: a conv weight
     ``[out, in, kh, kw]`` has ``F = in * kh * kw``); in each row the ``min(k, F)`` entries of

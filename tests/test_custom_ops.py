@@ -139,3 +139,60 @@ def test_torch_compile_methods_fullgraph():
     torch.testing.assert_close(g1, gradops.pcgrad(J, perms=perms))
     torch.testing.assert_close(g2, gradops.graddrop(J, noise=noise))
     torch.testing.assert_close(out, J.sum(0), rtol=1e-5, atol=1e-5)
+
+
+# --- float64: the torch path (float64 accumulation) behind every custom op --------------------
+def _float64_samples():
+    offsets = torch.tensor([0, 3, 3, 40, 101])
+    for T in (1, 3):
+        yield make_J(T, 101, torch.float64, seed=T), offsets
+    yield make_J(4, 101, torch.float64, layout="row_view", seed=4), offsets
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_opcheck_float64(name):
+    op = getattr(torch.ops.gradops, name).default
+    samples = list(_float64_samples())
+    if name in ("gram", "segment_gram"):
+        samples.append((make_J(3, 101, torch.float64, seed=5).requires_grad_(), samples[0][1]))
+    for J, offsets in samples:
+        args = OPS[name](J, offsets)
+        out = op(*args)
+        assert (out if isinstance(out, torch.Tensor) else out[0]).dtype == torch.float64
+        torch.library.opcheck(op, args)
+
+
+def test_opcheck_float64_backward_op():
+    grad = torch.randn(4, 5, 5, dtype=torch.float64)
+    J = make_J(5, 60, torch.float64, seed=1)
+    torch.library.opcheck(torch.ops.gradops.segment_gram_backward.default,
+                          (grad, J, torch.tensor([0, 10, 10, 59, 60])))
+
+
+def test_opcheck_float64_methods():
+    offsets = torch.tensor([0, 3, 3, 40, 101])
+    g = torch.Generator().manual_seed(0)
+    for J, _ in _float64_samples():
+        T, P = J.shape
+        w = torch.randn(T, generator=g, dtype=torch.float64)
+        torch.library.opcheck(torch.ops.gradops.combine.default, (J, w, None))
+        torch.library.opcheck(torch.ops.gradops.combine.default,
+                              (J, w.expand(4, -1).contiguous(), offsets))
+        torch.library.opcheck(torch.ops.gradops.combine_out.default,
+                              (J, w, None, torch.empty(P, dtype=torch.float64)))
+        # a float32 J into a float64 destination (float32 math, rounded into float64)
+        torch.library.opcheck(torch.ops.gradops.combine_out.default,
+                              (J.float(), w.float(), None, torch.empty(P, dtype=torch.float64)))
+        seed = torch.tensor([1234])
+        for leak in (torch.full((T,), 0.25), torch.full((T,), 0.1, dtype=torch.float64)):
+            torch.library.opcheck(torch.ops.gradops.graddrop.default,
+                                  (J, leak, seed, None, True, 1e-7))
+        torch.library.opcheck(torch.ops.gradops.graddrop.default,
+                              (J, leak, seed, torch.rand(P, dtype=torch.float64), False, 1e-7))
+        G = gradops.gram(J)
+        perms = gradops.random_orders(T, generator=torch.Generator().manual_seed(T))
+        assert torch.ops.gradops.pcgrad_weights(G, perms, "sum", 0.0).dtype == torch.float64
+        torch.library.opcheck(torch.ops.gradops.pcgrad_weights.default, (G, perms, "mean", 0.0))
+        Gl = gradops.segment_gram(J, offsets)
+        perms_l = gradops.random_orders(T, (4,), generator=torch.Generator().manual_seed(T))
+        torch.library.opcheck(torch.ops.gradops.pcgrad_weights.default, (Gl, perms_l, "sum", 0.0))

@@ -11,8 +11,11 @@ import gradops
     (torch.randn(10), r"J must be 2-D \[T, P\]"),
     (torch.randn(2, 3, 4), r"J must be 2-D"),
     (torch.randn(0, 5), r"at least one row"),
-    (torch.randn(3, 5, dtype=torch.float64), r"J must be float32, bfloat16 or float16"),
-    (torch.ones(3, 5, dtype=torch.int32), r"J must be float32"),
+    (torch.ones(3, 5, dtype=torch.int32),
+     r"J must be float32, bfloat16, float16 or float64, got torch.int32"),
+    (torch.ones(3, 5, dtype=torch.complex64),
+     r"J must be float32, bfloat16, float16 or float64, got torch.complex64"),
+    (torch.ones(3, 5, dtype=torch.bool), r"J must be float32, .* got torch.bool"),
 ])
 def test_bad_J(J, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -1,6 +1,6 @@
 """Weighted combination of task gradients: ``g = w^T J``, or one weight vector per segment.
 
-This is the second pass of every Gram-weighted method (SPEC.md §0): a ``T x T`` solver turns the
+This is the second pass of every Gram-weighted method (docs/methods.md#combine): a ``T x T`` solver turns the
 Gram into weights ``w`` (``[T]``, or ``[L, T]`` for per-layer methods such as per-layer PCGrad or
 GradVac), and ``combine`` reads ``J`` once to write ``g[k] = sum_t w[l(k), t] J[t, k]``, where
 ``l(k)`` is the segment of column ``k``. With ``out=`` the result lands directly in a caller's
@@ -18,13 +18,15 @@ import torch
 
 from .. import _backend
 from .._backend import _C, register_op, select_backend
-from .._validate import FLOAT_DTYPES, check_matrix, check_offsets
+from .._validate import FLOAT_DTYPES, FLOAT_NAMES, acc_dtype, check_matrix, check_offsets
 from ..reference import combine_reference
 from ._eager import plain_eager_cpu
 
 __all__ = ["combine"]
 
-register_op("combine", ("triton", "cpp", "torch"))
+# the kernels accumulate in float32: float64 J or out takes the torch path (float64 math)
+register_op("combine", ("triton", "cpp", "torch"),
+            dtypes={"triton": _backend.KERNEL_DTYPES, "cpp": _backend.KERNEL_DTYPES})
 
 if _backend.triton_importable()[0]:
     import triton
@@ -118,19 +120,20 @@ def _check(J, weights, offsets, out=None) -> None:
             raise ValueError(f"gradops.combine: out must be a 1-D tensor of P = {J.shape[1]} "
                              f"elements, got {tuple(out.shape) if isinstance(out, torch.Tensor) else out}")
         if out.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"gradops.combine: out must be float32, bfloat16 or float16, got {out.dtype}")
+            raise TypeError(f"gradops.combine: out must be {FLOAT_NAMES}, got {out.dtype}")
         if out.device != J.device:
             raise ValueError(f"gradops.combine: out must be on J's device ({J.device}), got {out.device}")
 
 
 def _run(J, weights, offsets, out):
     """Compute into ``out`` (contiguous): the kernels write it directly."""
-    backend = select_backend("combine", J.device, J.shape[0])
+    dtype = torch.float64 if torch.float64 in (J.dtype, out.dtype) else J.dtype
+    backend = select_backend("combine", J.device, J.shape[0], dtype)
     if backend == "cpp" and weights.dtype == torch.float32 and weights.is_contiguous():
         w = weights  # [T] or [L, T] as it is: no tensor op (each costs tens of microseconds
         # with the caches cold after a pass over a large J)
-    else:
-        w = weights.to(torch.float32).reshape(-1, J.shape[0]).contiguous()
+    else:  # float32 weights (float64 for float64 J: its math is float64)
+        w = weights.to(acc_dtype(J.dtype)).reshape(-1, J.shape[0]).contiguous()
     _IMPLS[backend](J, w, offsets if weights.dim() == 2 else None, out)
 
 
@@ -178,13 +181,14 @@ def combine(J: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | None
     """Weighted combination ``g = w^T J`` (one pass over ``J``), per segment when ``w`` is 2-D.
 
     Args:
-        J: ``[T, P]`` float32 / bfloat16 / float16 task gradients (fp32 math); rows may be strided.
+        J: ``[T, P]`` float32 / bfloat16 / float16 task gradients (fp32 math), or float64 (fp64
+            math, on the torch path); rows may be strided.
         weights: ``[T]``, or ``[L, T]`` with ``offsets``: segment ``l`` (columns
             ``offsets[l]:offsets[l+1]``) is combined with ``weights[l]`` (per-layer methods).
-        offsets: int64 ``[L+1]`` segment table (SPEC §0), only with 2-D ``weights``.
-        out: optional 1-D ``[P]`` destination (float32/bfloat16/float16, e.g. a flat view over
-            parameters' ``.grad`` storage); written in place and returned. Nothing outside it is
-            touched.
+        offsets: int64 ``[L+1]`` segment table (docs/methods.md#segment-tables-and-layers), only with 2-D ``weights``.
+        out: optional 1-D ``[P]`` destination (float32/bfloat16/float16/float64, e.g. a flat
+            view over parameters' ``.grad`` storage); written in place and returned. Nothing
+            outside it is touched.
 
     Returns:
         ``[P]`` in ``J``'s dtype (or ``out``).

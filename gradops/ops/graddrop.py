@@ -1,5 +1,5 @@
 """GradDrop (Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign
-Dropout", NeurIPS 2020), parameter-gradient variant as in TorchJD and CAGrad's code (SPEC.md §3).
+Dropout", NeurIPS 2020), parameter-gradient variant as in TorchJD and CAGrad's code (docs/methods.md#graddrop).
 
 Per column ``k`` of ``J`` (``[T, P]``): ``S_k = sum_t J_tk``, ``A_k = sum_t |J_tk|``, purity
 ``p_k = 0.5 (1 + S_k / (A_k + eps))`` (Eq. 1), one uniform ``U_k``; keep the positive entries if
@@ -20,13 +20,15 @@ import torch
 
 from .. import _backend
 from .._backend import _C, register_op, select_backend
-from .._validate import check_matrix
+from .._validate import acc_dtype, check_matrix
 from ..reference import graddrop_reference, philox_uniform_reference
 from ._eager import plain_eager_cpu
 
 __all__ = ["graddrop"]
 
-register_op("graddrop", ("triton", "cpp", "torch"))
+# the kernels accumulate in float32: float64 J takes the torch path (float64 math)
+register_op("graddrop", ("triton", "cpp", "torch"),
+            dtypes={"triton": _backend.KERNEL_DTYPES, "cpp": _backend.KERNEL_DTYPES})
 DEFAULT_EPS = 1e-7
 
 if _backend.triton_importable()[0]:
@@ -104,10 +106,11 @@ _IMPLS = {"triton": _graddrop_triton, "cpp": _graddrop_cpp, "torch": _graddrop_t
 def _check(J, leak, seed, noise, eps) -> None:
     check_matrix(J, "graddrop")
     T, P = J.shape
-    if leak.shape != (T,) or leak.dtype != torch.float32 or leak.device != J.device:
-        raise ValueError(f"gradops.graddrop: leak must be a float or a float32 [T] tensor on J's "
-                         f"device with T = {T}, got shape {tuple(leak.shape)}, {leak.dtype}, "
-                         f"{leak.device}")
+    leak_dtypes = (torch.float32, torch.float64) if J.dtype == torch.float64 else (torch.float32,)
+    if leak.shape != (T,) or leak.dtype not in leak_dtypes or leak.device != J.device:
+        raise ValueError(f"gradops.graddrop: leak must be a float or a float32 [T] tensor (float64 "
+                         f"too for float64 J) on J's device with T = {T}, got shape "
+                         f"{tuple(leak.shape)}, {leak.dtype}, {leak.device}")
     if seed.shape != (1,) or seed.dtype != torch.int64:
         raise ValueError("gradops.graddrop: seed must be an int64 tensor of shape [1]")
     if noise is not None:
@@ -128,9 +131,9 @@ def _graddrop_impl(J: torch.Tensor, leak: torch.Tensor, seed: torch.Tensor,
     T, P = J.shape
     out = J.new_empty(P)
     mask = torch.empty((T, P) if with_mask else (0,), dtype=torch.bool, device=J.device)
-    if noise is not None:
-        noise = noise.to(torch.float32).contiguous()
-    backend = select_backend("graddrop", J.device, T)
+    if noise is not None:  # float32 (float64 for float64 J: compared with float64 purities)
+        noise = noise.to(acc_dtype(J.dtype)).contiguous()
+    backend = select_backend("graddrop", J.device, T, J.dtype)
     _IMPLS[backend](J, leak.contiguous(), seed, noise, out, mask if with_mask else None, eps)
     return out, mask
 
@@ -165,7 +168,8 @@ def graddrop(J: torch.Tensor, *, leak: float | Sequence[float] | torch.Tensor = 
     """GradDrop-combined gradient ``[P]`` of task gradients ``J`` ``[T, P]`` in one fused pass.
 
     Args:
-        J: ``[T, P]`` float32 / bfloat16 / float16 (fp32 math); rows may be strided.
+        J: ``[T, P]`` float32 / bfloat16 / float16 (fp32 math), or float64 (fp64 math, on the
+            torch path); rows may be strided.
         leak: ``leak_t`` in ``[0, 1]``, a float for all tasks or ``[T]``; ``leak = 1`` gives the plain
             sum of the task gradients, ``0`` (default) the paper's GradDrop.
         generator: source of the random seed (reproducible: the same generator state gives the
@@ -181,14 +185,15 @@ def graddrop(J: torch.Tensor, *, leak: float | Sequence[float] | torch.Tensor = 
     """
     check_matrix(J, "graddrop")
     T = J.shape[0]
+    leak_dtype = acc_dtype(J.dtype)    # float32 (float64 for float64 J)
     if type(leak) in (float, int) and 0 <= leak <= 1:
         # the common case, a number in range: one tensor op (each costs tens of microseconds
         # when the caches are cold, as they are after a pass over a large J)
-        leak_t = torch.full((T,), leak, dtype=torch.float32, device=J.device)
+        leak_t = torch.full((T,), leak, dtype=leak_dtype, device=J.device)
     elif isinstance(leak, torch.Tensor) and leak.device.type != "cpu":
-        leak_t = leak.to(device=J.device, dtype=torch.float32).reshape(-1)  # not read: no sync
+        leak_t = leak.to(device=J.device, dtype=leak_dtype).reshape(-1)  # not read: no sync
     else:
-        leak_t = torch.as_tensor(leak, dtype=torch.float32).reshape(-1)
+        leak_t = torch.as_tensor(leak, dtype=leak_dtype).reshape(-1)
         if not bool(((leak_t >= 0) & (leak_t <= 1)).all()):
             raise ValueError(f"gradops.graddrop: leak must be in [0, 1], got {leak_t.tolist()}")
         leak_t = leak_t.to(J.device)
@@ -203,8 +208,8 @@ def graddrop(J: torch.Tensor, *, leak: float | Sequence[float] | torch.Tensor = 
 def _graddrop_raw(J: torch.Tensor, leak: torch.Tensor, seed: torch.Tensor,
                  noise: torch.Tensor | None, with_mask: bool, eps: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.ops.gradops.graddrop`` on prepared arguments (``leak`` ``[T]`` float32, ``seed``
-    int64 ``[1]``), or its implementation directly for a plain eager CPU call (see
-    :mod:`gradops.ops._eager`)."""
+    """``torch.ops.gradops.graddrop`` on prepared arguments (``leak`` ``[T]`` float32, or float64
+    for float64 ``J``; ``seed`` int64 ``[1]``), or its implementation directly for a plain eager
+    CPU call (see :mod:`gradops.ops._eager`)."""
     op = _graddrop_impl if plain_eager_cpu(J, leak, seed, noise) else torch.ops.gradops.graddrop
     return op(J, leak, seed, noise, with_mask, eps)

@@ -1,7 +1,7 @@
 """Gram matrices of task gradients: whole (``gram``) and per column segment (``segment_gram``).
 
-Math (SPEC.md §1): for ``J`` = ``[T, P]`` (row ``t`` = flattened gradient of task ``t``),
-``G = J J^T``; for a segment table ``offsets`` (``[L+1]`` int64, SPEC §0) ``G[l] = J_l J_l^T`` —
+Math (docs/methods.md#gram): for ``J`` = ``[T, P]`` (row ``t`` = flattened gradient of task ``t``),
+``G = J J^T``; for a segment table ``offsets`` (``[L+1]`` int64, docs/methods.md#segment-tables-and-layers) ``G[l] = J_l J_l^T`` —
 the per-layer Grams of Recon (Shi et al., ICLR 2023, Def. 3) — all in **one pass** over ``J``.
 The same pass can count, per pair, the coordinates with opposite signs and those where both are
 non-zero (the sign-conflict ratio of Elich et al., "Examining Common Paradigms in MTL", §4).
@@ -24,7 +24,7 @@ import torch
 
 from .. import _backend
 from .._backend import _C, register_op, select_backend
-from .._validate import check_matrix, check_offsets
+from .._validate import acc_dtype, check_matrix, check_offsets
 from ..reference import segment_gram_reference, sign_counts_reference
 from ..segments import segment_bounds
 from ._eager import plain_eager_cpu
@@ -225,7 +225,7 @@ def _segment_gram_cuda(J, offsets, with_counts):
 
 
 def _segment_gram_torch(J, offsets, with_counts):
-    G = segment_gram_reference(J, offsets).float()
+    G = segment_gram_reference(J, offsets).to(acc_dtype(J.dtype))  # float64 stays float64
     if not with_counts:
         return G, None, None
     opp, both = sign_counts_reference(J, offsets)
@@ -234,12 +234,14 @@ def _segment_gram_torch(J, offsets, with_counts):
 
 _IMPLS = {"triton": _segment_gram_triton, "cuda": _segment_gram_cuda,
           "cpp": _segment_gram_cpp, "torch": _segment_gram_torch}
-register_op("gram", ("triton", "cuda", "cpp", "torch"), MAX_T)
-register_op("segment_gram", ("triton", "cuda", "cpp", "torch"), MAX_T)
+# the kernels accumulate in float32: float64 inputs take the torch path (float64 accumulation)
+_KERNEL_DTYPES = {b: _backend.KERNEL_DTYPES for b in ("triton", "cuda", "cpp")}
+register_op("gram", ("triton", "cuda", "cpp", "torch"), MAX_T, _KERNEL_DTYPES)
+register_op("segment_gram", ("triton", "cuda", "cpp", "torch"), MAX_T, _KERNEL_DTYPES)
 
 
 def _run(op: str, J: torch.Tensor, offsets: torch.Tensor, with_counts: bool):
-    backend = select_backend(op, J.device, J.shape[0])
+    backend = select_backend(op, J.device, J.shape[0], J.dtype)
     return _IMPLS[backend](J, offsets, with_counts)
 
 
@@ -272,7 +274,7 @@ def _gram_op(J: torch.Tensor) -> torch.Tensor:
 @_gram_op.register_fake
 def _(J):
     _check("gram", J)
-    return J.new_empty((J.shape[0], J.shape[0]), dtype=torch.float32)
+    return J.new_empty((J.shape[0], J.shape[0]), dtype=acc_dtype(J.dtype))
 
 
 @torch.library.custom_op("gradops::segment_gram", mutates_args=())
@@ -284,7 +286,7 @@ def _segment_gram_op(J: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 @_segment_gram_op.register_fake
 def _(J, offsets):
     _check("segment_gram", J, offsets)
-    return J.new_empty((offsets.shape[0] - 1, J.shape[0], J.shape[0]), dtype=torch.float32)
+    return J.new_empty((offsets.shape[0] - 1, J.shape[0], J.shape[0]), dtype=acc_dtype(J.dtype))
 
 
 @torch.library.custom_op("gradops::gram_sign_counts", mutates_args=())
@@ -297,7 +299,7 @@ def _gram_sign_counts_op(J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 def _(J):
     _check("gram", J)
     T = J.shape[0]
-    return (J.new_empty((T, T), dtype=torch.float32), J.new_empty((T, T), dtype=torch.int64),
+    return (J.new_empty((T, T), dtype=acc_dtype(J.dtype)), J.new_empty((T, T), dtype=torch.int64),
             J.new_empty((T, T), dtype=torch.int64))
 
 
@@ -312,7 +314,7 @@ def _segment_gram_sign_counts_op(J: torch.Tensor, offsets: torch.Tensor
 def _(J, offsets):
     _check("segment_gram", J, offsets)
     shape = (offsets.shape[0] - 1, J.shape[0], J.shape[0])
-    return (J.new_empty(shape, dtype=torch.float32), J.new_empty(shape, dtype=torch.int64),
+    return (J.new_empty(shape, dtype=acc_dtype(J.dtype)), J.new_empty(shape, dtype=torch.int64),
             J.new_empty(shape, dtype=torch.int64))
 
 
@@ -363,16 +365,18 @@ _segment_gram_op.register_autograd(_segment_gram_backward, setup_context=_segmen
 # ---------------------------------------------------------------------------------------------
 def gram(J: torch.Tensor, *, return_sign_counts: bool = False
          ) -> torch.Tensor | GramWithSignCounts:
-    """Gram matrix ``G = J J^T`` of task gradients, fp32, in one pass over ``J``.
+    """Gram matrix ``G = J J^T`` of task gradients, fp32 (fp64 for fp64 ``J``), in one pass.
 
     Args:
-        J: ``[T, P]`` float32 / bfloat16 / float16 (fp32 accumulation). Rows may be strided views
-            (``J[:, a:b]``); ``P`` may exceed 2^31.
+        J: ``[T, P]`` float32 / bfloat16 / float16 (fp32 accumulation) or float64 (fp64
+            accumulation, on the torch path). Rows may be strided views (``J[:, a:b]``); ``P``
+            may exceed 2^31.
         return_sign_counts: also return, from the same pass, per pair the number of coordinates
             with opposite signs and with both non-zero (:class:`GramWithSignCounts`).
 
     Returns:
-        ``[T, T]`` float32 (symmetric, PSD up to rounding), or a :class:`GramWithSignCounts`.
+        ``[T, T]`` float32 (float64 for float64 ``J``; symmetric, PSD up to rounding), or a
+        :class:`GramWithSignCounts`.
 
     Non-finite entries of ``J`` propagate into the rows/columns of ``G`` they touch. Backend: see
     :func:`gradops.info` (Triton on CUDA, C++ on CPU, torch reference otherwise).
@@ -394,15 +398,16 @@ def segment_gram(J: torch.Tensor, offsets: torch.Tensor, *, return_sign_counts: 
     ``gradops.metrics.conflict_counts(segment_gram(J, offsets), S)`` is Recon's S-conflict score.
 
     Args:
-        J: ``[T, P]`` float32 / bfloat16 / float16 (fp32 accumulation), rows may be strided.
-        offsets: int64 ``[L+1]`` segment table (SPEC §0): ``offsets[0] == 0``, non-decreasing,
+        J: ``[T, P]`` float32 / bfloat16 / float16 (fp32 accumulation) or float64 (fp64
+            accumulation), rows may be strided.
+        offsets: int64 ``[L+1]`` segment table (docs/methods.md#segment-tables-and-layers): ``offsets[0] == 0``, non-decreasing,
             ``offsets[-1] == P``. Empty segments are allowed and give zero Grams. Keep it on the
             CPU (values are validated there; gradops copies it to the device for GPU kernels).
         return_sign_counts: also return per-segment sign counts (:class:`GramWithSignCounts`).
 
     Returns:
-        ``[L, T, T]`` float32 with ``result.sum(0) == gram(J)`` up to rounding, or a
-        :class:`GramWithSignCounts` of ``[L, T, T]`` tensors.
+        ``[L, T, T]`` float32 (float64 for float64 ``J``) with ``result.sum(0) == gram(J)`` up to
+        rounding, or a :class:`GramWithSignCounts` of ``[L, T, T]`` tensors.
     """
     _check("segment_gram", J, offsets)
     if plain_eager_cpu(J, offsets):  # the ops' implementation, directly (see ops/_eager.py)

@@ -3,7 +3,7 @@
 Vector form (Alg. 1): for each task ``i``, ``g_i' = g_i``; for ``j`` in a random order,
 if ``g_i' . g_j < 0`` then ``g_i' -= (g_i' . g_j) / ||g_j||^2 g_j``; result ``sum_i g_i'``.
 
-Gram form (SPEC.md §2): write ``g_i' = sum_k C_ik g_k`` with ``C = I``; then
+Gram form (docs/methods.md#pcgrad): write ``g_i' = sum_k C_ik g_k`` with ``C = I``; then
 ``g_i' . g_j = (C G)_ij``, and the projection is ``C_ij -= (C G)_ij / (G_jj + eps)`` when negative.
 Each row ``i`` evolves independently in ``T`` sequential steps of a length-``T`` update, on the
 Gram's device with no host synchronisation; then ``w = 1^T C`` (sum; ``/ T`` for the mean) and
@@ -20,7 +20,7 @@ import torch
 
 from .. import _backend
 from .._backend import _C, register_op, select_backend
-from .._validate import _is_fake, check_matrix
+from .._validate import _is_fake, acc_dtype, check_matrix
 from ._eager import plain_eager_cpu
 from .combine import combine
 from .gram import gram, segment_gram
@@ -28,7 +28,9 @@ from .gram import gram, segment_gram
 __all__ = ["pcgrad", "pcgrad_weights", "random_orders"]
 
 REDUCTIONS = ("sum", "mean")
-register_op("pcgrad_weights", ("triton", "cpp", "torch"))
+# the kernels run the recurrence in float32: a float64 G takes the torch path (float64 math)
+register_op("pcgrad_weights", ("triton", "cpp", "torch"),
+            dtypes={"triton": _backend.KERNEL_DTYPES, "cpp": _backend.KERNEL_DTYPES})
 
 if _backend.triton_importable()[0]:
     import triton
@@ -135,7 +137,8 @@ def _check_permutations(perms: torch.Tensor, T: int) -> None:
 def _pcgrad_weights_impl(G: torch.Tensor, perms: torch.Tensor, reduction: str, eps: float
                          ) -> torch.Tensor:
     try:
-        backend = select_backend("pcgrad_weights", G.device, G.shape[-1] if G.dim() else 0)
+        backend = select_backend("pcgrad_weights", G.device, G.shape[-1] if G.dim() else 0,
+                                 G.dtype)
     except RuntimeError:  # a forced backend that cannot run: the argument errors come first
         backend = None
     _check_weights_args(G, perms, reduction, eps, backend == "cpp")
@@ -151,9 +154,9 @@ def _pcgrad_weights_impl(G: torch.Tensor, perms: torch.Tensor, reduction: str, e
         w = C.sum(-2)
         return w / T if reduction == "mean" else w
     if backend is None:  # now that the arguments are checked: the forced backend's error
-        backend = select_backend("pcgrad_weights", G.device, T)
+        backend = select_backend("pcgrad_weights", G.device, T, G.dtype)
     batch = G.shape[:-2]
-    G3 = G.to(torch.float32).reshape(-1, T, T).contiguous()
+    G3 = G.to(acc_dtype(G.dtype)).reshape(-1, T, T).contiguous()   # float64 stays float64
     P3 = perms.reshape(-1, T, T).contiguous()
     C = _COEFFICIENTS[backend](G3, P3, eps)
     w = C.sum(-2)
@@ -171,13 +174,13 @@ def _pcgrad_weights_op(G: torch.Tensor, perms: torch.Tensor, reduction: str, eps
 @_pcgrad_weights_op.register_fake
 def _(G, perms, reduction, eps):
     _check_weights_args(G, perms, reduction, eps)
-    return G.new_empty(G.shape[:-1], dtype=torch.float32)
+    return G.new_empty(G.shape[:-1], dtype=acc_dtype(G.dtype))
 
 
 def pcgrad_weights(G: torch.Tensor, *, generator: torch.Generator | None = None,
                    perms: torch.Tensor | None = None, reduction: str = "sum", eps: float = 0.0
                    ) -> torch.Tensor:
-    """PCGrad's combination weights from the Gram: ``g_pcgrad = w^T J`` (SPEC §2).
+    """PCGrad's combination weights from the Gram: ``g_pcgrad = w^T J`` (docs/methods.md#pcgrad).
 
     Args:
         G: ``[T, T]`` Gram (or a batch ``[..., T, T]``, e.g. per-layer Grams ``[L, T, T]``: one
@@ -191,7 +194,8 @@ def pcgrad_weights(G: torch.Tensor, *, generator: torch.Generator | None = None,
             products are exactly 0), so the default 0 gives no NaN and keeps PCGrad scale-invariant.
 
     Returns:
-        float32 weights ``[..., T]`` on ``G``'s device. Non-finite ``G`` gives non-finite weights.
+        float32 weights ``[..., T]`` (float64 for a float64 ``G``, computed in float64) on ``G``'s
+        device. Non-finite ``G`` gives non-finite weights.
     """
     if perms is None:
         perms = random_orders(G.shape[-1], tuple(G.shape[:-2]), generator=generator,
@@ -206,10 +210,11 @@ def pcgrad(J: torch.Tensor, *, generator: torch.Generator | None = None,
            offsets: torch.Tensor | None = None, out: torch.Tensor | None = None,
            return_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """PCGrad-combined gradient of task gradients ``J`` ``[T, P]``: a Gram pass, the ``T x T``
-    recurrence on device, and a combine pass (SPEC §2).
+    recurrence on device, and a combine pass (docs/methods.md#pcgrad).
 
     Args:
-        J: ``[T, P]`` float32 / bfloat16 / float16 (fp32 math).
+        J: ``[T, P]`` float32 / bfloat16 / float16 (fp32 math), or float64 (fp64 math throughout:
+            Gram, weights and combination, on the torch path).
         generator, perms, reduction, eps: as in :func:`pcgrad_weights` (``perms`` is ``[T, T]``,
             or ``[L, T, T]`` with ``offsets``).
         offsets: per-layer PCGrad: one PCGrad per segment of this int64 ``[L+1]`` table

@@ -1,4 +1,4 @@
-"""Per-neuron top-K magnitude masks (PSN, the sparse-training paper's Sec. 3.4; SPEC.md §5).
+"""Per-neuron top-K magnitude masks (PSN, the sparse-training paper's Sec. 3.4; docs/methods.md#sparse-training).
 
 A weight ``W`` is viewed as ``[out, F]``: dim 0 = output neurons, the other dims flattened into the
 fan-in (a conv weight ``[out, in, kh, kw]`` has ``F = in * kh * kw``; a 1-D ``W`` is ``[out, 1]``).
@@ -262,7 +262,7 @@ def _index(k, op: str) -> int:
 
 
 def topk_mask(W: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-neuron top-``k`` magnitude mask of a weight (SPEC §5).
+    """Per-neuron top-``k`` magnitude mask of a weight (docs/methods.md#sparse-training).
 
     Args:
         W: weight, ``[out, ...]`` (Linear ``[out, in]``, conv ``[out, in, kh, kw]``, a 1-D vector

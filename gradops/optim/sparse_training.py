@@ -1,6 +1,6 @@
 """``SparseTraining``: any torch optimizer, with entries outside a mask held bit-identical.
 
-Sparse training (SPEC §5; the ST paper, Sec. 3.2) updates ``theta <- theta - lr * M (.) update``.
+Sparse training (docs/methods.md#sparse-training; the ST paper, Sec. 3.2) updates ``theta <- theta - lr * M (.) update``.
 The paper's code kept unselected entries fixed only because its weight decay was 0 and its
 gradients were masked; with momentum, Adam's moments, AdamW's decoupled weight decay, gradient
 clipping or AMP, zero gradients are not enough (AdamW decays a weight whose gradient is 0;

@@ -26,7 +26,7 @@ Conventions (each function's docstring has the details):
     imtlg       G^+ n / (1^T G^+ n), n_i = ||g_i||          w same, d -> s d
     nashmtl     G a = 1/a, then ||d|| <= max_norm (1.0)     a -> a / s, d same (before clip)
     alignedmtl  B 1, B = sqrt(l_min) V diag(l)^-1/2 V^T     w same, d -> s d
-    pcgrad      gradops.pcgrad_weights (fp32)               w same, d -> s d
+    pcgrad      gradops.pcgrad_weights (fp32; fp64 for fp64)  w same, d -> s d
 
 All are permutation-equivariant (permuting the tasks permutes ``w``) wherever their solution is
 unique; PCGrad with explicit ``perms`` transforms with the orders.

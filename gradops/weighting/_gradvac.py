@@ -25,9 +25,9 @@ def gradvac_weights(G: torch.Tensor, targets: torch.Tensor, perms: torch.Tensor,
         the old targets in place, so one overflowed AMP step does not poison the EMA).
     """
     L, T, _ = G.shape
-    G = G.to(torch.float32)
+    G = G.to(torch.float64 if G.dtype == torch.float64 else torch.float32)  # fp64 stays fp64
     C = torch.eye(T, dtype=G.dtype, device=G.device).expand(L, T, T).clone()
-    tgt = targets.clone()
+    tgt = targets.to(G.dtype, copy=True)
     rows = torch.arange(T, device=G.device)
     diag = G.diagonal(dim1=-2, dim2=-1)                       # [L, T]
     for s in range(T):

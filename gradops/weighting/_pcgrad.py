@@ -12,8 +12,9 @@ def pcgrad(G: torch.Tensor, generator: torch.Generator | None = None,
            perms: torch.Tensor | None = None, reduction: str = "sum", *,
            return_status: bool = False):
     """PCGrad (Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020, Alg. 1) in
-    Gram form: :func:`gradops.pcgrad_weights` (docs/methods.md#pcgrad). Weights are float32 whatever ``G``'s
-    dtype (the op's recurrence runs in fp32); invariant to ``J -> sJ``."""
+    Gram form: :func:`gradops.pcgrad_weights` (docs/methods.md#pcgrad). Weights are float32
+    (float64 for a float64 ``G``: the recurrence then runs in float64); invariant to
+    ``J -> sJ``."""
     if not isinstance(G, torch.Tensor) or G.dim() != 2:
         raise ValueError(f"gradops.weighting.pcgrad: G must be a square Gram [T, T], got "
                          f"{tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__}")
