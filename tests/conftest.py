@@ -47,3 +47,10 @@ def pytest_collection_modifyitems(config, items):
 def cpu_backend(request):
     with gradops.use_backend(request.param):
         yield request.param
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request) -> torch.device:
+    """The device a test's tensors live on: ``cpu`` always, and ``cuda`` (marked ``gpu``: reported
+    as skipped without a CUDA device, selected by ``pytest -m gpu``)."""
+    return torch.device(request.param)

@@ -152,7 +152,7 @@ def _pcgrad_weights_impl(G: torch.Tensor, perms: torch.Tensor, reduction: str, e
         C = _C.pcgrad_coefficients_cpu(G, perms if perms.is_contiguous() else perms.contiguous(),
                                        eps)
         w = C.sum(-2)
-        return w / T if reduction == "mean" else w
+        return _nan_if_nonfinite(G, w / T if reduction == "mean" else w)
     if backend is None:  # now that the arguments are checked: the forced backend's error
         backend = select_backend("pcgrad_weights", G.device, T, G.dtype)
     batch = G.shape[:-2]
@@ -162,7 +162,15 @@ def _pcgrad_weights_impl(G: torch.Tensor, perms: torch.Tensor, reduction: str, e
     w = C.sum(-2)
     if reduction == "mean":
         w = w / T
-    return w.reshape(*batch, T)
+    return _nan_if_nonfinite(G, w.reshape(*batch, T))
+
+
+def _nan_if_nonfinite(G: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``w`` with NaN weights for every Gram of the batch that holds a NaN or Inf: the recurrence's
+    comparisons are False for NaN (so a NaN on a diagonal, or ``T = 1``, would otherwise skip
+    its steps and leave finite weights); a non-finite Gram must give non-finite weights."""
+    bad = ~torch.isfinite(G).all(-1).all(-1)
+    return w.masked_fill(bad.unsqueeze(-1), float("nan"))
 
 
 @torch.library.custom_op("gradops::pcgrad_weights", mutates_args=())

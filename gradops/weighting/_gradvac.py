@@ -47,4 +47,7 @@ def gradvac_weights(G: torch.Tensor, targets: torch.Tensor, perms: torch.Tensor,
         new_t = (1 - beta) * phi_t + beta * phi
         keep = active & torch.isfinite(new_t)
         tgt[:, rows, j] = torch.where(keep, new_t, phi_t)
-    return C.sum(1), tgt
+    # a layer whose Gram holds a NaN/Inf gets NaN weights (its comparisons are False for NaN,
+    # which would otherwise leave the plain sum), as every op propagates non-finite values
+    bad = ~torch.isfinite(G).all(-1).all(-1)
+    return C.sum(1).masked_fill(bad[:, None], float("nan")), tgt
