@@ -17,49 +17,10 @@ from gradops.optim import MTLOptimizer
 from gradops.weighting import gradvac_weights
 from gradops.reference import graddrop_reference, pcgrad_reference, philox_uniform_reference
 from method_references import gradvac_reference
+from mtl_helpers import MTLNet, make_data, per_task_jacobian, shared_grad
 
 GRAM_METHODS = ["mgda", "cagrad", "imtlg", "nashmtl", "alignedmtl"]
 ALL_METHODS = ["ew", "pcgrad", "graddrop", *GRAM_METHODS, "gradvac"]
-
-
-class MTLNet(nn.Module):
-    """Shared MLP encoder + one linear head per task."""
-
-    def __init__(self, T=3, d_in=7, hidden=13, d_feat=5, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.encoder = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_feat))
-        self.heads = nn.ModuleList(nn.Linear(d_feat, 1) for _ in range(T))
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-
-    def losses(self, x, ys):
-        h = self.encoder(x)
-        return torch.stack([((head(h).squeeze(-1) - y) ** 2).mean()
-                            for head, y in zip(self.heads, ys)])
-
-
-def make_data(T=3, n=32, d_in=7, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d_in, generator=g)
-    ys = [torch.randn(n, generator=g) + t for t in range(T)]
-    return x, ys
-
-
-def per_task_jacobian(model, x, ys):
-    """[T, P] per-task gradients of the encoder's parameters, by torch.autograd.grad."""
-    losses = model.losses(x, ys)
-    enc = list(model.encoder.parameters())
-    rows = []
-    for t in range(len(ys)):
-        gs = torch.autograd.grad(losses[t], enc, retain_graph=True)
-        rows.append(torch.cat([g.reshape(-1) for g in gs]))
-    return torch.stack(rows), losses.detach()
-
-
-def shared_grad(model):
-    return torch.cat([p.grad.reshape(-1) for p in model.encoder.parameters()])
 
 
 # --- the data path ----------------------------------------------------------------------------
@@ -587,240 +548,38 @@ def test_stream_copy_is_an_exact_copy_at_every_size_and_alignment():
         C.stream_copy_cpu(torch.zeros(4), torch.zeros(8)[::2])
 
 
-# --- the Linear engine (linear_gram=): Gram and combine from activations ---------------------
-class WideNet(nn.Module):
-    """An encoder with a LayerNorm between Linear layers (a non-Linear shared parameter), a
-    bias-free Linear, 3-D inputs [B, S, d], and a head that reads an intermediate feature (task 0
-    does not reach the last encoder layer)."""
-
-    def __init__(self, T=5, d=24, seed=0, reuse=False, tie=False):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.l1 = nn.Linear(d, d)
-        self.norm = nn.LayerNorm(d)
-        self.l2 = nn.Linear(d, d, bias=False)
-        self.l3 = nn.Linear(d, d)
-        self.encoder = nn.ModuleList([self.l1, self.norm, self.l2, self.l3])
-        self.reuse, self.tie = reuse, tie
-        self.heads = nn.ModuleList(nn.Linear(d, 1) for _ in range(T))
-
-    def losses(self, x, ys):
-        h1 = self.l2(torch.tanh(self.norm(self.l1(x))))
-        if self.reuse:                  # l2 applied twice: its gradient sums two uses
-            h1 = self.l2(torch.tanh(h1))
-        h2 = self.l3(torch.tanh(h1))
-        if self.tie:                    # l3's weight used once more, outside l3
-            h2 = h2 + torch.tanh(h1) @ self.l3.weight.T * 0.5
-        out = []
-        for t, (head, y) in enumerate(zip(self.heads, ys)):
-            feat = h1 if t == 0 else h2
-            out.append(((head(feat).squeeze(-1) - y) ** 2).mean())
-        return torch.stack(out)
-
-
-def _run_engine(mode, method="pcgrad", T=5, steps=3, net_kw=None, **kw):
-    model = WideNet(T=T, **(net_kw or {}))
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(3, 2, 24, generator=g)          # N = 6 rows per Linear
-    ys = [torch.randn(3, 2, generator=g) for _ in range(T)]
-    opt = MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), method=method,
-                       shared=model.encoder, linear_gram=mode,
-                       generator=torch.Generator().manual_seed(0), **kw)
-    infos, used = [], []
-    for _ in range(steps):
-        opt.zero_grad()
-        infos.append(opt.backward(model.losses(x, ys)))
-        used.append(opt._engine.last_active if opt._engine else 0)
-        opt.step()
-    return model, infos, used
-
-
-@pytest.mark.parametrize("method,kw", [("pcgrad", {}), ("mgda", {"stats": True}),
-                                       ("pcgrad", {"per_layer": True}), ("gradvac", {}),
-                                       ("imtlg", {}), ("ew", {"stats": True}),
-                                       ("nashmtl", {"update_every": 2})])
-def test_linear_engine_matches_the_buffer_path(method, kw):
-    m_off, i_off, _ = _run_engine("off", method, **kw)
-    m_on, i_on, used = _run_engine("on", method, **kw)
-    for p, q in zip(m_off.parameters(), m_on.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    for a, b in zip(i_off, i_on):
-        for name in ("gram", "layer_gram", "weights", "layer_conflicts"):
-            u, v = getattr(a, name), getattr(b, name)
-            assert (u is None) == (v is None)
-            if u is not None:     # (MGDA's weights: within its solver's tolerance)
-                rtol = 5e-3 if name == "weights" and method == "mgda" else 1e-4
-                torch.testing.assert_close(v, u, rtol=rtol, atol=1e-5 * u.abs().max().item())
-    # every Linear layer of the encoder (3), on every step that recomputes the weights
-    recompute = [True, False, True] if kw.get("update_every") else [True] * 3
-    assert used == [3 if r else 0 for r in recompute]
-
-
-def test_linear_engine_skips_reused_and_tied_layers():
-    for net_kw, active in (({"reuse": True}, 2), ({"tie": True}, 2), ({}, 3)):
-        m_off, i_off, _ = _run_engine("off", net_kw=net_kw)
-        m_on, i_on, used = _run_engine("on", net_kw=net_kw)
-        assert used == [active] * 3
-        torch.testing.assert_close(i_on[-1].gram, i_off[-1].gram, rtol=1e-4, atol=1e-6)
-        for p, q in zip(m_off.parameters(), m_on.parameters()):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-
-
-def test_linear_engine_is_off_under_autocast_and_after_unused_forwards():
-    model = WideNet(T=3)
-    x = torch.randn(3, 2, 24)
-    ys = [torch.randn(3, 2) for _ in range(3)]
-    opt = MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), method="pcgrad",
-                       shared=model.encoder, linear_gram="on")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        L = model.losses(x, ys)
-    opt.backward(L.float())
-    assert opt._engine.last_active == 0
-    model.losses(x, ys)                      # a forward whose graph is dropped ...
-    with torch.no_grad():
-        model.losses(x, ys)                  # (no-grad forwards do not count)
-    opt.backward(model.losses(x, ys))        # ... makes every layer's use ambiguous
-    assert opt._engine.last_active == 0
-    opt.backward(model.losses(x, ys))
-    assert opt._engine.last_active == 3
-
-
-def test_linear_engine_cost_model_and_auto_mode():
-    from gradops.optim._linear_engine import LinearEngine
-    for T in (3, 8, 40):                                        # the benchmark's layers
-        assert LinearEngine._cheaper(T, 64, 1024, 1024)
-    assert not LinearEngine._cheaper(2, 64, 1024, 1024)         # ... at T = 1, 2: J is cheaper
-    assert not LinearEngine._cheaper(1, 64, 1024, 1024)
-    assert not LinearEngine._cheaper(40, 4096, 1024, 1024)      # many rows: J is cheaper
-    _, _, used = _run_engine("auto", T=5, steps=1)               # 6 rows, 24 wide, T = 5: yes
-    assert used == [3]
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
-    heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(3))
-    opt = MTLOptimizer(torch.optim.SGD([*model.parameters(), *heads.parameters()], lr=0.1),
-                       method="mgda", shared=model)                       # 512 rows: no
-    h = model(torch.randn(512, 8))
-    opt.backward([hd(h).pow(2).mean() for hd in heads])
-    assert opt._engine.last_active == 0
-    h = model(torch.randn(512, 8))       # from the second step on, such layers keep no input
-    assert all(l.x is None and l.edge is None for l in opt._engine.layers)
-    opt.backward([hd(h).pow(2).mean() for hd in heads])
-    assert opt._engine.last_active == 0
-
-
-def test_linear_engine_overflow_propagates_and_the_step_is_skipped():
-    model = WideNet(T=3)
-    x = torch.randn(3, 2, 24)
-    ys = [torch.randn(3, 2) for _ in range(3)]
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
-    opt = MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method="pcgrad",
-                       shared=model.encoder, linear_gram="on", grad_scaler=scaler)
-    before = [p.detach().clone() for p in model.parameters()]
-    L = model.losses(x, ys)
-    opt.backward(scaler.scale(torch.stack([L[0], L[1] * float("inf"), L[2]])))
-    assert opt._engine.last_active == 3
-    assert not torch.isfinite(model.l1.weight.grad).all()
-    scaler.step(opt)
-    for p, q in zip(model.parameters(), before):
-        assert torch.equal(p, q)
-
-
-def test_linear_gram_errors_name_the_argument():
-    model = MTLNet(T=3)
-    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="linear_gram must be one of"):
-        MTLOptimizer(sgd, method="pcgrad", shared=model.encoder, linear_gram="yes")
-    with pytest.raises(ValueError, match="no modules to find Linear layers"):
-        MTLOptimizer(sgd, method="pcgrad", linear_gram="on")
-    with pytest.raises(ValueError, match="single-process training only"):
-        MTLOptimizer(sgd, method="pcgrad", shared=model.encoder, linear_gram="on",
-                     process_group=object())
-    masks = {model.encoder[0].weight: torch.rand(13, 7) > 0.5}
-    with pytest.raises(ValueError, match="sparse masks"):
-        MTLOptimizer(sgd, method="pcgrad", shared=model.encoder, linear_gram="on", sparse=masks)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("method", ["pcgrad", "mgda", "nashmtl"])
-def test_linear_engine_on_gpu_matches_the_buffer_path(method):
-    T = 6
-    grads = {}
-    for mode in ("off", "on"):
-        model = WideNet(T=T).cuda()
-        g = torch.Generator().manual_seed(2)
-        x = torch.randn(3, 2, 24, generator=g).cuda()
-        ys = [torch.randn(3, 2, generator=g).cuda() for _ in range(T)]
-        opt = MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), method=method,
-                           shared=model.encoder, linear_gram=mode,
-                           generator=torch.Generator(device="cuda").manual_seed(0))
-        info = opt.backward(model.losses(x, ys))
-        assert (opt._engine.last_active if opt._engine else 0) == (3 if mode == "on" else 0)
-        grads[mode] = (torch.cat([p.grad.reshape(-1) for p in model.encoder.parameters()]),
-                       info.gram)
-    torch.testing.assert_close(grads["on"][0], grads["off"][0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(grads["on"][1], grads["off"][1], rtol=1e-4, atol=1e-5)
-
-
-def test_linear_engine_never_forms_the_per_task_weight_gradients():
-    # bias-free layers, and a first layer whose input does not require grad: the passes still
-    # produce D_t (the layers' outputs are backward inputs through their gradient edges)
-    def build():
-        torch.manual_seed(0)
-        enc = nn.Sequential(nn.Linear(6, 10, bias=False), nn.Tanh(), nn.Linear(10, 4, bias=False))
-        heads = nn.ModuleList(nn.Linear(4, 1) for _ in range(4))
-        return enc, heads
-    x = torch.randn(5, 6)
-    grads, calls = {}, {}
-    for mode in ("off", "on"):
-        enc, heads = build()
-        opt = MTLOptimizer(torch.optim.SGD([*enc.parameters(), *heads.parameters()], lr=0.1),
-                           method="pcgrad", shared=enc, linear_gram=mode,
-                           generator=torch.Generator().manual_seed(0))
-        n = [0]
-        enc[0].weight.register_post_accumulate_grad_hook(lambda p: n.__setitem__(0, n[0] + 1))
-        for step in range(2):
-            h = enc(x)
-            opt.zero_grad()
-            opt.backward([hd(h).pow(2).mean() * (t + 1) for t, hd in enumerate(heads)])
-            grads[mode, step] = [p.grad.clone() for p in enc.parameters()]
-            opt.step()
-        calls[mode] = n[0]
-        if mode == "on":
-            assert opt._engine.last_active == 2 and opt._J is None   # J never needed
-    assert calls == {"off": 8, "on": 0}           # T = 4 per-task weight gradients per step
-    for step in range(2):
-        for a, b in zip(grads["off", step], grads["on", step]):
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-
-
-def test_linear_engine_hooks_leave_with_the_optimizer():
-    import gc
-    model = WideNet(T=3)
-    opt = MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method="pcgrad",
-                       shared=model.encoder, linear_gram="on")
-    opt.backward(model.losses(torch.randn(3, 2, 24), [torch.randn(3, 2) for _ in range(3)]))
-    assert len(model.l1._forward_hooks) == 1
-    del opt
-    gc.collect()
-    assert all(not m._forward_hooks for m in model.modules())
-
-
-def test_linear_engine_under_torch_compile_matches_the_buffer_path():
-    x = torch.randn(3, 2, 24, generator=torch.Generator().manual_seed(1))
-    ys = [torch.randn(3, 2, generator=torch.Generator().manual_seed(t)) for t in range(3)]
-    out = {}
-    for mode in ("off", "on"):
-        torch._dynamo.reset()
-        model = WideNet(T=3)
-        opt = MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), method="pcgrad",
-                           shared=model.encoder, linear_gram=mode,
-                           generator=torch.Generator().manual_seed(0))
-        losses = torch.compile(model.losses, backend="eager")
-        for _ in range(3):
-            opt.zero_grad()
-            opt.backward(losses(x, ys))
-            opt.step()
-        if mode == "on":
-            assert opt._engine.last_active == 3
-        out[mode] = [p.detach().clone() for p in model.parameters()]
-    for a, b in zip(out["off"], out["on"]):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+# --- float64 ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("linear_gram", ["off", "on"])
+@pytest.mark.parametrize("method", ["pcgrad", "mgda", "imtlg", "graddrop", "gradvac"])
+def test_float64_model_keeps_float64_throughout(method, linear_gram):
+    """A float64 model: J, the Grams, the weights and the combined gradient are float64 and match
+    the method on the float64 reference Jacobian far below float32 rounding."""
+    T = 3
+    model = MTLNet(T=T).double()
+    x, ys = make_data(T, n=5)
+    x, ys = x.double(), [y.double() for y in ys]
+    J, _ = per_task_jacobian(model, x, ys)
+    opt = MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method=method,
+                       shared=model.encoder, linear_gram=linear_gram, stats=True)
+    gen = torch.Generator().set_state(opt._generator.get_state())
+    info = opt.backward(model.losses(x, ys))
+    g = shared_grad(model)
+    assert g.dtype == torch.float64 and info.gram.dtype == torch.float64
+    assert info.layer_gram.dtype == torch.float64
+    if opt._J is not None:
+        assert opt._J.dtype == torch.float64
+    torch.testing.assert_close(info.gram, J @ J.T, rtol=1e-10, atol=1e-12)
+    if method == "pcgrad":
+        ref = pcgrad_reference(J, random_orders(T, generator=gen))
+    elif method == "graddrop":
+        seed = int(_draw_seed(gen, torch.device("cpu")))
+        noise = philox_uniform_reference(seed, torch.arange(J.shape[1])).double()
+        ref, _ = graddrop_reference(J, torch.zeros(T, dtype=torch.float64), noise)
+    elif method == "gradvac":
+        ref, _ = gradvac_reference(J, opt._offsets_cpu, random_orders(T, generator=gen),
+                                   torch.zeros(opt.L, T, T, dtype=torch.float64), 0.5)
+    else:
+        assert info.weights.dtype == torch.float64
+        ref = info.weights @ J
+    torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-11)
+    opt.step()

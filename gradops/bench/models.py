@@ -1,5 +1,5 @@
 """The models the suites time: ViT-B/16's encoder (timm, random init, or a stand-in of the same
-shapes) and the multi-task MLP of the mtl suite."""
+shapes) and the multi-task networks of the mtl suite (an MLP or a small CNN encoder, T heads)."""
 from __future__ import annotations
 
 import copy
@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 
-# --- per-neuron top-K masks (sparse training, SPEC §5) ------------------------------------------
+# --- per-neuron top-K masks (sparse training, docs/methods.md#sparse-training) ------------------------------------------
 # The selection of the ST paper (Zhang et al., Sec. 3.4) is computed for every Linear/Conv weight
 # of the shared encoder once before training; the suite times it for all weights of ViT-B/16.
 VIT_B16_SHAPES: tuple[tuple[int, ...], ...] = (
@@ -40,7 +40,7 @@ def vit_b16_weights(device: torch.device, dtype: torch.dtype = torch.float32
     return [w.to(device=device, dtype=dtype).contiguous() for w in ws], source
 
 
-# --- sparse training optimizers (SPEC §5) ---------------------------------------------------------
+# --- sparse training optimizers (docs/methods.md#sparse-training) ---------------------------------------------------------
 class _ViTB16Encoder(torch.nn.Module):
     """A stand-in with the parameters of timm's ViT-B/16 encoder (same names and shapes), used
     when timm is not importable. Parameters only: it is never run forward."""
@@ -95,6 +95,38 @@ class MTLNet(nn.Module):
         return f, [h(f) for h in self.heads]
 
 
+CNN_CHANNELS = (32, 64, 128, 256)
+"""The mtl suite's CNN encoder: conv3x3 (stride 2) + BatchNorm + ReLU per entry on
+``3 x 32 x 32`` inputs (feature maps 16, 8, 4, 2 pixels wide), then a global average pool:
+387,936 conv weights + 960 BatchNorm parameters shared, ~0.12 G multiply-adds per forward at
+batch 32 (few per parameter: the per-task buffer's cost weighs more than in a wide CNN)."""
+
+
+class MTLConvNet(nn.Module):
+    """A small CNN encoder (:data:`CNN_CHANNELS`, conv3x3 + BatchNorm + ReLU, global average
+    pool) and ``T`` heads ``Linear(channels[-1], head_out)``: the J path for every shared
+    parameter (convolutions and BatchNorm are not ``nn.Linear``)."""
+
+    def __init__(self, T: int, channels: Sequence[int] = CNN_CHANNELS, head_out: int = 16):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for i, c in enumerate(channels):
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(c), nn.ReLU()]
+            c_in = c
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.encoder = nn.Sequential(*layers)
+        self.heads = nn.ModuleList(nn.Linear(c_in, head_out) for _ in range(T))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        f = self.encoder(x)
+        return f, [h(f) for h in self.heads]
+
+
+ENCODERS = ("mlp", "cnn")
+
+
 @dataclasses.dataclass
 class MTLSetup:
     """A model, its fixed batch, and the constructor arguments of the contenders."""
@@ -108,6 +140,16 @@ class MTLSetup:
     x: torch.Tensor
     y: torch.Tensor           # [T, batch, head_out]
     lr: float = 1e-4
+    encoder: str = "mlp"      # "mlp" (MTLNet) or "cnn" (MTLConvNet)
+
+    def describe(self) -> str:
+        """The model in words (for the suite's header)."""
+        if self.encoder == "cnn":
+            return (f"CNN encoder 4 x (conv3x3 stride 2 + BatchNorm + ReLU), channels "
+                    f"{CNN_CHANNELS}, 3 x 32 x 32 inputs ({self.shared_params:,} shared "
+                    f"parameters), batch {self.batch}")
+        return (f"MLP encoder {self.depth} x Linear({self.width}, {self.width}) "
+                f"({self.shared_params:,} shared parameters), batch {self.batch}")
 
     @property
     def shared_params(self) -> int:
@@ -117,7 +159,7 @@ class MTLSetup:
     def total_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def fresh(self) -> tuple[MTLNet, torch.optim.Optimizer]:
+    def fresh(self) -> tuple[nn.Module, torch.optim.Optimizer]:
         """A copy of the model (same initial weights) and a fresh SGD over all its parameters."""
         m = copy.deepcopy(self.model)
         return m, torch.optim.SGD(m.parameters(), lr=self.lr)
@@ -127,11 +169,20 @@ class MTLSetup:
 
 
 def make_setup(T: int, device: torch.device | str = "cpu", width: int = 1024, depth: int = 4,
-               batch: int = 64, head_out: int = 16, seed: int = 0) -> MTLSetup:
+               batch: int | None = None, head_out: int = 16, seed: int = 0,
+               encoder: str = "mlp") -> MTLSetup:
+    """The mtl suite's model and fixed batch: ``encoder="mlp"`` (:class:`MTLNet`, batch 64 by
+    default) or ``"cnn"`` (:class:`MTLConvNet` on ``3 x 32 x 32`` images, batch 32 by default;
+    ``width`` / ``depth`` unused)."""
+    if encoder not in ENCODERS:
+        raise ValueError(f"make_setup: encoder must be one of {ENCODERS}, got {encoder!r}")
     dev = torch.device(device)
     torch.manual_seed(seed)
-    model = MTLNet(T, width, depth, head_out).to(dev)
+    batch = batch or (32 if encoder == "cnn" else 64)
+    model = (MTLConvNet(T, head_out=head_out) if encoder == "cnn" else
+             MTLNet(T, width, depth, head_out)).to(dev)
     g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, width, generator=g).to(dev)
+    shape = (batch, 3, 32, 32) if encoder == "cnn" else (batch, width)
+    x = torch.randn(shape, generator=g).to(dev)
     y = torch.randn(T, batch, head_out, generator=g).to(dev)
-    return MTLSetup(T, width, depth, batch, head_out, dev, model, x, y)
+    return MTLSetup(T, width, depth, batch, head_out, dev, model, x, y, encoder=encoder)

@@ -1,6 +1,6 @@
 """One multi-task training step, end to end: ``gradops bench --suite mtl`` .
 
-The model (ANCHORS.md's): a 4-layer MLP encoder, ``Linear(1024, 1024) + ReLU`` x 4 (4,198,400
+The model: a 4-layer MLP encoder, ``Linear(1024, 1024) + ReLU`` x 4 (4,198,400
 shared parameters), ``T`` linear heads ``Linear(1024, 16)`` (task-specific), batch 64 of fixed
 random data, one MSE loss per task, fp32. Every contender owns an identical copy of the model
 (same initialisation) and its own plain ``torch.optim.SGD`` (lr 1e-4, no momentum), and one call
@@ -8,15 +8,15 @@ is one whole training step:
 
 * **floor** (``FLOOR``): ``zero_grad`` + forward + ``T`` backward passes
   (``loss_t.backward(retain_graph=t < T - 1)``, accumulating into ``.grad``) + ``step``. The cost
-  of forming the per-task gradients explicitly: issue 5's reference point. MTLOptimizer's
+  of forming the per-task gradients explicitly: the suite's reference point. MTLOptimizer's
   Linear engine (``linear_gram``) never forms the encoder's per-task weight gradients (it keeps
   them as ``D_t^T X`` factors), so it can run below this "floor".
 * **EW, summed loss** (``SUM``): ``zero_grad`` + forward + ``sum(losses).backward()`` + ``step``
   (a reference line: no per-task gradients at all).
 * **batched floor** (``BATCHED``, in the ew group): the same per-task gradients from one
   ``torch.autograd.grad(stack(losses), shared, grad_outputs=eye(T), is_grads_batched=True)``
-  (vmap over the backward) instead of ``T`` passes, + ``step``: issue 5's optional alternative
-  for computing ``J``, measured here; MTLOptimizer keeps the ``T`` sequential passes while this
+  (vmap over the backward) instead of ``T`` passes, + ``step``: an alternative way to
+  compute ``J``, measured here; MTLOptimizer keeps the ``T`` sequential passes while this
   is not faster.
 * **gradops** (``GRADOPS``): ``opt.zero_grad()`` + forward + ``opt.backward(losses)`` +
   ``opt.step()`` with :class:`gradops.optim.mtl.MTLOptimizer` (``shared=`` the encoder). For
@@ -57,8 +57,9 @@ import os
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
-from .models import MTLNet, MTLSetup, make_setup
+from .models import MTLSetup, make_setup
 from .peers import torchjd_aggregator
 from .report import emit, write_csv
 from .timing import device_name, load_average, recorded, time_side_by_side
@@ -90,8 +91,8 @@ METHODS = ("ew", "pcgrad", "pcgrad_layer", "graddrop", "mgda", "cagrad", "imtlg"
 per_layer=True)``."""
 
 GRAM_WEIGHTED = ("pcgrad", "mgda", "cagrad", "imtlg", "nashmtl", "alignedmtl")
-"""Methods whose weights come from the whole-model Gram (issue 5's 1.15x target covers these,
-GradDrop, and the per-layer methods)."""
+"""Methods whose weights come from the whole-model Gram (the step-time target covers these,
+GradDrop, and the per-layer methods; docs/benchmarks.md)."""
 
 
 # --- the contenders: each returns a closure doing one training step -----------------------------
@@ -144,12 +145,15 @@ def batched_floor_step(s: MTLSetup) -> Callable[[], None]:
     return step
 
 
-def gradops_optimizer(s: MTLSetup, method: str, model: MTLNet, inner: torch.optim.Optimizer,
-                      **kwargs):
+def gradops_optimizer(s: MTLSetup, method: str, model: nn.Module, inner: torch.optim.Optimizer,
+                      shared_as: str = "module", **kwargs):
+    """MTLOptimizer over ``model``: ``shared=`` the encoder module (``shared_as="module"``) or
+    the list of its parameters (``"params"``)."""
     from ..optim.mtl import MTLOptimizer
     per_layer = method == "pcgrad_layer"
     name = "pcgrad" if per_layer else method
-    return MTLOptimizer(inner, method=name, shared=model.encoder, per_layer=per_layer,
+    shared = model.encoder if shared_as == "module" else list(model.encoder.parameters())
+    return MTLOptimizer(inner, method=name, shared=shared, per_layer=per_layer,
                         generator=torch.Generator(device=s.device).manual_seed(0), **kwargs)
 
 
@@ -197,6 +201,7 @@ class MTLRow:
     method: str
     impl: str
     T: int
+    encoder: str
     shared_params: int
     total_params: int
     batch: int
@@ -252,7 +257,8 @@ def bench_mtl_group(s: MTLSetup, method: str, rounds: int = 15, budget_s: float 
     secs = time_side_by_side({k: c[0] for k, c in rec.items()}, s.device, rounds, budget_s)
     floor = secs[FLOOR]
     best = {k: min(c[1][1:]) for k, c in rec.items()}     # [0] is the warm-up call
-    rows = [MTLRow(method=method, impl=name, T=s.T, shared_params=s.shared_params,
+    rows = [MTLRow(method=method, impl=name, T=s.T, encoder=s.encoder,
+                   shared_params=s.shared_params,
                    total_params=s.total_params, batch=s.batch, optimizer=f"SGD(lr={s.lr})",
                    dtype="float32", device=device_name(s.device), ms=sec * 1e3,
                    x_floor=sec / floor, ms_min=best[name] * 1e3,
@@ -264,14 +270,15 @@ def bench_mtl_group(s: MTLSetup, method: str, rounds: int = 15, budget_s: float 
 
 
 def bench_mtl(Ts: Sequence[int], methods: Sequence[str] = METHODS, device: str = "cpu",
-              width: int = 1024, depth: int = 4, batch: int = 64, rounds: int = 15,
-              budget_s: float = 20.0, torchjd: bool = True,
+              width: int = 1024, depth: int = 4, batch: int | None = None, rounds: int = 15,
+              budget_s: float = 20.0, torchjd: bool = True, encoder: str = "mlp",
               progress: Callable[[str], None] | None = None) -> tuple[list[MTLRow], list[str]]:
-    """Every (T, method) group of the suite; rows and notes (skipped contenders)."""
+    """Every (T, method) group of the suite; rows and notes (skipped contenders). ``encoder``:
+    ``"mlp"`` or ``"cnn"`` (:func:`gradops.bench.models.make_setup`)."""
     rows: list[MTLRow] = []
     notes: list[str] = []
     for T in Ts:
-        s = make_setup(T, device, width=width, depth=depth, batch=batch)
+        s = make_setup(T, device, width=width, depth=depth, batch=batch, encoder=encoder)
         for m in methods:
             r, n = bench_mtl_group(s, m, rounds=rounds, budget_s=budget_s, torchjd=torchjd)
             rows += r
@@ -338,19 +345,31 @@ def main(args: argparse.Namespace) -> int:
               f"{', '.join(METHODS)}", file=sys.stderr)
         return 2
     width = 256 if args.quick else 1024
+    encoder = getattr(args, "encoder", "mlp")
     omp = os.environ.get("OMP_WAIT_POLICY", "(unset; PASSIVE advised on a shared machine)")
-    print(f"gradops bench --suite mtl: device {device_name(device)}, fp32, MLP encoder "
-          f"4 x Linear({width}, {width}), batch 64, T in {Ts}, SGD, {datetime.date.today()}, "
-          f"OMP_WAIT_POLICY={omp}", flush=True)
+    desc = make_setup(Ts[0], "cpu", width=width, encoder=encoder).describe()
+    print(f"gradops bench --suite mtl: device {device_name(device)}, fp32, {desc}, T in {Ts}, "
+          f"SGD, {datetime.date.today()}, OMP_WAIT_POLICY={omp}, load {load_average():.2f}",
+          flush=True)
+    if getattr(args, "memory", False):
+        from .mtl_memory import METHODS as MEM_METHODS, bench_memory, format_memory_table
+        mem_methods = [m for m in methods if m != "ew"] if args.methods else list(MEM_METHODS)
+        with use_backend(args.backend):
+            rows, notes = bench_memory(Ts, mem_methods, encoder=encoder, device=str(device),
+                                       progress=lambda line: print(line, flush=True))
+        return emit(format_memory_table(rows), notes, rows, args.csv, device, args.append)
     with use_backend(args.backend):
         rows, notes = bench_mtl(Ts, methods, device=str(device), width=width,
-                                rounds=args.rounds, budget_s=args.budget,
+                                rounds=args.rounds, budget_s=args.budget, encoder=encoder,
                                 progress=lambda line: print(line, flush=True))
         emit(format_mtl_table(rows), notes, rows, args.csv, device, args.append)
         if args.breakdown:
             T_b = 8 if 8 in Ts else Ts[0]
-            stages = breakdown_case(make_setup(T_b, device, width=width), methods,
-                                    rounds=args.rounds, budget_s=args.budget)
+            s_b = make_setup(T_b, device, width=width, encoder=encoder)
+            stages = breakdown_case(s_b, methods, rounds=args.rounds, budget_s=args.budget)
+            if encoder == "mlp":       # the J path too (the CNN's encoder has no Linear layer)
+                stages += breakdown_case(s_b, methods, rounds=args.rounds, budget_s=args.budget,
+                                         linear_gram="off")
             print(f"\ngradops step breakdown, T = {T_b} (stages timed one by one, synced):\n")
             print(format_stage_table(stages))
             if args.csv:

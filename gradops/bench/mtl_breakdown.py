@@ -47,7 +47,7 @@ _METHOD_STAGES = (
     ("_combine_with", "combine (Linear engine, + J's other columns) into .grad"),
     ("_weighted_backward", "one backward of the weighted loss sum"),
     ("_weights_from", "weights (T x T solve)"),
-    ("_accumulate", "statistics accumulation"),
+    ("_stats.accumulate", "statistics accumulation"),
 )
 
 
@@ -88,10 +88,14 @@ def _stage_times(opt, model, s: MTLSetup) -> dict[str, float]:
             orig = getattr(mod, attr)
             setattr(mod, attr, _timed(orig, label, out, dev, depth))
             patched.append((mod, attr, orig, False))
-    for attr, label in _METHOD_STAGES:
-        if hasattr(opt, attr):
-            setattr(opt, attr, _timed(getattr(opt, attr), label, out, dev, depth))
-            patched.append((opt, attr, None, True))
+    for path, label in _METHOD_STAGES:          # "attr" of the optimizer, or "member.attr"
+        *members, attr = path.split(".")
+        obj = opt
+        for name in members:
+            obj = getattr(obj, name, None)
+        if obj is not None and hasattr(obj, attr):
+            setattr(obj, attr, _timed(getattr(obj, attr), label, out, dev, depth))
+            patched.append((obj, attr, None, True))
     try:
         sync(dev)
         t0 = time.perf_counter()
@@ -140,18 +144,19 @@ def _floor_stage_times(model, inner, s: MTLSetup) -> dict[str, float]:
 
 
 def breakdown_case(s: MTLSetup, methods: Sequence[str] = METHODS, rounds: int = 10,
-                   budget_s: float = 20.0) -> list[StageRow]:
+                   budget_s: float = 20.0, linear_gram: str = "auto") -> list[StageRow]:
     """gradops' step split into stages, per method, interleaved with the floor's stages (round by
     round), plus both whole steps timed in the same rounds. Medians; ``x_floor`` is each stage
-    over the whole floor step."""
+    over the whole floor step. With ``linear_gram="off"`` the methods' rows are named
+    ``"<method> (J path)"``."""
     dev = s.device
     contenders = {}
     for m in methods:
         model, inner = s.fresh()
-        contenders[m] = (gradops_optimizer(s, m, model, inner), model)
+        contenders[m] = (gradops_optimizer(s, m, model, inner, linear_gram=linear_gram), model)
     fmodel, finner = s.fresh()
     whole_floor = floor_step(s)
-    whole = {m: gradops_step(s, m) for m in methods}
+    whole = {m: gradops_step(s, m, linear_gram=linear_gram) for m in methods}
     for m, (opt, model) in contenders.items():      # warm-up (builds the buffers)
         _, outs = model(s.x)
         opt.zero_grad()
@@ -185,12 +190,15 @@ def breakdown_case(s: MTLSetup, methods: Sequence[str] = METHODS, rounds: int = 
     rows = []
     for m in ["floor", *methods]:
         whole_m = statistics.median(step_t[m])
+        label = m if m == "floor" or linear_gram != "off" else f"{m} (J path)"
         for name, v in stage[m].items():
             med = statistics.median(v)
-            rows.append(StageRow(method=m, stage=name, T=s.T, ms=med * 1e3, share=med / whole_m,
-                                 x_floor=med / floor, device=device_name(dev)))
-        rows.append(StageRow(method=m, stage="whole step (timed apart)", T=s.T, ms=whole_m * 1e3,
-                             share=1.0, x_floor=whole_m / floor, device=device_name(dev)))
+            rows.append(StageRow(method=label, stage=name, T=s.T, ms=med * 1e3,
+                                 share=med / whole_m, x_floor=med / floor,
+                                 device=device_name(dev)))
+        rows.append(StageRow(method=label, stage="whole step (timed apart)", T=s.T,
+                             ms=whole_m * 1e3, share=1.0, x_floor=whole_m / floor,
+                             device=device_name(dev)))
     return rows
 
 

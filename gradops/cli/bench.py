@@ -42,6 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "gradvac)")
     pb.add_argument("--breakdown", action="store_true",
                     help="mtl suite: also split gradops' step into stages at T = 8")
+    pb.add_argument("--encoder", choices=("mlp", "cnn"), default="mlp",
+                    help="mtl suite: the shared encoder: mlp (4 x Linear(1024, 1024), batch 64) "
+                         "or cnn (4 x conv3x3 + BatchNorm + ReLU, 389k parameters, 32x32 "
+                         "inputs, batch 32: the J path for every shared parameter)")
+    pb.add_argument("--memory", action="store_true",
+                    help="mtl suite: measure the peak memory of one step per contender (each "
+                         "in a fresh subprocess) instead of its time, in copies of J")
     pb.add_argument("--P", type=lambda s: int(float(s)), default=0,
                     help="columns of J (default 4,194,304; 262,144 with --quick)")
     pb.add_argument("--segments", type=int, default=100, help="segments for segment_gram")

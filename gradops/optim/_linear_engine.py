@@ -14,6 +14,16 @@ combined gradient from ``(sum_t w_t D_t)^T X``, written into the layer's ``.grad
 values as through ``J``, up to float32 rounding. Every other shared parameter goes through
 ``J`` as before.
 
+Which modules are searched: the ``nn.Linear`` modules inside the modules passed to the optimizer
+(``shared=`` as modules, or ``module=``). When none are passed (``shared=`` a list of
+parameters, or ``"auto"``), the engine finds them itself: from construction until the end of
+the first backward that follows a forward of the model, a global module forward hook
+(:func:`torch.nn.modules.module.register_module_forward_hook`) sees every module's forward and
+adopts each plain ``nn.Linear`` that owns parameters of the optimizer; the shared ones are kept
+when the shared parameters are known. So the first step's forward must run after the optimizer
+is constructed (the usual loop); a model run earlier is found on the next step.
+:attr:`MTLOptimizer.factored_layers` tells which layers the last step took.
+
 A layer is used on a step when all of these hold (Python-level checks, no host sync):
 
 - it is a plain ``nn.Linear`` (its own ``forward``) whose weight (and bias, if any) are shared
@@ -51,12 +61,14 @@ MODES = ("auto", "on", "off")
 @dataclass
 class _Layer:
     module: nn.Linear
+    name: str                       # its name in the module passed, "" when discovered
     w_index: int                    # index of the weight among the shared parameters
     b_index: int | None             # index of the bias, or None
     calls: int = 0                  # forwards with grad since the last backward
     x: torch.Tensor | None = None   # [N, in], the last forward's input
     ok: bool = True                 # the last forward was usable (no autocast, dtype)
     tied: bool = False              # the graph reaches its parameters more than once
+    checked: bool = False           # ``tied`` was decided (on the layer's first step)
     edge: object = None             # the gradient edge of the last forward's output
     D: torch.Tensor | None = None   # [T, N, out] output gradients of this step
     S: torch.Tensor | None = None   # [T, out] per-task bias gradients (D summed over rows)
@@ -68,41 +80,99 @@ class LinearEngine:
     """Forward/tensor hooks on the eligible Linear modules and the Gram/combine of the layers
     active on a step (see the module docstring)."""
 
-    def __init__(self, modules: list[nn.Module], mode: str):
+    def __init__(self, modules: list[nn.Module], mode: str,
+                 params: list[torch.Tensor] | None = None):
         """Hook every plain ``nn.Linear`` in ``modules`` (at construction, so that the first
-        step's forward is seen); :meth:`bind` keeps those whose parameters are shared."""
+        step's forward is seen); :meth:`bind` keeps those whose parameters are shared. With no
+        ``modules``, discover them (module docstring) among the owners of ``params`` (the
+        optimizer's parameters)."""
         self.mode = mode
         self.layers: list[_Layer] = []
         self.capturing = False
         self.task = 0
         self.last_active = 0            # layers the last step used
+        self.last_taken: list[_Layer] = []   # layers the last step with per-task passes used
         self.T: int | None = None       # the number of tasks, from the first step
-        self._checked = False
+        self._index: dict[int, int] | None = None   # id(shared parameter) -> index, once bound
+        self._handles: dict[int, object] = {}
         seen = set()
         for root in modules:
-            for m in root.modules():
-                if id(m) in seen or type(m) is not nn.Linear or "forward" in vars(m):
+            for name, m in root.named_modules():
+                if id(m) in seen or not self._plain_linear(m):
                     continue
                 seen.add(id(m))
-                self.layers.append(_Layer(m, -1, None))
-        self._handles = {id(l): l.module.register_forward_hook(self._forward_hook(l))
-                         for l in self.layers}
+                self._adopt(m, name)
+        self._params = {id(p) for p in params or []}
+        self._discovery = None          # the global forward hook, while discovering
+        self._saw_model = False         # discovery saw a forward of a module owning params
+        if not modules:
+            engine_ref = weakref.ref(self)
+
+            def discover(module: nn.Module, inputs, output) -> None:
+                engine = engine_ref()
+                if engine is not None:
+                    engine._discover(module, inputs, output)
+            self._discovery = nn.modules.module.register_module_forward_hook(discover)
+
+    @staticmethod
+    def _plain_linear(m: nn.Module) -> bool:
+        return type(m) is nn.Linear and "forward" not in vars(m)
+
+    def _adopt(self, m: nn.Linear, name: str) -> _Layer | None:
+        """Take ``m`` as a layer (with its forward hook); None when it is bound and not shared."""
+        layer = _Layer(m, name, -1, None)
+        if self._index is not None and not self._place(layer):
+            return None
+        self.layers.append(layer)
+        self._handles[id(layer)] = m.register_forward_hook(self._forward_hook(layer))
+        return layer
+
+    def _discover(self, module: nn.Module, inputs, output) -> None:
+        """The global forward hook's work: adopt a plain Linear owning optimizer parameters,
+        and treat this forward as its first (its own hook was not registered yet)."""
+        own = [id(p) for p in module.parameters(recurse=False)]
+        if not any(i in self._params for i in own):
+            return
+        self._saw_model = True
+        if not self._plain_linear(module) or not all(i in self._params for i in own) or \
+                any(l.module is module for l in self.layers):
+            return
+        layer = self._adopt(module, "")
+        if layer is not None:
+            self._forward_hook(layer)(module, inputs, output)
+
+    def _place(self, l: _Layer) -> bool:
+        """Set the layer's indices among the shared parameters; False if not all are shared."""
+        m = l.module
+        wi = self._index.get(id(m.weight))
+        bi = None if m.bias is None else self._index.get(id(m.bias))
+        if wi is None or (m.bias is not None and bi is None):
+            return False
+        l.w_index, l.b_index = wi, bi
+        return True
 
     def bind(self, shared: list[torch.Tensor]) -> None:
         """On the first step, once the shared parameters are known: keep the layers whose weight
         (and bias) are shared, at their indices."""
-        index = {id(p): i for i, p in enumerate(shared)}
+        self._index = {id(p): i for i, p in enumerate(shared)}
         keep = []
         for l in self.layers:
-            m = l.module
-            wi = index.get(id(m.weight))
-            bi = None if m.bias is None else index.get(id(m.bias))
-            if wi is None or (m.bias is not None and bi is None):
+            if self._place(l):
+                keep.append(l)
+            else:
                 self._handles.pop(id(l)).remove()
-                continue
-            l.w_index, l.b_index = wi, bi
-            keep.append(l)
         self.layers = keep
+        self._end_discovery()
+
+    def _end_discovery(self) -> None:
+        """Stop discovering once a backward followed a forward of the model."""
+        if self._discovery is not None and self._saw_model and self._index is not None:
+            self._discovery.remove()
+            self._discovery = None
+
+    @property
+    def discovering(self) -> bool:
+        return self._discovery is not None
 
     def remove(self) -> None:
         """Remove the forward hooks (also done when the engine is garbage-collected: the hooks
@@ -110,6 +180,9 @@ class LinearEngine:
         for h in self._handles.values():
             h.remove()
         self._handles = {}
+        if self._discovery is not None:
+            self._discovery.remove()
+            self._discovery = None
 
     def __del__(self) -> None:
         self.remove()
@@ -170,12 +243,14 @@ class LinearEngine:
         """Before the per-task passes: decide which layers are active this step and ready their
         buffers; returns how many are."""
         self.T = T
-        if not self._checked:                   # first step: tied parameters are never used
+        if any(not l.checked for l in self.layers):   # a layer's first step: tied ones never
             uses = leaf_uses(roots)
             for l in self.layers:
-                ps = [l.module.weight] + ([l.module.bias] if l.module.bias is not None else [])
-                l.tied = any(uses.get(id(p), 0) != 1 for p in ps)
-            self._checked = True
+                if not l.checked:
+                    ps = [l.module.weight] + ([l.module.bias] if l.module.bias is not None
+                                              else [])
+                    l.tied = any(uses.get(id(p), 0) != 1 for p in ps)
+                    l.checked = True
         n = 0
         for l in self.layers:
             x = l.x
@@ -190,6 +265,7 @@ class LinearEngine:
                 n += 1
         self.capturing = n > 0
         self.last_active = n
+        self.last_taken = self.active()
         return n
 
     def after_task(self, t: int) -> None:
@@ -203,6 +279,7 @@ class LinearEngine:
         self.capturing = False
         for l in self.layers:
             l.calls = 0
+        self._end_discovery()
 
     def covered(self) -> set[int]:
         """Indices (among the shared parameters) of the active layers' weights and biases."""

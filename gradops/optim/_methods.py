@@ -76,7 +76,8 @@ def resolve_method(method: str | Callable, per_layer: bool, options: dict[str, A
             opts.setdefault("beta", 0.5)
             opts.setdefault("eps", 1e-8)
             if not 0.0 <= opts["beta"] <= 1.0:
-                raise ValueError(f"MTLOptimizer: gradvac beta must be in [0, 1], got {opts['beta']}")
+                raise ValueError(f"MTLOptimizer: gradvac beta must be in [0, 1], got "
+                                 f"{opts['beta']}")
         return MethodSpec(name=key, kind="layer", options=opts, random=True)
     if per_layer:
         raise ValueError(f"MTLOptimizer: per_layer=True is available for 'pcgrad' and 'gradvac' "

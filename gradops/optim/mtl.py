@@ -1,6 +1,6 @@
 """``MTLOptimizer``: any torch optimizer, driven by a multi-task gradient method.
 
-The data path (SPEC §0)::
+The data path (docs/methods.md#mtloptimizer-data-path)::
 
     losses -> T backward passes, each copying task t's gradient of each shared parameter into its
     slice of row t of one flat [T, P] buffer J as soon as autograd produces it (a hook)
@@ -31,7 +31,6 @@ The first step also walks the autograd graph to find the shared parameters when
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -47,10 +46,12 @@ from ..ops.graddrop import _draw_seed, _graddrop_raw
 from ..ops.gram import gram, segment_gram
 from ..ops.pcgrad import pcgrad_weights, random_orders
 from ..segments import offsets_from_numels
+from ._distributed import GradientSync, process_group_of
 from ._graph import leaf_uses
 from ._linear_engine import MODES as LINEAR_MODES, LinearEngine
 from ..weighting import gradvac_weights
 from ._methods import SCALE_INVARIANT, MethodSpec, resolve_method
+from ._stats import StepStats, mean_pairs
 from ._wrapper import OptimizerWrapper
 from .sparse_training import SparseTraining
 
@@ -162,6 +163,8 @@ class MTLOptimizer(OptimizerWrapper):
             :class:`gradops.sparse.SparseMasks` with ``module=``): the inner optimizer is wrapped
             in :class:`SparseTraining` and per-task gradients are masked before the Gram. An inner
             :class:`SparseTraining` is used the same way.
+        module: the model (or its encoder): where sparse masks' parameter names and the Linear
+            engine's layers are looked for.
         stats: per step, per-layer Grams, conflict counts and GMS in ``info`` (same pass), and
             per-task gradients even for EW.
         generator: the source of random orders (PCGrad, GradVac) and GradDrop's seeds; default:
@@ -180,8 +183,11 @@ class MTLOptimizer(OptimizerWrapper):
             traffic, a different method: documented, not equal to the global one).
         bucket_mb: all-reduce bucket size.
         linear_gram: ``"auto"`` (default), ``"on"`` or ``"off"``: for ``nn.Linear`` layers among
-            the shared parameters (found in the modules passed as ``shared`` or ``module``),
-            keep the per-task gradients in factored form (the layer's input and per-task output
+            the shared parameters (looked for in the modules passed as ``shared`` or
+            ``module``; when neither holds a module, e.g. ``shared`` a list of parameters, found
+            on the first step's forward among the modules owning the optimizer's parameters;
+            :attr:`factored_layers` and ``repr`` say which layers were taken), keep the
+            per-task gradients in factored form (the layer's input and per-task output
             gradients; the per-task weight gradients are never computed) and compute the Gram
             and the combined gradient from them (:func:`gradops.linear_gram`, far fewer
             operations at small batch) instead of through the layer's columns of ``J``;
@@ -215,7 +221,8 @@ class MTLOptimizer(OptimizerWrapper):
         super().__init__(optimizer, "MTLOptimizer")
         self.spec: MethodSpec = resolve_method(method, per_layer, options)
         if not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"MTLOptimizer: update_every must be an int >= 1, got {update_every!r}")
+            raise ValueError(f"MTLOptimizer: update_every must be an int >= 1, got "
+                             f"{update_every!r}")
         if update_every > 1 and (self.spec.kind != "gram" or self.spec.random):
             raise ValueError("MTLOptimizer: update_every > 1 needs a Gram-weighted method with "
                              f"weights [T] (mgda, cagrad, imtlg, nashmtl, alignedmtl, a callable),"
@@ -229,7 +236,6 @@ class MTLOptimizer(OptimizerWrapper):
         self.stats_enabled = bool(stats)
         self.grad_scaler = grad_scaler
         self.sync = sync
-        self.bucket_bytes = int(bucket_mb * 2**20)
         self._shared_arg = shared
         self._own_generator = generator is None
         if generator is None:   # on the parameters' device, seeded from torch's global RNG
@@ -238,22 +244,20 @@ class MTLOptimizer(OptimizerWrapper):
             generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         self._generator = generator
         self._ddp = ddp_model
-        if ddp_model is not None:
-            if not isinstance(ddp_model, nn.parallel.DistributedDataParallel):
-                raise TypeError("MTLOptimizer: ddp_model must be a DistributedDataParallel module")
-            ddp_model.require_backward_grad_sync = False   # its reducer stays idle; we reduce
-            process_group = ddp_model.process_group
+        process_group = process_group_of(ddp_model, process_group)
         self.process_group = process_group
+        self._reducer = None if process_group is None else \
+            GradientSync(process_group, int(bucket_mb * 2**20))
         self._linear_mode = linear_gram
         self._linear_modules = _modules_of(shared) + ([module] if module is not None else [])
         self._engine: LinearEngine | None = None
-        if (linear_gram != "off" and self._linear_modules and process_group is None and
+        if (linear_gram != "off" and process_group is None and
                 not isinstance(optimizer, SparseTraining) and self.spec.kind != "graddrop"):
-            self._engine = LinearEngine(self._linear_modules, linear_gram)
+            # no modules given: the engine finds the Linear layers on the first step's forward
+            self._engine = LinearEngine(self._linear_modules, linear_gram,
+                                        [p for p in self._params() if p.requires_grad])
         if linear_gram == "on":
-            why = ("no modules to find Linear layers in (pass shared= as modules, or module=)"
-                   if not self._linear_modules else
-                   "it runs in single-process training only (a process group averages "
+            why = ("it runs in single-process training only (a process group averages "
                    "gradients over the ranks)" if process_group is not None else
                    "sparse masks mask J" if isinstance(optimizer, SparseTraining) else None)
             if why:
@@ -262,12 +266,30 @@ class MTLOptimizer(OptimizerWrapper):
         self._step = 0
         self._weights: torch.Tensor | None = None           # last weights (update_every, state)
         self._method_state: dict[str, torch.Tensor] = {}     # e.g. GradVac targets
-        self._acc: dict[str, torch.Tensor] = {}
-        self._acc_steps = 0
-        self._nonconverged_total: torch.Tensor | None = None
+        self._stats = StepStats()
 
     def __repr__(self) -> str:
-        return f"MTLOptimizer(method={self.spec.name!r}, {self.optimizer!r})"
+        return (f"MTLOptimizer(method={self.spec.name!r}, linear_gram={self._linear_mode!r}, "
+                f"factored_layers={self._describe_factored()}, {self.optimizer!r})")
+
+    @property
+    def factored_layers(self) -> tuple[nn.Linear, ...]:
+        """The ``nn.Linear`` modules whose per-task gradients the last step that formed per-task
+        gradients kept in factored form (the Linear engine, ``linear_gram=``); every other shared
+        parameter went through ``J``. Empty before the first step and with
+        ``linear_gram="off"``."""
+        engine = self._engine
+        return () if engine is None else tuple(l.module for l in engine.last_taken)
+
+    def _describe_factored(self) -> str:
+        engine = self._engine
+        if engine is None:
+            return "[]"
+        if not self._layout_ready:
+            return "(decided on the first step)"
+        names = [f"{l.name or f'shared[{l.w_index}]'}: Linear({l.module.in_features}, "
+                 f"{l.module.out_features})" for l in engine.last_taken]
+        return f"[{', '.join(names)}] of {len(engine.layers)} Linear layers"
 
     # --- layout: shared parameters, the flat buffers and their views --------------------------
     def _resolve_shared(self, roots: Sequence[torch.Tensor | GradientEdge]) -> list[torch.Tensor]:
@@ -290,8 +312,8 @@ class MTLOptimizer(OptimizerWrapper):
         known = {id(p) for p in params}
         missing = wanted - known
         if missing:
-            raise ValueError(f"MTLOptimizer: {len(missing)} shared parameter(s) are not (trainable) "
-                             "parameters of the inner optimizer")
+            raise ValueError(f"MTLOptimizer: {len(missing)} shared parameter(s) are not "
+                             "(trainable) parameters of the inner optimizer")
         return [p for p in params if id(p) in wanted]          # the optimizer's order
 
     def _build_layout(self, roots, T: int) -> None:
@@ -313,16 +335,21 @@ class MTLOptimizer(OptimizerWrapper):
         self.T, self.P, self.L = T, P, len(shared)
         self._J: torch.Tensor | None = None          # allocated by _buffer on first use
         self._J_views: list[list[torch.Tensor]] = []
-        self._g = torch.zeros(P, dtype=dt, device=dev)
         bounds = self._bounds = self._offsets_cpu.tolist()
-        self._g_views = [self._g[a:b].view_as(p) for p, a, b in zip(shared, bounds[:-1], bounds[1:])]
+        # the combined gradient [P], whose views are the shared parameters' .grad; GradDrop's
+        # fused pass returns a fresh one each step, so it gets none (no idle second copy)
+        self._g = None if self.spec.kind == "graddrop" else torch.zeros(P, dtype=dt, device=dev)
+        self._g_views = [] if self._g is None else [
+            self._g[a:b].view_as(p) for p, a, b in zip(shared, bounds[:-1], bounds[1:])]
         self._keep = self._sparse_keep(dev, dt)
         if self._engine is not None:
             self._engine.bind(shared)
         leak = torch.as_tensor(self.spec.options.get("leak", 0.0), dtype=torch.float32)
         if leak.dim() > 1 or (leak.dim() == 1 and leak.shape != (T,)):
             raise ValueError(f"MTLOptimizer: graddrop leak must be a float or [T] = [{T}] values")
-        self._leak_t = leak.expand(T).contiguous().to(dev)
+        # Grams and weights: float32 (fp32 accumulation of low-precision J), float64 for fp64
+        self._wdtype = torch.float64 if dt == torch.float64 else torch.float32
+        self._leak_t = leak.expand(T).contiguous().to(dev, self._wdtype)
         self._layout_ready = True
 
     def _buffer(self) -> torch.Tensor:
@@ -463,50 +490,6 @@ class MTLOptimizer(OptimizerWrapper):
             for h in handles:
                 h.remove()
 
-    # --- distributed ---------------------------------------------------------------------------
-    def _world(self) -> int:
-        if self.process_group is None:
-            return 1
-        import torch.distributed as dist
-        return dist.get_world_size(self.process_group)
-
-    def _all_reduce_mean(self, flat: torch.Tensor) -> None:
-        """Average a contiguous tensor over the ranks, in buckets of ``bucket_mb``."""
-        import torch.distributed as dist
-        world = self._world()
-        v = flat.view(-1)
-        step = max(1, self.bucket_bytes // max(1, v.element_size()))
-        works = [dist.all_reduce(v[i:i + step], group=self.process_group, async_op=True)
-                 for i in range(0, v.numel(), step)]
-        for w in works:
-            w.wait()
-        v.div_(world)
-
-    def _reduce_specific(self) -> None:
-        """Average the task-specific parameters' gradients over the ranks (zeros where a rank
-        produced none, so that every rank joins the same collectives)."""
-        if not self._specific:
-            return
-        grads = []
-        for p in self._specific:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        flat = torch._utils._flatten_dense_tensors(grads)
-        self._all_reduce_mean(flat)
-        for g, r in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(r)
-
-    def _reduce_all_grads(self) -> None:
-        for p in self._shared:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        saved, self._specific = self._specific, self._shared + self._specific
-        try:
-            self._reduce_specific()
-        finally:
-            self._specific = saved
-
     # --- the step ------------------------------------------------------------------------------
     def _scale(self) -> torch.Tensor | None:
         sc = self.grad_scaler
@@ -555,8 +538,8 @@ class MTLOptimizer(OptimizerWrapper):
         J = self._J        # None when the Linear engine took every shared parameter
         runs = self._uncovered_runs(engine) if use_engine else []
         if self.process_group is not None and self.sync == "global":
-            self._all_reduce_mean(J)
-            self._reduce_specific()
+            self._reducer.all_reduce_mean(J)
+            self._reducer.reduce_grads(self._specific)
         if self._keep is not None:
             J.mul_(self._keep)
         info = MTLStepInfo()
@@ -573,7 +556,7 @@ class MTLOptimizer(OptimizerWrapper):
             info.conflict_incidence = metrics.conflict_incidence(G)
         if self.stats_enabled:
             info.layer_conflicts = metrics.conflict_counts(Gl, 0.0)
-            info.layer_gms = self._mean_pairs(metrics.gms(Gl))
+            info.layer_gms = mean_pairs(metrics.gms(Gl))
 
         g, views = self._g, self._g_views
         if spec.kind == "graddrop":
@@ -592,11 +575,11 @@ class MTLOptimizer(OptimizerWrapper):
         if engine is not None:
             engine.release()
         if self.process_group is not None and self.sync == "local":
-            self._all_reduce_mean(g)
-            self._reduce_specific()
+            self._reducer.all_reduce_mean(g)
+            self._reducer.reduce_grads(self._specific)
         for p, v in zip(self._shared, views):
             p.grad = v
-        self._accumulate(info)
+        self._stats.accumulate(info)
         return info
 
     # --- the Linear engine's share of the Gram and combine stages -----------------------------
@@ -630,7 +613,8 @@ class MTLOptimizer(OptimizerWrapper):
         """Per-parameter Grams ``[L, T, T]``: active Linear layers from their factors, the other
         ``runs`` of parameters from ``J``."""
         b = self._bounds
-        Gl = torch.zeros(self.L, self.T, self.T, dtype=torch.float32, device=self._g.device)
+        Gl = torch.zeros(self.L, self.T, self.T, dtype=self._wdtype,
+                         device=self._g.device)
         for l in engine.active():
             for i, G in engine.param_grams(l):
                 Gl[i] = G
@@ -673,10 +657,10 @@ class MTLOptimizer(OptimizerWrapper):
         torch.autograd.backward(roots, grad_tensors=[s * w[t].to(s.dtype).to(s.device)
                                                      for t, s in enumerate(seeds)],
                                 retain_graph=retain_graph)
-        if self.process_group is not None:
-            self._reduce_all_grads()
+        if self._reducer is not None:
+            self._reducer.reduce_grads(self._shared + self._specific)
         info = MTLStepInfo(weights=w)
-        self._accumulate(info)
+        self._stats.accumulate(info)
         return info
 
     def _weights_from(self, G: torch.Tensor, Gl: torch.Tensor | None, values: torch.Tensor
@@ -684,7 +668,7 @@ class MTLOptimizer(OptimizerWrapper):
         spec = self.spec
         T = G.shape[-1]
         if spec.kind == "sum":
-            w = torch.ones(T, dtype=torch.float32, device=G.device)
+            w = torch.ones(T, dtype=self._wdtype, device=G.device)
             if spec.options.get("reduction", "sum") == "mean":
                 w = w / T
             return w, None
@@ -697,7 +681,7 @@ class MTLOptimizer(OptimizerWrapper):
                 return w, None
             tgt = self._method_state.get("gradvac_targets")
             if tgt is None:
-                tgt = torch.zeros_like(Gl, dtype=torch.float32)
+                tgt = torch.zeros_like(Gl, dtype=self._wdtype)
             w, new_tgt = gradvac_weights(Gl, tgt, perms, spec.options["beta"], spec.options["eps"])
             self._method_state["gradvac_targets"] = new_tgt
             return w, None
@@ -714,72 +698,33 @@ class MTLOptimizer(OptimizerWrapper):
             w, status = spec.fn(Gs, **kwargs, return_status=True)
             converged = status.converged
             failed = (~converged) & torch.isfinite(G).all()
-            self._count_failure(failed)
+            self._stats.count_failure(failed)
         else:
             w = spec.fn(Gs, **kwargs)
             if not isinstance(w, torch.Tensor) or w.shape != (T,):
                 raise ValueError(f"MTLOptimizer: method {spec.name!r} returned "
                                  f"{getattr(w, 'shape', type(w).__name__)}, expected weights [T]")
-        w = w.to(device=G.device, dtype=torch.float32)
+        w = w.to(device=G.device, dtype=self._wdtype)
         prev = self._weights
         self._weights = w if prev is None else torch.where(torch.isfinite(w), w, prev)
         return w, converged
 
-    def _count_failure(self, failed: torch.Tensor) -> None:
-        f = failed.to(torch.int64)
-        self._nonconverged_total = f if self._nonconverged_total is None else \
-            self._nonconverged_total + f
-        self._acc["nonconverged"] = self._acc.get("nonconverged", torch.zeros_like(f)) + f
-
-    @staticmethod
-    def _mean_pairs(M: torch.Tensor) -> torch.Tensor:
-        T = M.shape[-1]
-        if T < 2:
-            return torch.zeros(M.shape[:-2], dtype=M.dtype, device=M.device)
-        return (M * metrics._upper_pairs(T, M.device)).sum((-2, -1)) / (T * (T - 1) / 2)
-
     # --- statistics ----------------------------------------------------------------------------
-    def _accumulate(self, info: MTLStepInfo) -> None:
-        self._acc_steps += 1
-        for name in ("weights", "conflict_incidence", "layer_conflicts", "layer_gms"):
-            v = getattr(info, name)
-            if v is None:
-                continue
-            v = v.detach().to(torch.float32)
-            key = name
-            if key in self._acc and self._acc[key].shape == v.shape:
-                self._acc[key] = self._acc[key] + v
-                self._acc[key + "_n"] = self._acc[key + "_n"] + 1
-            else:
-                self._acc[key] = v.clone()
-                self._acc[key + "_n"] = torch.ones((), device=v.device)
-
     def stats(self, reset: bool = True) -> dict[str, Any]:
         """Means over the steps since the last reset: ``weights``, ``conflict_incidence`` and,
         with ``stats=True``, ``layer_conflicts`` / ``layer_gms``; plus ``steps`` and
-        ``nonconverged`` (solver failures). Reading this synchronises with the device (meant for
-        logging once per epoch); a non-zero failure count also raises a ``RuntimeWarning``."""
-        out: dict[str, Any] = {"steps": self._acc_steps}
-        for key, v in self._acc.items():
-            if key.endswith("_n") or key == "nonconverged":
-                continue
-            out[key] = v / self._acc[key + "_n"]
-        failures = int(self._acc["nonconverged"].item()) if "nonconverged" in self._acc else 0
-        out["nonconverged"] = failures
-        if failures:
-            warnings.warn(f"MTLOptimizer: the {self.spec.name} solver did not converge on "
-                          f"{failures} of {self._acc_steps} steps (weights used: its last "
-                          "iterate); raise max_iter or check the gradients", RuntimeWarning,
-                          stacklevel=2)
-        if reset:
-            self._acc = {}
-            self._acc_steps = 0
+        ``nonconverged`` (solver failures), and ``factored_layers`` (how many ``nn.Linear``
+        layers the last step took in factored form, :attr:`factored_layers`). Reading this
+        synchronises with the device (meant for logging once per epoch); a non-zero failure
+        count also raises a ``RuntimeWarning``."""
+        out = self._stats.summary(self.spec.name, reset)
+        out["factored_layers"] = len(self.factored_layers)
         return out
 
     @property
     def nonconverged_steps(self) -> int:
         """Total solver failures since construction (synchronises)."""
-        return 0 if self._nonconverged_total is None else int(self._nonconverged_total.item())
+        return self._stats.nonconverged_total
 
     # --- optimizer interface -------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
