@@ -14,6 +14,8 @@ calls; shared pieces in their own modules:
 ``sparse``         suite ``sparse``: ``SparseAdamW`` vs dense AdamW
 ``mtl``            suite ``mtl``: one training step per method vs the floor and TorchJD
 ``mtl_breakdown``  ``--suite mtl --breakdown``: that step split into its stages
+``mtl_memory``     ``--suite mtl --memory``: the step's peak memory in copies of ``J``
+``trainer``        suite ``trainer``: the bundled trainer's epoch time per method over ``ew``'s
 =================  ==============================================================================
 
 ``benchmarks/bench_*.py`` (pytest-benchmark) pick a suite's cases from here. See
@@ -21,7 +23,7 @@ calls; shared pieces in their own modules:
 """
 from __future__ import annotations
 
-SUITES = ("all", "gram", "methods", "topk", "sparse", "mtl")
+SUITES = ("all", "gram", "methods", "topk", "sparse", "mtl", "trainer")
 """The suites of ``gradops bench --suite``; ``all`` is gram + methods in one table."""
 
 __all__ = ["SUITES"]

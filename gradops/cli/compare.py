@@ -1,0 +1,64 @@
+"""``gradops compare``: train a grid of (method, sparse setting, seed) runs plus the STL baseline,
+then write the report (summary.csv, report.md, plots). With no options: the default grid."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..train.options import add_config_options
+    p = sub.add_parser("compare", help="train every method with and without sparse training "
+                       "over several seeds and write the comparison report")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="options from a TOML file: training options and methods / sparse / "
+                        "seeds / budget (command-line options win)")
+    p.add_argument("--out", default="gradops-compare", metavar="DIR",
+                   help="output directory (runs/, summary.csv, report.md, plots; default "
+                        "gradops-compare)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: ew, pcgrad, cagrad, graddrop, mgda, "
+                        "imtlg, nashmtl, famo; stl always runs as the baseline)")
+    p.add_argument("--sparse", default=None,
+                   help="comma-separated sparse settings (default off,fraction=0.3)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--budget", default=None, choices=("default", "quick"),
+                   help="default: the full grid (~10 min on 2 CPU cores); quick: a seconds-long "
+                        "smoke grid")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the comparison in --out (finished runs are kept)")
+    p.add_argument("--overwrite", action="store_true", help="start every run in --out again")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs trained at the same time, one process each (default: the "
+                        "budget's; each run uses --threads CPU threads)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_options(p, skip=("method", "sparse", "seed"))
+    p.set_defaults(fn=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import BUDGETS, ConfigError, run_grid
+    from ..train.options import merge_config, parse_list
+    try:
+        if args.resume and args.overwrite:
+            raise ConfigError("--overwrite", "cannot be combined with --resume")
+        extra_keys = ("methods", "sparse", "seeds", "budget", "jobs")
+        _, extra = merge_config(argparse.Namespace(config=args.config), extra_keys=extra_keys)
+        budget = args.budget or extra.get("budget", "default")
+        if budget not in BUDGETS:
+            raise ConfigError("--budget", f"unknown budget {budget!r}", BUDGETS)
+        preset = BUDGETS[budget]
+        cfg, _ = merge_config(args, base=preset["config"], extra_keys=extra_keys)
+        methods = parse_list(args.methods or extra.get("methods") or preset["methods"],
+                             "--methods")
+        sparses = parse_list(args.sparse or extra.get("sparse") or preset["sparse"], "--sparse")
+        seeds = parse_list(args.seeds or extra.get("seeds") or preset["seeds"], "--seeds", int)
+        jobs = args.jobs or extra.get("jobs") or preset["jobs"]
+        if not isinstance(jobs, int) or isinstance(jobs, bool):
+            raise ConfigError("--jobs", f"expected an integer, got {jobs!r}")
+        run_grid(cfg, methods, sparses, seeds, args.out, resume=args.resume,
+                 overwrite=args.overwrite, progress=not args.no_progress, jobs=jobs)
+    except ConfigError as e:
+        print(f"gradops compare: error: {e}", file=sys.stderr)
+        return 2
+    return 0

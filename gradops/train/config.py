@@ -1,0 +1,218 @@
+"""The trainer's configuration: one dataclass, read from TOML (``tomllib``), written back as TOML
+(a small writer of flat tables), validated with errors that name the option and the valid values.
+
+Precedence: the dataclass defaults, then ``--config FILE``, then the options given on the command
+line. The resolved configuration is saved as ``config.toml`` in every run directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["TrainConfig", "METHODS", "MTL_METHODS", "LOSS_METHODS", "parse_sparse",
+           "read_toml", "to_toml", "option_name"]
+
+# MTLOptimizer methods (pcgrad-layer = per-layer PCGrad), loss-level methods, one model per task
+MTL_METHODS = ("ew", "pcgrad", "pcgrad-layer", "graddrop", "mgda", "cagrad", "imtlg", "nashmtl",
+               "alignedmtl", "gradvac")
+LOSS_METHODS = ("uw", "dwa", "famo")
+METHODS = MTL_METHODS + LOSS_METHODS + ("stl",)
+OPTIMS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "step", "none")
+AMP = ("off", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def option_name(field: str) -> str:
+    """``batch_size`` -> ``--batch-size``."""
+    return "--" + field.replace("_", "-")
+
+
+def parse_sparse(value: str, option: str = "--sparse") -> tuple[str, float | int | None]:
+    """``"off"`` -> ``("off", None)``, ``"k=300"`` -> ``("k", 300)``, ``"fraction=0.3"`` ->
+    ``("fraction", 0.3)``; anything else raises :class:`ConfigError`."""
+    v = str(value).strip()
+    if v == "off":
+        return "off", None
+    m = re.fullmatch(r"(k|fraction)=([0-9.eE+-]+)", v)
+    if m:
+        kind, num = m.groups()
+        try:
+            if kind == "k":
+                k = int(num)
+                if k >= 1:
+                    return "k", k
+            else:
+                f = float(num)
+                if 0.0 < f <= 1.0:
+                    return "fraction", f
+        except ValueError:
+            pass
+    raise ConfigError(option, f"malformed value {value!r} (k: an integer >= 1, fraction: in "
+                      "(0, 1])", ["off", "k=INT", "fraction=FLOAT"])
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run depends on (each field is the option ``--<field>``)."""
+
+    data: str = "digits"            # a registered data set
+    data_root: str = ""             # directory of a data set read from local files
+    data_seed: int = 0              # the splits (fixed for a data set, shared by all runs)
+    train_limit: int = 0            # use only the first N training samples (0: all)
+    method: str = "ew"
+    sparse: str = "off"             # off | k=INT | fraction=FLOAT
+    seed: int = 0
+    epochs: int = 10
+    backbone: str = "cnn"
+    width: int = 8                  # base width of the built-in encoders
+    weights: str = ""               # local encoder weights (timm backbones or the built-ins)
+    batch_size: int = 64            # global batch (split over the processes under torchrun)
+    optim: str = "adam"
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9           # sgd
+    schedule: str = "cosine"        # cosine | step | none (stepped once per epoch)
+    step_size: int = 5              # step schedule: epochs between decays
+    gamma: float = 0.5              # step schedule: decay factor
+    clip: float = 0.0               # max global gradient norm (0: no clipping)
+    amp: str = "off"                # off | bf16 | fp16 (fp16 uses a GradScaler)
+    device: str = "auto"            # auto (cuda when available) | cpu | cuda
+    threads: int = 0                # CPU threads of torch (0: torch's default)
+    stats: bool = True              # per-task gradients for the statistics also for ew/uw/dwa/famo
+    cagrad_c: float = 0.4
+    graddrop_leak: float = 0.0
+    dwa_temperature: float = 2.0
+    famo_lr: float = 0.025
+    famo_gamma: float = 0.001
+    checkpoint_every: int = 1       # epochs between checkpoints (the last epoch always)
+    eval_batch_size: int = 512
+
+    # --- validation --------------------------------------------------------------------------
+    def validate(self) -> TrainConfig:
+        """Check every field (types, ranges, names); returns ``self``."""
+        from .data import check_dataset
+        for f in fields(self):
+            v = getattr(self, f.name)
+            want = f.type if isinstance(f.type, type) else {"str": str, "int": int,
+                                                             "float": float,
+                                                             "bool": bool}[f.type]
+            if want is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+                setattr(self, f.name, v)
+            if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+                raise ConfigError(option_name(f.name), f"expected {want.__name__}, got {v!r}")
+            if want is float and not math.isfinite(v):
+                raise ConfigError(option_name(f.name), f"must be finite, got {v!r}")
+        check_dataset(self.data, self.data_root or None)
+        if self.method not in METHODS:
+            raise ConfigError("--method", f"unknown method {self.method!r}", METHODS)
+        parse_sparse(self.sparse)
+        for name, choices in (("optim", OPTIMS), ("schedule", SCHEDULES), ("amp", AMP),
+                              ("device", DEVICES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(option_name(name), f"unknown value {getattr(self, name)!r}",
+                                  choices)
+        for name in ("epochs", "width", "batch_size", "step_size", "checkpoint_every",
+                     "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(option_name(name), f"must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "momentum", "clip", "famo_lr", "famo_gamma",
+                     "graddrop_leak", "cagrad_c", "train_limit", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(option_name(name), f"must be >= 0, got {getattr(self, name)}")
+        if self.dwa_temperature <= 0 or self.gamma <= 0:
+            bad = "dwa_temperature" if self.dwa_temperature <= 0 else "gamma"
+            raise ConfigError(option_name(bad), f"must be > 0, got {getattr(self, bad)}")
+        if self.backbone not in ("cnn", "mlp"):
+            from .models import _timm
+            try:
+                import timm
+            except ImportError:
+                timm = None
+            if timm is None or not timm.is_model(self.backbone):
+                _timm(self.backbone, 1)   # raises the error naming --backbone
+        return self
+
+    # --- construction ------------------------------------------------------------------------
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> TrainConfig:
+        """A config from ``{field: value}`` (keys with ``-`` or ``_``); unknown keys raise."""
+        known = set(cls.keys())
+        kw = {}
+        for k, v in d.items():
+            key = k.replace("-", "_")
+            if key not in known:
+                raise ConfigError("--config", f"{source}: unknown key {k!r}", sorted(known))
+            kw[key] = v
+        return cls(**kw)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- TOML --------------------------------------------------------------------------------------
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The top-level table of a TOML file (a bad file is a :class:`ConfigError` of ``--config``).
+    One level of tables is flattened (``[train] lr = 1e-3`` reads as ``lr``)."""
+    try:
+        import tomllib
+    except ImportError:            # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError as e:
+            raise ConfigError("--config", "reading TOML needs Python >= 3.11 or the tomli "
+                              "package") from e
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("--config", f"no such file: {p}")
+    try:
+        data = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError("--config", f"{p} is not valid TOML: {e}") from e
+    flat: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                if isinstance(vv, dict):
+                    raise ConfigError("--config", f"{p}: nested table [{k}.{kk}] (one level of "
+                                      "tables at most)")
+                flat[kk] = vv
+        else:
+            flat[k] = v
+    return flat
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"to_toml: cannot write a {type(v).__name__}")
+
+
+def to_toml(d: dict[str, Any], header: str = "") -> str:
+    """Flat ``key = value`` TOML (str, int, float, bool and lists of them); ``header`` becomes
+    leading comment lines."""
+    lines = [f"# {h}" for h in header.splitlines()] if header else []
+    lines += [f"{k} = {_toml_value(v)}" for k, v in d.items()]
+    return "\n".join(lines) + "\n"

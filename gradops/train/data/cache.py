@@ -1,0 +1,79 @@
+"""The on-disk cache of built data sets: atomic writes, a SHA-256 beside each file, rebuilt when
+missing or corrupt.
+
+Location: ``$GRADOPS_DATA_CACHE`` if set, else ``$XDG_CACHE_HOME/gradops``, else
+``~/.cache/gradops``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["cache_dir", "cached_arrays"]
+
+
+def cache_dir() -> Path:
+    """The directory built data sets are cached in (created on first use)."""
+    env = os.environ.get("GRADOPS_DATA_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gradops"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load(path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays in ``path`` if it and its checksum file agree, else None."""
+    sums = path.with_name(path.name + ".sha256")
+    try:
+        data = path.read_bytes()
+        want = sums.read_text().strip()
+    except OSError:
+        return None
+    if _sha256(data) != want:
+        return None
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError):
+        return None
+
+
+def cached_arrays(name: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays cached as ``name`` (``<cache>/<name>.npz``), built with ``build()`` and written
+    (atomically, with a ``.sha256`` beside it) when the file is missing, unreadable or does not
+    match its checksum."""
+    d = cache_dir()
+    path = d / f"{name}.npz"
+    if path.exists():
+        arrays = _load(path)
+        if arrays is not None:
+            return arrays
+        print(f"gradops: cached data set {path} is corrupt or incomplete; rebuilding it",
+              file=sys.stderr)
+    arrays = build()
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    data = buf.getvalue()
+    d.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, data)
+    _atomic_write(path.with_name(path.name + ".sha256"), (_sha256(data) + "\n").encode())
+    return arrays

@@ -1,0 +1,148 @@
+"""``gradops compare``: one training run per (method, sparse setting, seed), then the report.
+
+Runs go to ``OUT/runs/<method>__<sparse>__s<seed>/`` (``=`` in the sparse setting becomes
+``-``). ``stl`` (one model per task, the baseline of Δm) runs once per seed with sparse training
+off, whether or not it is listed. The budgets:
+
+- ``default``: the ST paper's comparison: ``ew`` (Joint Train), ``pcgrad``, ``cagrad``,
+  ``graddrop``, ``mgda``, ``imtlg``, ``nashmtl``, ``famo``, each without and with sparse
+  training (``fraction=0.3``: the paper's ~30% trainable encoder), plus ``stl``, seeds 0, 1, 2,
+  on ``digits`` with the default CNN (sized to take about 10 minutes on a 2-core CPU);
+- ``quick``: ``ew`` and ``pcgrad`` (+ ``stl``), one seed, one epoch on 512 training samples with
+  a narrow CNN: seconds, for CI.
+
+Options given explicitly (command line or config file) override the budget's.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import METHODS, TrainConfig, parse_sparse
+from .errors import ConfigError
+from .run import run_training
+
+__all__ = ["BUDGETS", "run_grid", "run_name", "DEFAULT_METHODS"]
+
+DEFAULT_METHODS = ("ew", "pcgrad", "cagrad", "graddrop", "mgda", "imtlg", "nashmtl", "famo")
+
+BUDGETS: dict[str, dict[str, Any]] = {
+    "default": {"methods": DEFAULT_METHODS, "sparse": ("off", "fraction=0.3"),
+                "seeds": (0, 1, 2), "jobs": 2, "config": {"epochs": 8, "threads": 1}},
+    "quick": {"methods": ("ew", "pcgrad"), "sparse": ("off", "fraction=0.3"), "seeds": (0,),
+              "jobs": 1, "config": {"epochs": 1, "train_limit": 512, "width": 4,
+                                    "threads": 1}},
+}
+
+
+def run_name(method: str, sparse: str, seed: int) -> str:
+    """``pcgrad__fraction-0.3__s0``."""
+    return f"{method}__{sparse.replace('=', '-')}__s{seed}"
+
+
+def _plan(methods: list[str], sparses: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
+    plan = []
+    for seed in seeds:
+        for m in methods:
+            if m == "stl":
+                continue
+            for s in sparses:
+                plan.append((m, s, seed))
+        plan.append(("stl", "off", seed))
+    return plan
+
+
+def run_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: list[int],
+             out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+             progress: bool = True, report: bool = True, jobs: int = 1
+             ) -> list[dict[str, Any]]:
+    """Train every (method, sparse, seed) of the grid into ``out_dir/runs/`` and write the
+    report (:func:`gradops.train.report.write_report`, when available). Returns the results.
+
+    ``resume``: finished runs are kept, interrupted ones continue from their checkpoints.
+    ``overwrite``: every run starts again. ``jobs``: runs trained at the same time, each in its
+    own process (results do not depend on it: each run is deterministic for its ``threads``)."""
+    if jobs < 1:
+        raise ConfigError("--jobs", f"must be >= 1, got {jobs}")
+    if not methods:
+        raise ConfigError("--methods", "no method given", METHODS)
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError("--methods", f"unknown method {m!r}", METHODS)
+    for s in sparses:
+        parse_sparse(s, "--sparse")
+    if not sparses:
+        raise ConfigError("--sparse", "no setting given", ["off", "k=INT", "fraction=FLOAT"])
+    if not seeds:
+        raise ConfigError("--seeds", "no seed given")
+    plan = _plan(list(dict.fromkeys(methods)), list(dict.fromkeys(sparses)),
+                 list(dict.fromkeys(seeds)))
+    configs = [base.replace(method=m, sparse=s, seed=seed).validate() for m, s, seed in plan]
+    out = Path(out_dir)
+    runs = out / "runs"
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        raise ConfigError("--out", f"{out} is not empty (holds another comparison or other "
+                          "files); pass --resume to continue it or --overwrite to replace its runs")
+    runs.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for cfg in configs:
+        d = runs / run_name(cfg.method, cfg.sparse, cfg.seed)
+        if resume and (d / "result.json").is_file():
+            todo.append((cfg, d, "done"))
+        elif resume and (d / "checkpoint.pt").is_file():
+            todo.append((cfg, d, "resume"))
+        else:
+            todo.append((cfg, d, "fresh"))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(plan), desc="compare", dynamic_ncols=True, file=sys.stderr)
+    results: list[dict[str, Any] | None] = [None] * len(todo)
+
+    def finished(i: int, res: dict[str, Any]) -> None:
+        results[i] = res
+        if bar is not None:
+            bar.set_postfix_str(todo[i][1].name)
+            bar.update(1)
+
+    if jobs <= 1:
+        for i, (cfg, d, how) in enumerate(todo):
+            finished(i, _one(cfg, d, how, progress, False))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+            futs = {ex.submit(_one, cfg, d, how, False, False): i
+                    for i, (cfg, d, how) in enumerate(todo)}
+            for f in as_completed(futs):
+                finished(futs[f], f.result())
+    if bar is not None:
+        bar.close()
+    if report:
+        _report(out)
+    return [r for r in results if r is not None]
+
+
+def _one(cfg: TrainConfig, d: Path, how: str, progress: bool, quiet: bool) -> dict[str, Any]:
+    """One run of the grid (also the worker function of ``jobs > 1``)."""
+    if how == "done":
+        return json.loads((d / "result.json").read_text())
+    if how == "resume":
+        return run_training(cfg, d, resume=True, progress=progress, quiet=quiet)
+    return run_training(cfg, d, overwrite=True, progress=progress, quiet=quiet)
+
+
+def _report(out: Path) -> Path | None:
+    try:
+        from .report import write_report
+    except ImportError as e:
+        print(f"gradops compare: no report written (gradops.train.report is not available: {e})",
+              flush=True)
+        return None
+    path = write_report(out)
+    print(f"gradops compare: report written to {path}", flush=True)
+    return path

@@ -1,0 +1,351 @@
+"""The epoch loop: model, optimizers, schedule, AMP, sparse training, statistics, evaluation.
+
+One :class:`Trainer` holds everything a run's state consists of (model, inner optimizer wrapped
+in :class:`gradops.optim.MTLOptimizer`, LR schedule, the loss-level method, the GradScaler, the
+RNG states) and saves / loads it as one checkpoint dictionary, so that a resumed run continues
+bit-exactly on CPU. The data order of epoch ``e`` is a function of ``(seed, e)`` only
+(``DistributedSampler.set_epoch``), so it needs no state.
+
+Per step: forward under autocast (``--amp``), the T task losses, the loss-level method's terms
+(``uw`` / ``dwa`` / ``famo``), ``MTLOptimizer.backward`` (per-task gradients -> method ->
+combined gradient; ``stl``: one backward of the summed losses of T separate models), unscale,
+clip, step; FAMO then re-runs the batch without gradients for its update. Statistics accumulate
+on the device (:mod:`.stats`) and are read once per epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data.distributed import DistributedSampler
+
+from ..optim import MTLOptimizer
+from ..optim.sparse_training import SparseTraining
+from ..sparse import psn_masks
+from .config import LOSS_METHODS, TrainConfig, parse_sparse
+from .data import MTLData, Split
+from .distributed import Dist
+from .errors import ConfigError
+from .loss_methods import make_loss_method
+from .models import MTLModel, STLModel, build_encoder
+from .stats import ConflictStats, layer_index
+
+__all__ = ["Trainer", "resolve_device"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", "cuda asked for, but no CUDA device is visible",
+                          ["auto", "cpu", "cuda"])
+    return torch.device(name)
+
+
+class _Indices:
+    """A sized stand-in for a data set (``DistributedSampler`` only needs ``len``)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@contextlib.contextmanager
+def _keep_running_stats(module: nn.Module):
+    """Restore BatchNorm running statistics after the block (FAMO's extra no-grad forward runs
+    in train mode, as in its paper, but must not count the batch twice)."""
+    bns = [m for m in module.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in bns]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (a, b, c) in zip(bns, saved):
+                m.running_mean.copy_(a)
+                m.running_var.copy_(b)
+                m.num_batches_tracked.copy_(c)
+
+
+class Trainer:
+    """A run's model, optimizers and loop (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, data: MTLData, device: torch.device, dist: Dist,
+                 progress: bool = False):
+        self.cfg, self.device, self.dist, self.progress = cfg, device, dist, progress
+        self.tasks = data.tasks
+        self.T = len(self.tasks)
+        train = data.splits["train"]
+        if cfg.train_limit:
+            train = train.subset(min(cfg.train_limit, len(train)))
+        self.splits = {name: self._to_device(s) for name, s in
+                       (("train", train), ("val", data.splits["val"]),
+                        ("test", data.splits["test"]))}
+        if cfg.batch_size % dist.world:
+            raise ConfigError("--batch-size", f"{cfg.batch_size} is not divisible by the "
+                              f"{dist.world} processes")
+        self.local_batch = cfg.batch_size // dist.world
+        if len(train) // dist.world < self.local_batch:
+            raise ConfigError("--batch-size", f"{cfg.batch_size} exceeds the {len(train)} "
+                              "training samples")
+
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        self.stl = cfg.method == "stl"
+        shape = data.input_shape
+        if self.stl:
+            models = {}
+            for t in self.tasks:
+                enc, feat = build_encoder(cfg.backbone, shape, cfg.width, cfg.weights or None)
+                models[t.name] = MTLModel(enc, feat, [t])
+            self.net: nn.Module = STLModel(models)
+        else:
+            enc, feat = build_encoder(cfg.backbone, shape, cfg.width, cfg.weights or None)
+            self.net = MTLModel(enc, feat, self.tasks)
+        self.net.to(device)
+        encoder = self.net.encoder
+
+        self.lossm = None
+        if cfg.method in LOSS_METHODS:
+            self.lossm = make_loss_method(cfg.method, self.T, device,
+                                          dwa_temperature=cfg.dwa_temperature,
+                                          famo_lr=cfg.famo_lr, famo_gamma=cfg.famo_gamma)
+        params = list(self.net.parameters()) + (self.lossm.parameters() if self.lossm else [])
+        self.params = params
+        inner = self._inner_optimizer(params)
+
+        kind, value = parse_sparse(cfg.sparse)
+        masks = None
+        if kind != "off":
+            masks = psn_masks(encoder, **{kind: value})
+        self.sparse_fraction = None if masks is None else masks.fraction
+
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.scaler = (torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None)
+
+        self.ddp = None
+        if dist.enabled:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+        self.model = self.ddp if self.ddp is not None else self.net
+
+        if self.stl:
+            self.opt: torch.optim.Optimizer = (SparseTraining(inner, masks, encoder)
+                                               if masks is not None else inner)
+        else:
+            method, per_layer, options = cfg.method, False, {}
+            if method == "pcgrad-layer":
+                method, per_layer = "pcgrad", True
+            elif method in LOSS_METHODS:
+                method = "ew"
+            elif method == "cagrad":
+                options["c"] = cfg.cagrad_c
+            elif method == "graddrop":
+                options["leak"] = cfg.graddrop_leak
+            self.opt = MTLOptimizer(inner, method=method, shared=encoder, per_layer=per_layer,
+                                    sparse=masks, module=encoder if masks is not None else None,
+                                    stats=cfg.stats, grad_scaler=self.scaler,
+                                    ddp_model=self.ddp, **options)
+        self.sched = None
+        if cfg.schedule == "cosine":
+            self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs)
+        elif cfg.schedule == "step":
+            self.sched = torch.optim.lr_scheduler.StepLR(self.opt, cfg.step_size, cfg.gamma)
+
+        self.sampler = DistributedSampler(_Indices(len(train)), num_replicas=dist.world,
+                                          rank=dist.rank, shuffle=True, seed=cfg.seed,
+                                          drop_last=True)
+        shared = [p for p in encoder.parameters() if p.requires_grad]
+        layers, index = layer_index(encoder, shared)
+        self.layers = layers
+        self.stats = ConflictStats(self.T, device, layers, index)
+
+    # --- construction helpers ---------------------------------------------------------------
+    def _to_device(self, s: Split) -> Split:
+        return Split(s.x.to(self.device), {k: v.to(self.device) for k, v in s.targets.items()})
+
+    def _inner_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        c = self.cfg
+        if c.optim == "adam":
+            return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        if c.optim == "adamw":
+            return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # --- one step ------------------------------------------------------------------------------
+    def _losses(self, module: nn.Module, x: torch.Tensor, ys: dict[str, torch.Tensor]
+                ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        with self._autocast():
+            outs = module(x)
+        return [t.loss(outs[t.name], ys[t.name]) for t in self.tasks], outs
+
+    def _clip(self) -> None:
+        c = self.cfg.clip
+        if c <= 0:
+            return
+        if self.stl:      # each single-task model on its own
+            for m in self.net.models.values():
+                torch.nn.utils.clip_grad_norm_(m.parameters(), c)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.params, c)
+
+    def _step(self, x: torch.Tensor, ys: dict[str, torch.Tensor]):
+        losses, outs = self._losses(self.model, x, ys)
+        self.opt.zero_grad(set_to_none=True)
+        values = torch.stack([v.detach().float() for v in losses])
+        terms = losses
+        if self.lossm is not None:
+            gvalues = self.dist.mean_(values.clone())
+            terms = self.lossm.terms(losses, gvalues)
+        sc = self.scaler
+        info = None
+        if self.stl:
+            total = torch.stack(terms).sum()
+            (sc.scale(total) if sc is not None else total).backward()
+        else:
+            info = self.opt.backward(sc.scale(terms) if sc is not None else terms)
+        if sc is not None:
+            sc.unscale_(self.opt)
+        self._clip()
+        if sc is not None:
+            sc.step(self.opt)
+            sc.update()
+        else:
+            self.opt.step()
+        if self.lossm is not None and self.lossm.needs_losses_after_step:
+            with torch.no_grad(), _keep_running_stats(self.net):
+                new, _ = self._losses(self.net, x, ys)
+                new = self.dist.mean_(torch.stack([v.float() for v in new]))
+            self.lossm.after_step(new)
+        self.stats.add(info)
+        return values, outs
+
+    # --- epochs --------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train epoch ``epoch`` (from 1); returns its ``train`` line (losses, metrics, gc), its
+        statistics (under ``"conflicts"``) and the solver failures (``"nonconverged"``). The
+        train metrics are those of the predictions made during the epoch, before each step."""
+        t0 = time.perf_counter()
+        self.model.train()
+        self.sampler.set_epoch(epoch)
+        idx = torch.tensor(list(iter(self.sampler)), dtype=torch.long, device=self.device)
+        b = self.local_batch
+        nb = len(idx) // b
+        tr = self.splits["train"]
+        loss_sum = torch.zeros(self.T, dtype=torch.float64, device=self.device)
+        preds: dict[str, list[torch.Tensor]] = {t.name: [] for t in self.tasks}
+        used = []
+        self.stats.reset()
+        bar = range(nb)
+        if self.progress and self.dist.main:
+            from tqdm import tqdm
+            bar = tqdm(bar, desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False,
+                       dynamic_ncols=True)
+        for i in bar:
+            bi = idx[i * b:(i + 1) * b]
+            x = tr.x[bi]
+            ys = {k: v[bi] for k, v in tr.targets.items()}
+            values, outs = self._step(x, ys)
+            loss_sum += values.double()
+            for t in self.tasks:
+                preds[t.name].append(t.predict(outs[t.name].detach()))
+            used.append(bi)
+        mean_losses = self.dist.mean_(loss_sum / max(nb, 1))
+        if self.lossm is not None:
+            self.lossm.end_epoch(mean_losses.float())
+        if self.sched is not None:
+            self.sched.step()
+        sel = self.dist.gather_cat(torch.cat(used))
+        metrics = {t.name: t.metrics_of(self.dist.gather_cat(torch.cat(preds[t.name])),
+                                        tr.targets[t.name][sel]) for t in self.tasks}
+        line = self._line(epoch, "train", mean_losses, metrics)
+        conf = self.stats.read()
+        line["gc"] = None if conf is None else conf["incidence"]
+        line["time_s"] = time.perf_counter() - t0
+        line["conflicts"] = conf
+        # the optimizer's own per-epoch means (reset here); a solver that failed to converge on
+        # some steps is reported by a RuntimeWarning and counted in result.json
+        line["nonconverged"] = (self.opt.stats()["nonconverged"]
+                                if isinstance(self.opt, MTLOptimizer) else 0)
+        return line
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int, split: str) -> dict[str, Any]:
+        """The ``split`` line of ``epoch``: mean losses and metrics over the whole split."""
+        t0 = time.perf_counter()
+        s = self.splits[split]
+        self.net.eval()
+        n = len(s)
+        loss_sum = torch.zeros(self.T, dtype=torch.float64, device=self.device)
+        preds: dict[str, list[torch.Tensor]] = {t.name: [] for t in self.tasks}
+        for a in range(0, n, self.cfg.eval_batch_size):
+            x = s.x[a:a + self.cfg.eval_batch_size]
+            ys = {k: v[a:a + len(x)] for k, v in s.targets.items()}
+            losses, outs = self._losses(self.net, x, ys)
+            loss_sum += torch.stack([v.double() for v in losses]) * len(x)
+            for t in self.tasks:
+                preds[t.name].append(t.predict(outs[t.name]))
+        self.net.train()
+        metrics = {t.name: t.metrics_of(torch.cat(preds[t.name]), s.targets[t.name])
+                   for t in self.tasks}
+        line = self._line(epoch, split, loss_sum / n, metrics)
+        line["gc"] = None
+        line["time_s"] = time.perf_counter() - t0
+        return line
+
+    def _line(self, epoch: int, split: str, losses: torch.Tensor,
+              metrics: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """One metrics.jsonl object (one device-to-host transfer)."""
+        names = [(t, k) for t, d in metrics.items() for k in d]
+        vals = torch.cat([losses.double().reshape(-1)] +
+                         [metrics[t][k].double().reshape(1) for t, k in names]).tolist()
+        out_m: dict[str, dict[str, float]] = {}
+        for (t, k), v in zip(names, vals[self.T:]):
+            out_m.setdefault(t, {})[k] = v
+        return {"epoch": epoch, "split": split,
+                "losses": {t.name: v for t, v in zip(self.tasks, vals[:self.T])},
+                "metrics": out_m}
+
+    # --- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next epoch depends on."""
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "numpy": np.random.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": None if self.sched is None else self.sched.state_dict(),
+                "loss_method": None if self.lossm is None else self.lossm.state_dict(),
+                "scaler": None if self.scaler is None else self.scaler.state_dict(),
+                "rng": rng}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.net.load_state_dict(sd["model"])
+        self.opt.load_state_dict(sd["optimizer"])
+        if self.sched is not None:
+            self.sched.load_state_dict(sd["scheduler"])
+        if self.lossm is not None:
+            self.lossm.load_state_dict(sd["loss_method"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(sd["scaler"])
+        rng = sd["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
