@@ -137,12 +137,17 @@ def _one(cfg: TrainConfig, d: Path, how: str, progress: bool, quiet: bool) -> di
 
 
 def _report(out: Path) -> Path | None:
+    """Write the report of ``out`` and print its Tables 1 and 2 and where it is."""
     try:
-        from .report import write_report
+        from .report import format_table_1, format_table_2, write_report
+        from .report_data import load_runs
     except ImportError as e:
         print(f"gradops compare: no report written (gradops.train.report is not available: {e})",
               flush=True)
         return None
     path = write_report(out)
+    runs, _ = load_runs(out)
+    if runs:
+        print("\n" + format_table_1(runs) + "\n\n" + format_table_2(runs) + "\n", flush=True)
     print(f"gradops compare: report written to {path}", flush=True)
     return path
