@@ -37,7 +37,8 @@ def find_cuda_home() -> str | None:
     """The CUDA toolkit root, from ``CUDA_HOME`` or from where ``nvcc`` really lives.
 
     The ``nvcc`` on PATH may be a wrapper script that execs the real compiler elsewhere
-    (some CUDA installs put such a wrapper on PATH); the toolkit is the directory that has ``include/cuda_runtime.h``.
+    (some CUDA installs put such a wrapper on PATH); the toolkit is the directory that has
+    ``include/cuda_runtime.h``.
     """
     def is_toolkit(d: Path) -> bool:
         return (d / "include" / "cuda_runtime.h").is_file() and (d / "bin" / "nvcc").exists()

@@ -36,7 +36,8 @@ def train(T: int, steps: int, method: str, linear_gram: str) -> tuple[list[float
         if step == 10:                      # time from here: the first steps build buffers
             start = time.perf_counter()
         h = encoder(x)
-        losses = torch.stack([nn.functional.mse_loss(head(h), y) for head, y in zip(heads, targets)])
+        losses = torch.stack([nn.functional.mse_loss(head(h), y)
+                              for head, y in zip(heads, targets)])
         opt.zero_grad()
         opt.backward(losses)
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -17,7 +17,8 @@ features = encoder(x)
 losses = [torch.nn.functional.mse_loss(h(features), y) for h, y in zip(heads, ys)]
 
 # J: [T, P], row t = gradient of task t w.r.t. the shared parameters, flattened
-J = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)])
+J = torch.stack([torch.cat([g.flatten()
+                            for g in torch.autograd.grad(loss, shared, retain_graph=True)])
                  for loss in losses])
 # one segment per layer (weight and bias together, Recon's convention)
 layers = [m for m in encoder if list(m.parameters())]

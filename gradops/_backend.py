@@ -5,7 +5,8 @@ Every op has up to four implementations ("backends"):
 ========  ======================================================  ===========
 name      what                                                    devices
 ========  ======================================================  ===========
-triton    Triton kernels (``gradops/ops/*.py``)                   cuda (cpu only under ``TRITON_INTERPRET=1``)
+triton    Triton kernels (``gradops/ops/*.py``)                   cuda (cpu only under
+``TRITON_INTERPRET=1``)
 cuda      CUDA C++ kernels in ``gradops._C`` (``csrc/*.cu``)      cuda
 cpp       C++ CPU kernels in ``gradops._C`` (``csrc/*_cpu.cpp``)  cpu
 torch     pure-torch reference (``gradops/reference.py``)         any
@@ -197,7 +198,8 @@ def select_backend(op: str, device: torch.device, T: int, dtype: torch.dtype | N
     if forced is not None and forced in backends:
         why = backend_usable(forced, device, max_t, T, dtype, dtypes)
         if why is not None:
-            raise RuntimeError(f"gradops.{op}: forced backend {forced!r} cannot run this call: {why}")
+            raise RuntimeError(f"gradops.{op}: forced backend {forced!r} cannot run this call: "
+                               f"{why}")
         return forced
     return auto_backend(device, T, max_t, backends, dtype, dtypes)
 

@@ -1,4 +1,5 @@
-"""Conflict statistics from Gram matrices (docs/methods.md#statistics), batched, on device, with no host sync.
+"""Conflict statistics from Gram matrices (docs/methods.md#statistics), batched, on device, with no
+host sync.
 
 Every function takes ``G`` of shape ``[..., T, T]`` (one Gram, or a batch such as the per-segment
 Grams ``[L, T, T]`` of :func:`gradops.segment_gram`) and returns tensors on ``G``'s device
@@ -47,7 +48,8 @@ def cosine(G: torch.Tensor) -> torch.Tensor:
 
 
 def gms(G: torch.Tensor) -> torch.Tensor:
-    """Gradient magnitude similarity ``2 n_i n_j / (n_i^2 + n_j^2)`` (Yu et al., 2020), ``[..., T, T]``.
+    """Gradient magnitude similarity ``2 n_i n_j / (n_i^2 + n_j^2)`` (Yu et al., 2020), ``[..., T,
+    T]``.
 
     In ``[0, 1]``; 0 where both norms are 0 (undefined: reported as 0, like the cosine).
     """

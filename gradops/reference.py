@@ -2,7 +2,8 @@
 
 These are the ``torch`` backend (any device) and the ground truth the tests compare the fused
 kernels against. They favour obviousness over speed: matrix products per segment, fp32
-accumulation (``float64`` when the input is ``float64``, which tests use). The math: docs/methods.md.
+accumulation (``float64`` when the input is ``float64``, which tests use). The math:
+docs/methods.md.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def segment_gram_reference(J: torch.Tensor, offsets: torch.Tensor) -> torch.Tens
 
 def sign_counts_reference(J: torch.Tensor, offsets: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pair ``(i, j)``: coordinates where ``J_i`` and ``J_j`` have opposite signs, and where both
+    """Per pair ``(i, j)``: coordinates where ``J_i`` and ``J_j`` have opposite signs, and where
+    both
     are non-zero (Elich et al., sign-conflict ratio = opposite / both_nonzero). int64.
 
     An entry takes part only if it is ``> 0`` or ``< 0``: zeros (and -0.0) and NaN are neither.
@@ -162,7 +164,8 @@ def graddrop_reference(J: torch.Tensor, leak: torch.Tensor, noise: torch.Tensor,
 
 
 def topk_mask_reference(W: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-neuron top-K magnitude mask (PSN, the sparse-training paper's Sec. 3.4; docs/methods.md#sparse-training).
+    """Per-neuron top-K magnitude mask (PSN, the sparse-training paper's Sec. 3.4;
+    docs/methods.md#sparse-training).
 
     ``W`` is viewed as ``[out, F]`` (dim 0 = output neurons, the rest flattened: a conv weight
     ``[out, in, kh, kw]`` has ``F = in * kh * kw``); in each row the ``min(k, F)`` entries of

@@ -1,4 +1,5 @@
-"""Sparse training masks: per-neuron top-K selection (PSN) and the paper's baselines (docs/methods.md#sparse-training).
+"""Sparse training masks: per-neuron top-K selection (PSN) and the paper's baselines
+(docs/methods.md#sparse-training).
 
 Sparse training (the ST paper, Sec. 3.2-3.4) trains only a fixed subset of the shared encoder's
 parameters, chosen once before training: for every Linear/Conv weight ``W`` viewed as ``[out, F]``
@@ -46,7 +47,8 @@ module holding it directly:
 7. Anything else (layer-scale ``gamma``, ConvNeXt's ``gamma``, ``nn.Embedding`` tables, transposed
    convolutions, custom parameters) -> ``other``: ``"trainable"`` (default) or ``"frozen"``.
 
-These defaults are the paper's code conventions (docs/methods.md#sparse-training): biases trained fully; normalisation
+These defaults are the paper's code conventions (docs/methods.md#sparse-training): biases trained
+fully; normalisation
 weights and biases, position embeddings and class tokens frozen. Pass the *shared encoder* as
 ``module``: heads/decoders are trained fully by not being masked at all (or pass the whole model
 with ``exclude=[r"^head"]``). ``include`` / ``exclude`` / ``frozen`` take a regex string

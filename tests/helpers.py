@@ -72,7 +72,8 @@ def assert_gram_close(G: torch.Tensor, J: torch.Tensor, offsets: torch.Tensor | 
 def random_offsets(P: int, L: int, seed: int = 0, empties: bool = True) -> torch.Tensor:
     """A random segment table of ``L`` segments over ``P`` columns (with empty ones if asked)."""
     g = torch.Generator().manual_seed(seed)
-    cuts = torch.randint(0, P + 1, (L - 1,), generator=g) if L > 1 else torch.empty(0, dtype=torch.long)
+    cuts = (torch.randint(0, P + 1, (L - 1,), generator=g) if L > 1
+            else torch.empty(0, dtype=torch.long))
     if empties and L > 2:
         cuts[0] = cuts[1]  # at least one empty segment (two equal cuts)
     inner = torch.sort(cuts).values

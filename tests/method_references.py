@@ -283,7 +283,8 @@ def gradvac_reference(J, offsets, perms, targets, beta, eps=1e-8):
                 phi = torch.dot(gi, gj) / (gi.norm() * gj.norm() + eps)
                 ph = tgt[l, i, j]
                 if phi < ph:
-                    coef = gi.norm() * (ph * math.sqrt(1 - phi ** 2) - phi * math.sqrt(1 - ph ** 2)) \
+                    coef = gi.norm() * (ph * math.sqrt(1 - phi ** 2)
+                                        - phi * math.sqrt(1 - ph ** 2)) \
                         / (gj.norm() * math.sqrt(1 - ph ** 2) + eps)
                     gi = gi + coef * gj
                 tgt[l, i, j] = (1 - beta) * ph + beta * phi

@@ -61,7 +61,8 @@ def test_combine_per_segment(cpu_backend, T, P, L):
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
 def test_out_writes_into_grad_views_only(cpu_backend, out_dtype):
     """The combined gradient lands in .grad views of one flat buffer; nothing else changes."""
-    params = [torch.nn.Parameter(torch.zeros(s, dtype=out_dtype)) for s in ((3, 4), (5,), (2, 2, 2))]
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=out_dtype))
+              for s in ((3, 4), (5,), (2, 2, 2))]
     sizes = [p.numel() for p in params]
     flat = torch.full((sum(sizes) + 10,), 7.0, dtype=out_dtype)   # sentinel tail
     views = flat[5:5 + sum(sizes)]
@@ -104,7 +105,8 @@ def test_combine_deterministic(cpu_backend):
     (dict(weights=torch.randn(4)), r"weights must be \[T\] or \[L, T\] with T = 3"),
     (dict(weights=torch.randn(2, 3)), r"need offsets"),
     (dict(weights=torch.randn(2, 3), offsets=torch.tensor([0, 10])), r"L = 2 rows but offsets"),
-    (dict(weights=torch.randn(3), offsets=torch.tensor([0, 10])), r"offsets given but weights is \[T\]"),
+    (dict(weights=torch.randn(3), offsets=torch.tensor([0, 10])),
+     r"offsets given but weights is \[T\]"),
     (dict(weights=torch.randn(3), out=torch.zeros(9)), r"out must be a 1-D tensor of P = 10"),
     (dict(weights=torch.randn(3), out=torch.zeros(10, dtype=torch.int32)), r"out must be float32"),
     (dict(weights=torch.ones(3, dtype=torch.long)), r"weights must be floating point"),

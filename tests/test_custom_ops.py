@@ -1,4 +1,5 @@
-"""torch.library integration: opcheck on every custom op, torch.compile(fullgraph=True), autograd."""
+"""torch.library integration: opcheck on every custom op, torch.compile(fullgraph=True),
+autograd."""
 from __future__ import annotations
 
 import pytest
@@ -76,8 +77,10 @@ def test_torch_compile_fullgraph():
     offsets = torch.tensor([0, 100, 100, 999])
     G, inc, counts, g, ratio = stats(J, offsets)
     assert torch.allclose(G, gradops.gram(J))
-    assert torch.equal(counts, gradops.metrics.conflict_counts(gradops.segment_gram(J, offsets), -0.1))
-    assert inc.shape == () and counts.shape == (3,) and g.shape == (3, 5, 5) and ratio.shape == (5, 5)
+    assert torch.equal(counts,
+                       gradops.metrics.conflict_counts(gradops.segment_gram(J, offsets), -0.1))
+    assert inc.shape == () and counts.shape == (3,)
+    assert g.shape == (3, 5, 5) and ratio.shape == (5, 5)
 
 
 def _method_samples():

@@ -73,7 +73,8 @@ def test_other_calls_go_through_the_custom_ops():
 @pytest.mark.parametrize("op", ["gram", "segment_gram"])
 def test_requires_grad_keeps_autograd(op):
     J = _J(3, 64).requires_grad_()
-    G = gradops.gram(J) if op == "gram" else gradops.segment_gram(J, torch.tensor([0, 10, 64])).sum(0)
+    G = (gradops.gram(J) if op == "gram"
+         else gradops.segment_gram(J, torch.tensor([0, 10, 64])).sum(0))
     G.sum().backward()
     # d sum(J J^T) / dJ = 2 * (1 1^T) J
     expected = 2 * torch.ones(3, 3) @ J.detach()

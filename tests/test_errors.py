@@ -37,7 +37,8 @@ def test_J_not_a_tensor():
     (torch.tensor([1, 5]), r"offsets\[0\] must be 0"),
     (torch.tensor([0, 4]), r"offsets must end at P = 5"),
     (torch.tensor([0, 6]), r"offsets must end at P = 5"),
-    (torch.tensor([0, 3, 2, 5]), r"offsets must be non-decreasing, got offsets\[1\] = 3 > offsets\[2\] = 2"),
+    (torch.tensor([0, 3, 2, 5]),
+     r"offsets must be non-decreasing, got offsets\[1\] = 3 > offsets\[2\] = 2"),
     (torch.tensor([0, 5], device="meta"), r"offsets must be on the CPU or on J's device"),
 ])
 def test_bad_offsets(offsets, match):

@@ -52,7 +52,8 @@ def test_cli_info_and_bench(tmp_path):
     assert "segment_gram" in out
     csv_path = tmp_path / "bench.csv"
     out = subprocess.run([sys.executable, "-m", "gradops", "bench", "--suite", "gram", "--T", "2,3",
-                          "--P", "5000", "--segments", "7", "--rounds", "3", "--csv", str(csv_path)],
+                          "--P", "5000", "--segments", "7", "--rounds", "3",
+                          "--csv", str(csv_path)],
                          capture_output=True, text=True, env=env, check=True).stdout
     assert "| gram | gradops | 2 |" in out and "| segment_gram | gradops | 3 |" in out
     lines = csv_path.read_text().strip().splitlines()
@@ -70,7 +71,8 @@ def test_cli_info_and_bench(tmp_path):
     from gradops.bench.report import write_csv
     with pytest.raises(ValueError, match="has columns"):
         write_csv([{"other": 1}], str(csv_path), append=True)
-    out = subprocess.run([sys.executable, "-m", "gradops", "bench", "--suite", "methods", "--T", "3",
+    out = subprocess.run([sys.executable, "-m", "gradops", "bench", "--suite", "methods",
+                          "--T", "3",
                           "--P", "5000", "--rounds", "3"],
                          capture_output=True, text=True, env=env, check=True).stdout
     for op in ("combine", "pcgrad", "graddrop"):

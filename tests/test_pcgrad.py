@@ -143,11 +143,13 @@ def test_errors():
         gradops.pcgrad_weights(torch.ones(3, 4))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(backend=st.sampled_from(cpu_backends()), T=st.integers(1, 9), P=st.integers(1, 200),
        seed=st.integers(0, 10_000), scale=st.sampled_from([1e-15, 1e-3, 1.0, 1e3, 1e15]))
 def test_property_vector_form_and_scale_invariance(backend, T, P, seed, scale):
-    """TorchJD-style sweep: equal to the vector form at every scale, and PCGrad(aJ) = a PCGrad(J)."""
+    """TorchJD-style sweep: equal to the vector form at every scale, and
+    PCGrad(aJ) = a PCGrad(J)."""
     J = make_J(T, P, seed=seed).double()
     G = J @ J.T
     perms = _orders(T, seed)

@@ -1,5 +1,6 @@
 """gradops.sparse: PSN masks, the rules of which parameter gets which mask, the fraction search,
-the ablation baselines (random / global / reverse), reports, and timm models (docs/methods.md#sparse-training)."""
+the ablation baselines (random / global / reverse), reports, and timm models
+(docs/methods.md#sparse-training)."""
 from __future__ import annotations
 
 import math

@@ -542,7 +542,8 @@ def test_sparse_adamw_triton_optimizer_matches_torch_optimizer():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-# --- the C++ kernel (CPU) --------------------------------------------------------------------------
+# --- the C++ kernel (CPU)
+# --------------------------------------------------------------------------
 needs_ext = pytest.mark.skipif(not gradops._backend.ext_available(),
                                reason="gradops._C not built (GRADOPS_NO_EXT=1)")
 # torch's AVX2 / AVX-512 CPU kernels evaluate lerp_ and addcmul_ with fused multiply-adds, as the

@@ -2,7 +2,8 @@
 (csrc/weighting_cpu.cpp) and, under TRITON_INTERPRET=1, the Triton programs of
 gradops/weighting/_triton_solvers.py (the GPU path; on a GPU, tests/test_gpu.py runs them for real).
 
-The C++ loops run the torch loops' algorithms in double precision, the Triton ones in G's dtype. For Nash-MTL (Newton: no
+The C++ loops run the torch loops' algorithms in double precision, the Triton ones in G's dtype.
+For Nash-MTL (Newton: no
 discrete choices) that gives the same iterates to rounding. Pairwise Frank-Wolfe picks a vertex
 pair by argmin / argmax of the gradient, and an exact line search along ``e_s - e_v`` leaves
 ``grad_s == grad_v`` in exact arithmetic: the next choice is then often decided by the last bit,
@@ -286,7 +287,8 @@ def test_nashmtl_undefined_matches_torch(dtype, backend):
 def test_nashmtl_budgets_match_torch(dtype, backend):
     G = _gram(CASES["conflicting_T8"], dtype)
     for max_iter in (0, 1, 2, 3):
-        (w_t, st_t), (w_c, st_c) = _both(W.nashmtl, G, max_iter=max_iter, tol=1e-12, backend=backend)
+        (w_t, st_t), (w_c, st_c) = _both(W.nashmtl, G, max_iter=max_iter, tol=1e-12,
+                                         backend=backend)
         assert int(st_t.iterations) == int(st_c.iterations) == max_iter
         assert not bool(st_c.converged) and not bool(st_t.converged)
         assert _rel_err(w_c, w_t) <= (1e-12 if dtype == torch.float64 else 1e-5)
@@ -309,7 +311,8 @@ def test_fw_first_steps_match_torch(name, dtype, backend):
         runs = [(W.mgda, dict(normalization=n, losses=losses)) for n in MGDA_NORMS]
         runs += [(W.cagrad, dict(c=c)) for c in (0.4, 2.0)]
         for fn, kw in runs:
-            (w_t, st_t), (w_c, st_c) = _both(fn, G, max_iter=max_iter, tol=solver_tol, **kw, backend=backend)
+            (w_t, st_t), (w_c, st_c) = _both(fn, G, max_iter=max_iter, tol=solver_tol, **kw,
+                                             backend=backend)
             assert _rel_err(w_c, w_t) <= tol, (fn.__name__, kw, max_iter)
             assert int(st_t.iterations) == int(st_c.iterations) <= max_iter
             assert bool(st_t.converged) == bool(st_c.converged)
@@ -395,7 +398,8 @@ def test_cagrad_weights_match_torch(name, c, rescale, backend):
         assert _its_close(int(st_t.iterations), int(st_c.iterations)), (st_t, st_c)
 
 
-TIGHT_FW = {torch.float64: dict(max_iter=3000, tol=1e-14), torch.float32: dict(max_iter=600, tol=1e-9)}
+TIGHT_FW = {torch.float64: dict(max_iter=3000, tol=1e-14),
+            torch.float32: dict(max_iter=600, tol=1e-9)}
 
 
 # fp32 only up to T = 13: beyond, the fp32 torch loop runs its whole budget (slow); Triton (under
@@ -434,7 +438,8 @@ def test_fw_tight_weights_match_torch(name, dtype, backend):
 def test_mgda_rank_deficient_tight_update_matches_torch(name, backend):
     """w* is not unique when the rows are affinely dependent, the update d* = J^T w* is."""
     J = CASES[name]
-    (w_t, st_t), (w_c, st_c) = _both(W.mgda, _gram(J, torch.float64), **TIGHT_FW[torch.float64], backend=backend)
+    (w_t, st_t), (w_c, st_c) = _both(W.mgda, _gram(J, torch.float64), **TIGHT_FW[torch.float64],
+                                     backend=backend)
     assert bool(st_t.converged) and bool(st_c.converged)
     d_t, d_c = w_t @ J, w_c @ J
     assert float((d_c - d_t).norm()) <= 1e-6 * float(J.norm(dim=1).max())

@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn import functional as F
 
 
-# --- per-neuron top-K masks (sparse training, docs/methods.md#sparse-training) ------------------------------------------
+# --- per-neuron top-K masks (sparse training, docs/methods.md#sparse-training)
+# ------------------------------------------
 # The selection of the ST paper (Zhang et al., Sec. 3.4) is computed for every Linear/Conv weight
 # of the shared encoder once before training; the suite times it for all weights of ViT-B/16.
 VIT_B16_SHAPES: tuple[tuple[int, ...], ...] = (
@@ -40,7 +41,8 @@ def vit_b16_weights(device: torch.device, dtype: torch.dtype = torch.float32
     return [w.to(device=device, dtype=dtype).contiguous() for w in ws], source
 
 
-# --- sparse training optimizers (docs/methods.md#sparse-training) ---------------------------------------------------------
+# --- sparse training optimizers (docs/methods.md#sparse-training)
+# ---------------------------------------------------------
 class _ViTB16Encoder(torch.nn.Module):
     """A stand-in with the parameters of timm's ViT-B/16 encoder (same names and shapes), used
     when timm is not importable. Parameters only: it is never run forward."""

@@ -33,13 +33,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "per-neuron top-k masks of ViT-B/16's weights; sparse: SparseAdamW vs "
                          "dense AdamW steps on ViT-B/16's encoder; mtl: one training step of a "
                          "4.2M-parameter MLP with T heads, every MTLOptimizer method vs T plain "
-                         "backward passes vs TorchJD; trainer: the bundled trainer's epoch time per "
+                         "backward passes vs TorchJD; trainer: the bundled trainer's epoch "
+                         "time per "
                          "method over ew's on the digits data (only gram and methods are part "
                          "of all)")
     pb.add_argument("--T", default=None,
                     help="comma-separated task counts (default 2,8,40; mtl suite: 3,8,40)")
     pb.add_argument("--methods", default=None,
-                    help="mtl and trainer suites: comma-separated methods (mtl default all: ew, pcgrad, "
+                    help="mtl and trainer suites: comma-separated methods (mtl default "
+                         "all: ew, pcgrad, "
                          "pcgrad_layer, graddrop, mgda, cagrad, imtlg, nashmtl, alignedmtl, "
                          "gradvac)")
     pb.add_argument("--breakdown", action="store_true",

@@ -1,6 +1,7 @@
 """Weighted combination of task gradients: ``g = w^T J``, or one weight vector per segment.
 
-This is the second pass of every Gram-weighted method (docs/methods.md#combine): a ``T x T`` solver turns the
+This is the second pass of every Gram-weighted method (docs/methods.md#combine): a ``T x T`` solver
+turns the
 Gram into weights ``w`` (``[T]``, or ``[L, T]`` for per-layer methods such as per-layer PCGrad or
 GradVac), and ``combine`` reads ``J`` once to write ``g[k] = sum_t w[l(k), t] J[t, k]``, where
 ``l(k)`` is the segment of column ``k``. With ``out=`` the result lands directly in a caller's
@@ -95,7 +96,8 @@ def _check(J, weights, offsets, out=None) -> None:
     check_matrix(J, "combine")
     T = J.shape[0]
     if not isinstance(weights, torch.Tensor):
-        raise TypeError(f"gradops.combine: weights must be a torch.Tensor, got {type(weights).__name__}")
+        raise TypeError("gradops.combine: weights must be a torch.Tensor, got "
+                        f"{type(weights).__name__}")
     if weights.dim() not in (1, 2) or weights.shape[-1] != T:
         raise ValueError(f"gradops.combine: weights must be [T] or [L, T] with T = {T} (the rows "
                          f"of J), got shape {tuple(weights.shape)}")
@@ -110,7 +112,8 @@ def _check(J, weights, offsets, out=None) -> None:
                              "table [L+1]) to say which columns each row of weights applies to")
         check_offsets(offsets, J.shape[1], "combine", J.device)
         if offsets.shape[0] != weights.shape[0] + 1:
-            raise ValueError(f"gradops.combine: weights has L = {weights.shape[0]} rows but offsets "
+            raise ValueError(f"gradops.combine: weights has L = {weights.shape[0]} rows but "
+                             "offsets "
                              f"describes {offsets.shape[0] - 1} segments")
     elif offsets is not None:
         raise ValueError("gradops.combine: offsets given but weights is [T]; pass weights [L, T] "
@@ -118,11 +121,13 @@ def _check(J, weights, offsets, out=None) -> None:
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.dim() != 1 or out.shape[0] != J.shape[1]:
             raise ValueError(f"gradops.combine: out must be a 1-D tensor of P = {J.shape[1]} "
-                             f"elements, got {tuple(out.shape) if isinstance(out, torch.Tensor) else out}")
+                             "elements, got "
+                             f"{tuple(out.shape) if isinstance(out, torch.Tensor) else out}")
         if out.dtype not in FLOAT_DTYPES:
             raise TypeError(f"gradops.combine: out must be {FLOAT_NAMES}, got {out.dtype}")
         if out.device != J.device:
-            raise ValueError(f"gradops.combine: out must be on J's device ({J.device}), got {out.device}")
+            raise ValueError(f"gradops.combine: out must be on J's device ({J.device}), got "
+                             f"{out.device}")
 
 
 def _run(J, weights, offsets, out):
@@ -153,7 +158,8 @@ def _combine_into(J, weights, offsets, out) -> None:
 
 
 @torch.library.custom_op("gradops::combine", mutates_args=())
-def _combine_op(J: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+def _combine_op(J: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | None
+                ) -> torch.Tensor:
     _check(J, weights, offsets)
     return _combine_new(J, weights, offsets)
 
@@ -185,7 +191,8 @@ def combine(J: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | None
             math, on the torch path); rows may be strided.
         weights: ``[T]``, or ``[L, T]`` with ``offsets``: segment ``l`` (columns
             ``offsets[l]:offsets[l+1]``) is combined with ``weights[l]`` (per-layer methods).
-        offsets: int64 ``[L+1]`` segment table (docs/methods.md#segment-tables-and-layers), only with 2-D ``weights``.
+        offsets: int64 ``[L+1]`` segment table (docs/methods.md#segment-tables-and-layers), only
+        with 2-D ``weights``.
         out: optional 1-D ``[P]`` destination (float32/bfloat16/float16/float64, e.g. a flat
             view over parameters' ``.grad`` storage); written in place and returned. Nothing
             outside it is touched.

@@ -1,5 +1,6 @@
 """GradDrop (Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign
-Dropout", NeurIPS 2020), parameter-gradient variant as in TorchJD and CAGrad's code (docs/methods.md#graddrop).
+Dropout", NeurIPS 2020), parameter-gradient variant as in TorchJD and CAGrad's code
+(docs/methods.md#graddrop).
 
 Per column ``k`` of ``J`` (``[T, P]``): ``S_k = sum_t J_tk``, ``A_k = sum_t |J_tk|``, purity
 ``p_k = 0.5 (1 + S_k / (A_k + eps))`` (Eq. 1), one uniform ``U_k``; keep the positive entries if
@@ -170,7 +171,8 @@ def graddrop(J: torch.Tensor, *, leak: float | Sequence[float] | torch.Tensor = 
     Args:
         J: ``[T, P]`` float32 / bfloat16 / float16 (fp32 math), or float64 (fp64 math, on the
             torch path); rows may be strided.
-        leak: ``leak_t`` in ``[0, 1]``, a float for all tasks or ``[T]``; ``leak = 1`` gives the plain
+        leak: ``leak_t`` in ``[0, 1]``, a float for all tasks or ``[T]``; ``leak = 1`` gives the
+        plain
             sum of the task gradients, ``0`` (default) the paper's GradDrop.
         generator: source of the random seed (reproducible: the same generator state gives the
             same result, on every backend); default: the global generator of ``J``'s device.

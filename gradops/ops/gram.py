@@ -1,7 +1,8 @@
 """Gram matrices of task gradients: whole (``gram``) and per column segment (``segment_gram``).
 
 Math (docs/methods.md#gram): for ``J`` = ``[T, P]`` (row ``t`` = flattened gradient of task ``t``),
-``G = J J^T``; for a segment table ``offsets`` (``[L+1]`` int64, docs/methods.md#segment-tables-and-layers) ``G[l] = J_l J_l^T`` —
+``G = J J^T``; for a segment table ``offsets`` (``[L+1]`` int64,
+docs/methods.md#segment-tables-and-layers) ``G[l] = J_l J_l^T`` —
 the per-layer Grams of Recon (Shi et al., ICLR 2023, Def. 3) — all in **one pass** over ``J``.
 The same pass can count, per pair, the coordinates with opposite signs and those where both are
 non-zero (the sign-conflict ratio of Elich et al., "Examining Common Paradigms in MTL", §4).
@@ -392,7 +393,8 @@ def gram(J: torch.Tensor, *, return_sign_counts: bool = False
 
 def segment_gram(J: torch.Tensor, offsets: torch.Tensor, *, return_sign_counts: bool = False
                  ) -> torch.Tensor | GramWithSignCounts:
-    """Per-segment Grams ``G[l] = J[:, o_l:o_{l+1}] J[:, o_l:o_{l+1}]^T``, all in one pass over ``J``.
+    """Per-segment Grams ``G[l] = J[:, o_l:o_{l+1}] J[:, o_l:o_{l+1}]^T``, all in one pass over
+    ``J``.
 
     These are the per-layer Grams of Recon (Shi et al., ICLR 2023): with one segment per layer,
     ``gradops.metrics.conflict_counts(segment_gram(J, offsets), S)`` is Recon's S-conflict score.
@@ -400,7 +402,8 @@ def segment_gram(J: torch.Tensor, offsets: torch.Tensor, *, return_sign_counts: 
     Args:
         J: ``[T, P]`` float32 / bfloat16 / float16 (fp32 accumulation) or float64 (fp64
             accumulation), rows may be strided.
-        offsets: int64 ``[L+1]`` segment table (docs/methods.md#segment-tables-and-layers): ``offsets[0] == 0``, non-decreasing,
+        offsets: int64 ``[L+1]`` segment table (docs/methods.md#segment-tables-and-layers):
+        ``offsets[0] == 0``, non-decreasing,
             ``offsets[-1] == P``. Empty segments are allowed and give zero Grams. Keep it on the
             CPU (values are validated there; gradops copies it to the device for GPU kernels).
         return_sign_counts: also return per-segment sign counts (:class:`GramWithSignCounts`).

@@ -4,7 +4,8 @@ input and its per-task output gradients, without forming the gradients.
 For ``y = x W^T + b`` (``torch.nn.Linear``) applied to the ``N`` rows of ``X`` (``[N, in]``),
 task ``t``'s gradient of ``W`` is ``g_t = D_t^T X`` (``[out, in]``), where ``D_t`` (``[N, out]``)
 is task ``t``'s gradient with respect to the layer's output ``y``; the bias gradient is
-``s_t = D_t^T 1``. Then (docs/methods.md#linear-engine, the Gram ``G = J J^T`` restricted to this layer's columns)::
+``s_t = D_t^T 1``. Then (docs/methods.md#linear-engine, the Gram ``G = J J^T`` restricted to this
+layer's columns)::
 
     <g_s, g_t> = tr(D_s^T X X^T D_t) = <L^T D_s, L^T D_t>,     K = X X^T = L L^T,
 

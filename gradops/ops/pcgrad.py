@@ -103,7 +103,8 @@ def _check_weights_args(G, perms, reduction, eps, kernel_checks_perms: bool = Fa
     kernel will: ``kernel_checks_perms``, it raises the same ValueError)."""
     if not isinstance(G, torch.Tensor) or G.dim() < 2 or G.shape[-1] != G.shape[-2]:
         raise ValueError("gradops.pcgrad_weights: G must be a Gram [T, T] or a batch [..., T, T], "
-                         f"got {tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__}")
+                         "got "
+                         f"{tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__}")
     if not G.is_floating_point():
         raise TypeError(f"gradops.pcgrad_weights: G must be floating point, got {G.dtype}")
     T = G.shape[-1]
@@ -208,7 +209,8 @@ def pcgrad_weights(G: torch.Tensor, *, generator: torch.Generator | None = None,
     if perms is None:
         perms = random_orders(G.shape[-1], tuple(G.shape[:-2]), generator=generator,
                               device=G.device)
-    if isinstance(G, torch.Tensor) and isinstance(perms, torch.Tensor) and plain_eager_cpu(G, perms):
+    if (isinstance(G, torch.Tensor) and isinstance(perms, torch.Tensor)
+            and plain_eager_cpu(G, perms)):
         return _pcgrad_weights_impl(G, perms, reduction, eps)  # the op's implementation, directly
     return torch.ops.gradops.pcgrad_weights(G, perms, reduction, eps)
 

@@ -1,4 +1,5 @@
-"""Per-neuron top-K magnitude masks (PSN, the sparse-training paper's Sec. 3.4; docs/methods.md#sparse-training).
+"""Per-neuron top-K magnitude masks (PSN, the sparse-training paper's Sec. 3.4;
+docs/methods.md#sparse-training).
 
 A weight ``W`` is viewed as ``[out, F]``: dim 0 = output neurons, the other dims flattened into the
 fan-in (a conv weight ``[out, in, kh, kw]`` has ``F = in * kh * kw``; a 1-D ``W`` is ``[out, 1]``).

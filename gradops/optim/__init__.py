@@ -1,4 +1,5 @@
-"""Optimizers and optimizer wrappers: the multi-task wrapper (:class:`MTLOptimizer`, docs/methods.md#mtloptimizer-data-path)
+"""Optimizers and optimizer wrappers: the multi-task wrapper (:class:`MTLOptimizer`,
+docs/methods.md#mtloptimizer-data-path)
 and sparse training (docs/methods.md#sparse-training)."""
 from .sparse_adamw import SparseAdamW, sparse_adamw_update
 from .sparse_training import SparseTraining

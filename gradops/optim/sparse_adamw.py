@@ -1,4 +1,5 @@
-"""``SparseAdamW``: AdamW with moments stored only for the selected entries (docs/methods.md#sparse-training).
+"""``SparseAdamW``: AdamW with moments stored only for the selected entries
+(docs/methods.md#sparse-training).
 
 For a weight ``W`` with a mask that selects the same number ``K`` of entries in every row of
 ``W`` viewed as ``[R, C]`` = ``[out, F]`` (PSN and ``"random"`` masks), the state is

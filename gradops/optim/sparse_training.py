@@ -1,6 +1,7 @@
 """``SparseTraining``: any torch optimizer, with entries outside a mask held bit-identical.
 
-Sparse training (docs/methods.md#sparse-training; the ST paper, Sec. 3.2) updates ``theta <- theta - lr * M (.) update``.
+Sparse training (docs/methods.md#sparse-training; the ST paper, Sec. 3.2) updates ``theta <- theta
+- lr * M (.) update``.
 The paper's code kept unselected entries fixed only because its weight decay was 0 and its
 gradients were masked; with momentum, Adam's moments, AdamW's decoupled weight decay, gradient
 clipping or AMP, zero gradients are not enough (AdamW decays a weight whose gradient is 0;
@@ -221,7 +222,8 @@ class SparseTraining(OptimizerWrapper):
                  grad_hooks: bool = True, save_masks: bool = False, snapshot: str = "full"):
         super().__init__(optimizer, "SparseTraining")
         if snapshot not in ("full", "packed"):
-            raise ValueError(f"SparseTraining: snapshot must be 'full' or 'packed', got {snapshot!r}")
+            raise ValueError("SparseTraining: snapshot must be 'full' or 'packed', got "
+                             f"{snapshot!r}")
         self.snapshot = snapshot
         self.mask_grads = mask_grads
         self.save_masks = save_masks

@@ -8,7 +8,8 @@ from ._common import _closed_status, _poison, _prep, _ret
 
 
 def ew(G: torch.Tensor, reduction: str = "sum", *, return_status: bool = False):
-    """Equal weighting ("Joint Train", docs/methods.md#ew): ``w = 1`` (``reduction="sum"``, the sum of the
+    """Equal weighting ("Joint Train", docs/methods.md#ew): ``w = 1`` (``reduction="sum"``, the sum
+    of the
     losses) or ``w = 1/T`` (``"mean"``, the ST paper's average loss). ``G`` only gives ``T``,
     the device and the dtype."""
     G = _prep(G, "ew")

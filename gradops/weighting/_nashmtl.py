@@ -31,9 +31,11 @@ def nashmtl(G: torch.Tensor, max_norm: float = 1.0, max_iter: int = 20, tol: flo
     (step ``1/(1 + lambda)`` while the Newton decrement ``lambda >= 1/4``; this keeps ``alpha >
     0``), Cholesky (``cholesky_ex``, never checked on the host) on ``G + diag(1/alpha^2)`` plus
     a ``16 eps`` relative jitter (changes the step, not the fixed point), from
-    ``alpha_i = c / n_i``, ``max_iter`` iterations. Residual = ``max_i |alpha_i (G alpha)_i - 1|`` (dimensionless);
+    ``alpha_i = c / n_i``, ``max_iter`` iterations. Residual = ``max_i |alpha_i (G alpha)_i - 1|``
+    (dimensionless);
     ``converged`` when ``<= tol``. Tasks with a zero gradient (``G_ii <= eps^2 max G_ii``) get
-    weight 0 and the others are solved without them. When ``0`` is in the convex hull of the non-zero
+    weight 0 and the others are solved without them. When ``0`` is in the convex hull of the
+    non-zero
     gradients (typically when ``T > P``), ``F`` is unbounded below and there is no solution: the
     status then says not converged and ``w`` is the last iterate (clipped).
     """

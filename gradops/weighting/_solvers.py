@@ -15,7 +15,8 @@ from .._validate import _is_fake
 from . import _triton_solvers
 from ._common import SolverStatus, _eps, _stop_early, _tiny
 
-register_op("weighting_solvers", ("triton", "cpp", "torch"), max_t={"triton": _triton_solvers.MAX_T})
+register_op("weighting_solvers", ("triton", "cpp", "torch"),
+            max_t={"triton": _triton_solvers.MAX_T})
 
 
 def _solver_backend(G: torch.Tensor) -> str:
