@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Command modules, in the order ``gradops --help`` lists them.
-COMMANDS = ("info", "bench", "train", "compare")
+COMMANDS = ("info", "bench", "train", "compare", "recon")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="runs trained at the same time, one process each (default: the "
                         "budget's; each run uses --threads CPU threads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="a paper's protocol for every run (see gradops train --preset); with "
+                        "--budget quick its quick form")
+    p.add_argument("--baseline", default="stl", choices=("stl", "published"),
+                   help="Δm%% against the stl runs of the grid (default) or the published "
+                        "single-task values shipped with gradops (nyuv2, cityscapes)")
     add_config_options(p, skip=("method", "sparse", "seed"))
     p.set_defaults(fn=run)
 
@@ -48,7 +54,11 @@ def run(args: argparse.Namespace) -> int:
         if budget not in BUDGETS:
             raise ConfigError("--budget", f"unknown budget {budget!r}", BUDGETS)
         preset = BUDGETS[budget]
-        cfg, _ = merge_config(args, base=preset["config"], extra_keys=extra_keys)
+        from ..train.presets import preset_config
+        base = dict(preset["config"])
+        if args.preset:
+            base.update(preset_config(args.preset, "quick" if budget == "quick" else "full"))
+        cfg, _ = merge_config(args, base=base, extra_keys=extra_keys)
         methods = parse_list(args.methods or extra.get("methods") or preset["methods"],
                              "--methods")
         sparses = parse_list(args.sparse or extra.get("sparse") or preset["sparse"], "--sparse")
@@ -57,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         if not isinstance(jobs, int) or isinstance(jobs, bool):
             raise ConfigError("--jobs", f"expected an integer, got {jobs!r}")
         run_grid(cfg, methods, sparses, seeds, args.out, resume=args.resume,
-                 overwrite=args.overwrite, progress=not args.no_progress, jobs=jobs)
+                 overwrite=args.overwrite, progress=not args.no_progress, jobs=jobs,
+                 baseline=args.baseline)
     except ConfigError as e:
         print(f"gradops compare: error: {e}", file=sys.stderr)
         return 2

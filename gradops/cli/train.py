@@ -18,6 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="a paper's protocol: nyuv2-mtan, cityscapes-mtan, celeba-famo, "
+                        "multi-fashion-recon (data set, model, budget; options given win)")
+    p.add_argument("--budget", default="full", metavar="BUDGET",
+                   help="with --preset: full (the paper's) or quick (the same code path on a "
+                        "few batches)")
     add_config_options(p)
     p.set_defaults(fn=run)
 
@@ -41,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
             run_training(saved.replace(**over), args.resume, resume=True,
                          progress=not args.no_progress)
         else:
-            cfg, _ = merge_config(args)
+            from ..train.presets import preset_config
+            cfg, _ = merge_config(args, base=preset_config(args.preset, args.budget))
             run_training(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
         rc = 0
     except ConfigError as e:

@@ -22,9 +22,9 @@ __all__ = ["TrainConfig", "METHODS", "MTL_METHODS", "LOSS_METHODS", "parse_spars
 MTL_METHODS = ("ew", "pcgrad", "pcgrad-layer", "graddrop", "mgda", "cagrad", "imtlg", "nashmtl",
                "alignedmtl", "gradvac")
 LOSS_METHODS = ("uw", "dwa", "famo")
-METHODS = MTL_METHODS + LOSS_METHODS + ("stl",)
+METHODS = MTL_METHODS + LOSS_METHODS + ("stl", "selective")   # selective: task-group updates
 OPTIMS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "step", "none")
+SCHEDULES = ("cosine", "step", "multistep", "none")
 AMP = ("off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -81,6 +81,7 @@ class TrainConfig:
     schedule: str = "cosine"        # cosine | step | none (stepped once per epoch)
     step_size: int = 5              # step schedule: epochs between decays
     gamma: float = 0.5              # step schedule: decay factor
+    milestones: str = ""            # multistep schedule: epochs of the decays, e.g. "60,90"
     clip: float = 0.0               # max global gradient norm (0: no clipping)
     amp: str = "off"                # off | bf16 | fp16 (fp16 uses a GradScaler)
     device: str = "auto"            # auto (cuda when available) | cpu | cuda
@@ -93,6 +94,13 @@ class TrainConfig:
     famo_gamma: float = 0.001
     checkpoint_every: int = 1       # epochs between checkpoints (the last epoch always)
     eval_batch_size: int = 512
+    eval_limit: int = 0             # evaluate only the first N val / test samples (0: all)
+    recon: str = ""                 # Recon: a ranking.json of `gradops recon search`
+    recon_topk: int = 0             # Recon: how many of its top layers become task-specific
+    recon_init: str = "reinit"      # Recon: reinit | copy (the task copies' initial weights)
+    selective_decay: float = 0.001  # selective: EMA weight of a new affinity measurement
+    selective_warmup: int = 100     # selective: batches with singleton groups
+    probe: str = "off"              # gradient probes: off | every=INT,samples=INT
 
     # --- validation --------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
@@ -124,13 +132,16 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(option_name(name), f"must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "momentum", "clip", "famo_lr", "famo_gamma",
-                     "graddrop_leak", "cagrad_c", "train_limit", "threads"):
+                     "graddrop_leak", "cagrad_c", "train_limit", "threads", "eval_limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(option_name(name), f"must be >= 0, got {getattr(self, name)}")
+        if self.schedule == "multistep":
+            parse_milestones(self.milestones)
         if self.dwa_temperature <= 0 or self.gamma <= 0:
             bad = "dwa_temperature" if self.dwa_temperature <= 0 else "gamma"
             raise ConfigError(option_name(bad), f"must be > 0, got {getattr(self, bad)}")
-        if self.backbone not in ("cnn", "mlp"):
+        from .dense_models import DENSE_BACKBONES
+        if self.backbone not in ("cnn", "mlp") + DENSE_BACKBONES:
             from .models import _timm
             try:
                 import timm
@@ -138,6 +149,8 @@ class TrainConfig:
                 timm = None
             if timm is None or not timm.is_model(self.backbone):
                 _timm(self.backbone, 1)   # raises the error naming --backbone
+        from .addons import validate_addons
+        validate_addons(self)
         return self
 
     # --- construction ------------------------------------------------------------------------
@@ -162,6 +175,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def parse_milestones(value: str) -> list[int]:
+    """``"60,90"`` -> ``[60, 90]`` (increasing epochs >= 1) for ``--schedule multistep``."""
+    try:
+        ms = [int(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        ms = []
+    if not ms or any(m < 1 for m in ms) or ms != sorted(set(ms)):
+        raise ConfigError("--milestones", f"expected increasing epochs >= 1 separated by "
+                          f"commas (e.g. 60,90) for --schedule multistep, got {value!r}")
+    return ms
 
 
 # --- TOML --------------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ def _plan(methods: list[str], sparses: list[str], seeds: list[int]) -> list[tupl
 
 def run_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: list[int],
              out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-             progress: bool = True, report: bool = True, jobs: int = 1
+             progress: bool = True, report: bool = True, jobs: int = 1,
+             baseline: str = "stl"
              ) -> list[dict[str, Any]]:
     """Train every (method, sparse, seed) of the grid into ``out_dir/runs/`` and write the
     report (:func:`gradops.train.report.write_report`, when available). Returns the results.
@@ -123,7 +124,7 @@ def run_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: l
     if bar is not None:
         bar.close()
     if report:
-        _report(out)
+        _report(out, baseline)
     return [r for r in results if r is not None]
 
 
@@ -136,7 +137,7 @@ def _one(cfg: TrainConfig, d: Path, how: str, progress: bool, quiet: bool) -> di
     return run_training(cfg, d, overwrite=True, progress=progress, quiet=quiet)
 
 
-def _report(out: Path) -> Path | None:
+def _report(out: Path, baseline: str = "stl") -> Path | None:
     """Write the report of ``out`` and print its Tables 1 and 2 and where it is."""
     try:
         from .report import format_table_1, format_table_2, write_report
@@ -145,9 +146,10 @@ def _report(out: Path) -> Path | None:
         print(f"gradops compare: no report written (gradops.train.report is not available: {e})",
               flush=True)
         return None
-    path = write_report(out)
+    path = write_report(out, baseline=baseline)
     runs, _ = load_runs(out)
     if runs:
-        print("\n" + format_table_1(runs) + "\n\n" + format_table_2(runs) + "\n", flush=True)
+        print("\n" + format_table_1(runs) + "\n\n" + format_table_2(runs, baseline=baseline)
+              + "\n", flush=True)
     print(f"gradops compare: report written to {path}", flush=True)
     return path

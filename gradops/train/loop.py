@@ -27,13 +27,17 @@ from torch.utils.data.distributed import DistributedSampler
 from ..optim import MTLOptimizer
 from ..optim.sparse_training import SparseTraining
 from ..sparse import psn_masks
-from .config import LOSS_METHODS, TrainConfig, parse_sparse
+from .config import LOSS_METHODS, TrainConfig, parse_milestones, parse_sparse
 from .data import MTLData, Split
 from .distributed import Dist
 from .errors import ConfigError
 from .loss_methods import make_loss_method
-from .models import MTLModel, STLModel, build_encoder
+from .dense_models import build_model
+from .metric_accum import MetricAccumulator
 from .stats import ConflictStats, layer_index
+from .addons import branch_trainer_model, selective_trainer_step, shared_module
+from .probes import GradientProbe, parse_probe
+from .selective import SelectiveGroups
 
 __all__ = ["Trainer", "resolve_device"]
 
@@ -87,9 +91,11 @@ class Trainer:
         train = data.splits["train"]
         if cfg.train_limit:
             train = train.subset(min(cfg.train_limit, len(train)))
+        evals = {k: data.splits[k] for k in ("val", "test")}
+        if cfg.eval_limit:
+            evals = {k: v.subset(min(cfg.eval_limit, len(v))) for k, v in evals.items()}
         self.splits = {name: self._to_device(s) for name, s in
-                       (("train", train), ("val", data.splits["val"]),
-                        ("test", data.splits["test"]))}
+                       (("train", train), ("val", evals["val"]), ("test", evals["test"]))}
         if cfg.batch_size % dist.world:
             raise ConfigError("--batch-size", f"{cfg.batch_size} is not divisible by the "
                               f"{dist.world} processes")
@@ -103,17 +109,13 @@ class Trainer:
         np.random.seed(cfg.seed % 2**32)
         self.stl = cfg.method == "stl"
         shape = data.input_shape
-        if self.stl:
-            models = {}
-            for t in self.tasks:
-                enc, feat = build_encoder(cfg.backbone, shape, cfg.width, cfg.weights or None)
-                models[t.name] = MTLModel(enc, feat, [t])
-            self.net: nn.Module = STLModel(models)
-        else:
-            enc, feat = build_encoder(cfg.backbone, shape, cfg.width, cfg.weights or None)
-            self.net = MTLModel(enc, feat, self.tasks)
+        self.net: nn.Module = build_model(cfg.backbone, shape, cfg.width, self.tasks,
+                                          cfg.weights or None, stl=self.stl)
         self.net.to(device)
-        encoder = self.net.encoder
+        self.branch_report = None
+        if cfg.recon:                         # Recon: the top-K layers made task-specific
+            self.net, self.branch_report = branch_trainer_model(self.net, cfg, shape)
+        encoder = shared_module(self.net)     # the shared parameters (a branched encoder's base)
 
         self.lossm = None
         if cfg.method in LOSS_METHODS:
@@ -139,7 +141,11 @@ class Trainer:
                 self.net, device_ids=[dist.local_rank] if device.type == "cuda" else None)
         self.model = self.ddp if self.ddp is not None else self.net
 
-        if self.stl:
+        self.selective = (SelectiveGroups(self.T, cfg.selective_decay, cfg.selective_warmup,
+                                          device=device) if cfg.method == "selective" else None)
+        probe = parse_probe(cfg.probe)
+        self.probe = GradientProbe(*probe) if probe is not None else None
+        if self.stl or self.selective is not None:
             self.opt: torch.optim.Optimizer = (SparseTraining(inner, masks, encoder)
                                                if masks is not None else inner)
         else:
@@ -161,6 +167,9 @@ class Trainer:
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs)
         elif cfg.schedule == "step":
             self.sched = torch.optim.lr_scheduler.StepLR(self.opt, cfg.step_size, cfg.gamma)
+        elif cfg.schedule == "multistep":
+            self.sched = torch.optim.lr_scheduler.MultiStepLR(
+                self.opt, parse_milestones(cfg.milestones), cfg.gamma)
 
         self.sampler = DistributedSampler(_Indices(len(train)), num_replicas=dist.world,
                                           rank=dist.rank, shuffle=True, seed=cfg.seed,
@@ -172,7 +181,15 @@ class Trainer:
 
     # --- construction helpers ---------------------------------------------------------------
     def _to_device(self, s: Split) -> Split:
-        return Split(s.x.to(self.device), {k: v.to(self.device) for k, v in s.targets.items()})
+        return s.to(self.device)
+
+    def _generator(self, epoch: int, i: int) -> torch.Generator | None:
+        """The RNG of training batch ``i`` of ``epoch`` for ``Split.transform`` (a function of
+        the seed, the epoch, the process and the batch only, so resuming needs no state)."""
+        if self.splits["train"].transform is None:
+            return None
+        key = ((self.cfg.seed * 1_000_003 + epoch) * 1_000_003 + self.dist.rank) * 1_000_003 + i
+        return torch.Generator().manual_seed(key % (2**63 - 1))
 
     def _inner_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         c = self.cfg
@@ -205,6 +222,11 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, c)
 
     def _step(self, x: torch.Tensor, ys: dict[str, torch.Tensor]):
+        if self.probe is not None:            # before the step, on the batch's first samples
+            self.probe.step(self.net, [p for p in shared_module(self.net).parameters()
+                                       if p.requires_grad], self.tasks, x, ys)
+        if self.selective is not None:
+            return selective_trainer_step(self, x, ys)
         losses, outs = self._losses(self.model, x, ys)
         self.opt.zero_grad(set_to_none=True)
         values = torch.stack([v.detach().float() for v in losses])
@@ -248,8 +270,7 @@ class Trainer:
         nb = len(idx) // b
         tr = self.splits["train"]
         loss_sum = torch.zeros(self.T, dtype=torch.float64, device=self.device)
-        preds: dict[str, list[torch.Tensor]] = {t.name: [] for t in self.tasks}
-        used = []
+        acc = MetricAccumulator(self.tasks, self.device, self.dist)
         self.stats.reset()
         bar = range(nb)
         if self.progress and self.dist.main:
@@ -258,22 +279,16 @@ class Trainer:
                        dynamic_ncols=True)
         for i in bar:
             bi = idx[i * b:(i + 1) * b]
-            x = tr.x[bi]
-            ys = {k: v[bi] for k, v in tr.targets.items()}
+            x, ys = tr.batch(bi, self._generator(epoch, i))
             values, outs = self._step(x, ys)
             loss_sum += values.double()
-            for t in self.tasks:
-                preds[t.name].append(t.predict(outs[t.name].detach()))
-            used.append(bi)
+            acc.add(outs, ys)
         mean_losses = self.dist.mean_(loss_sum / max(nb, 1))
         if self.lossm is not None:
             self.lossm.end_epoch(mean_losses.float())
         if self.sched is not None:
             self.sched.step()
-        sel = self.dist.gather_cat(torch.cat(used))
-        metrics = {t.name: t.metrics_of(self.dist.gather_cat(torch.cat(preds[t.name])),
-                                        tr.targets[t.name][sel]) for t in self.tasks}
-        line = self._line(epoch, "train", mean_losses, metrics)
+        line = self._line(epoch, "train", mean_losses, acc.result())
         conf = self.stats.read()
         line["gc"] = None if conf is None else conf["incidence"]
         line["time_s"] = time.perf_counter() - t0
@@ -282,6 +297,8 @@ class Trainer:
         # some steps is reported by a RuntimeWarning and counted in result.json
         line["nonconverged"] = (self.opt.stats()["nonconverged"]
                                 if isinstance(self.opt, MTLOptimizer) else 0)
+        if self.probe is not None:
+            self.probe.end_epoch(epoch)       # written by the run (probes.csv)
         return line
 
     @torch.no_grad()
@@ -292,18 +309,14 @@ class Trainer:
         self.net.eval()
         n = len(s)
         loss_sum = torch.zeros(self.T, dtype=torch.float64, device=self.device)
-        preds: dict[str, list[torch.Tensor]] = {t.name: [] for t in self.tasks}
+        acc = MetricAccumulator(self.tasks, self.device)
         for a in range(0, n, self.cfg.eval_batch_size):
-            x = s.x[a:a + self.cfg.eval_batch_size]
-            ys = {k: v[a:a + len(x)] for k, v in s.targets.items()}
+            x, ys = s.batch(slice(a, a + self.cfg.eval_batch_size))
             losses, outs = self._losses(self.net, x, ys)
             loss_sum += torch.stack([v.double() for v in losses]) * len(x)
-            for t in self.tasks:
-                preds[t.name].append(t.predict(outs[t.name]))
+            acc.add(outs, ys)
         self.net.train()
-        metrics = {t.name: t.metrics_of(torch.cat(preds[t.name]), s.targets[t.name])
-                   for t in self.tasks}
-        line = self._line(epoch, split, loss_sum / n, metrics)
+        line = self._line(epoch, split, loss_sum / n, acc.result())
         line["gc"] = None
         line["time_s"] = time.perf_counter() - t0
         return line
@@ -332,7 +345,10 @@ class Trainer:
                 "scheduler": None if self.sched is None else self.sched.state_dict(),
                 "loss_method": None if self.lossm is None else self.lossm.state_dict(),
                 "scaler": None if self.scaler is None else self.scaler.state_dict(),
-                "rng": rng}
+                "rng": rng,
+                "addons": {"selective": None if self.selective is None
+                           else self.selective.state_dict(),
+                           "probe": None if self.probe is None else self.probe.state_dict()}}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.net.load_state_dict(sd["model"])
@@ -343,6 +359,9 @@ class Trainer:
             self.lossm.load_state_dict(sd["loss_method"])
         if self.scaler is not None:
             self.scaler.load_state_dict(sd["scaler"])
+        for name, obj in (("selective", self.selective), ("probe", self.probe)):
+            if obj is not None:
+                obj.load_state_dict(sd["addons"][name])
         rng = sd["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])

@@ -15,18 +15,26 @@ _HELP = {
     "data": "data set (digits, digits-attrs, or a registered one)",
     "data_root": "directory of a data set read from local files",
     "method": "ew, pcgrad, pcgrad-layer, graddrop, mgda, cagrad, imtlg, nashmtl, alignedmtl, "
-              "gradvac, uw, dwa, famo or stl",
+              "gradvac, uw, dwa, famo, stl or selective",
     "sparse": "sparse training of the encoder: off, k=INT or fraction=FLOAT",
     "backbone": "cnn, mlp, or a timm model name (random init)",
     "weights": "encoder weights from a local file (a state dict)",
     "batch_size": "global batch size (split over the processes under torchrun)",
     "optim": "inner optimizer: adam, adamw or sgd",
-    "schedule": "LR schedule, stepped per epoch: cosine, step or none",
+    "schedule": "LR schedule, stepped per epoch: cosine, step, multistep (--milestones) or none",
     "clip": "clip the global gradient norm to this (0: off)",
     "amp": "mixed precision: off, bf16 or fp16 (with a GradScaler)",
     "device": "auto (cuda when available), cpu or cuda",
     "stats": "per-task gradients for the conflict statistics also for ew/uw/dwa/famo",
     "train_limit": "use only the first N training samples (0: all)",
+    "eval_limit": "evaluate only the first N val / test samples (0: all)",
+    "recon": "Recon: branch the top --recon-topk layers of this ranking.json (gradops recon "
+             "search)",
+    "recon_topk": "Recon: number of top-ranked layers made task-specific",
+    "recon_init": "Recon: the task copies' weights: reinit (fresh, as the paper) or copy",
+    "selective_decay": "--method selective: EMA weight of a new affinity measurement",
+    "selective_warmup": "--method selective: batches with singleton groups",
+    "probe": "gradient probes (Elich et al.): off or every=INT,samples=INT",
     "threads": "torch CPU threads (0: torch's default)",
 }
 

@@ -94,6 +94,9 @@ def stl_baseline(runs: Sequence[Run], baseline: str = "stl") -> Baseline | None:
     Raises:
         ValueError: the chosen runs disagree on their tasks, metrics or metric directions.
     """
+    if baseline == "published":          # the published STL table (gradops.train.published_stl)
+        from .published_stl import published_baseline
+        return published_baseline(runs)
     chosen = [r for r in runs if r.method == baseline]
     if not chosen:
         return None
@@ -395,6 +398,9 @@ def write_report(out_dir: str | Path, *, baseline: str = "stl", plots: bool = Tr
         lines += ["## Table 1: incidence of gradient conflict", "", format_table_1(runs,
                   baseline=baseline), "", "## Table 2: task performance and Δm%", "",
                   format_table_2(runs, baseline=baseline), ""]
+        from .report_epochs import format_epoch_table
+        lines += ["## Which epoch: final, last-10 mean, best on val", "",
+                  format_epoch_table(_groups(runs), stl_baseline(runs, baseline)), ""]
         if plots:
             lines += _plot_section(runs, out_dir)
     else:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .addons import write_addon_outputs
 from .checkpoint import CHECKPOINT, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import TrainConfig, read_toml, to_toml
 from .data import load_dataset
@@ -193,6 +194,7 @@ def run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: boo
             else:
                 row = [epoch]
             _append(conf_path, ",".join(_fmt(v) for v in row) + "\n")
+            write_addon_outputs(trainer, out)     # recon.json, selective_*, probes.*
             if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
                 history["time_s"] += time.perf_counter() - t_run
                 t_run = time.perf_counter()
