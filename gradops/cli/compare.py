@@ -23,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated sparse settings (default off,fraction=0.3)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--budget", default=None, choices=("default", "quick"),
-                   help="default: the full grid (~3.5 min on 2 idle CPU cores); quick: a seconds-long "
-                        "smoke grid")
+                   help="default: the full grid (~3.5 min on 2 idle CPU cores); quick: a "
+                        "seconds-long smoke grid")
     p.add_argument("--resume", action="store_true",
                    help="continue the comparison in --out (finished runs are kept)")
     p.add_argument("--overwrite", action="store_true", help="start every run in --out again")
