@@ -78,14 +78,7 @@ def selective_trainer_step(tr: Trainer, x: torch.Tensor, ys: dict[str, torch.Ten
     def update(loss: torch.Tensor) -> None:
         tr.opt.zero_grad(set_to_none=True)
         (sc.scale(loss) if sc is not None else loss).backward()
-        if sc is not None:
-            sc.unscale_(tr.opt)
-        tr._clip()
-        if sc is not None:
-            sc.step(tr.opt)
-            sc.update()
-        else:
-            tr.opt.step()
+        tr.clip_and_step()
 
     def measure():
         with torch.no_grad(), _keep_running_stats(tr.net):

@@ -211,6 +211,18 @@ class Trainer:
             outs = module(x)
         return [t.loss(outs[t.name], ys[t.name]) for t in self.tasks], outs
 
+    def clip_and_step(self) -> None:
+        """Unscale (AMP), clip (``--clip``) and step the optimizer, after a backward."""
+        sc = self.scaler
+        if sc is not None:
+            sc.unscale_(self.opt)
+        self._clip()
+        if sc is not None:
+            sc.step(self.opt)
+            sc.update()
+        else:
+            self.opt.step()
+
     def _clip(self) -> None:
         c = self.cfg.clip
         if c <= 0:
@@ -241,14 +253,7 @@ class Trainer:
             (sc.scale(total) if sc is not None else total).backward()
         else:
             info = self.opt.backward(sc.scale(terms) if sc is not None else terms)
-        if sc is not None:
-            sc.unscale_(self.opt)
-        self._clip()
-        if sc is not None:
-            sc.step(self.opt)
-            sc.update()
-        else:
-            self.opt.step()
+        self.clip_and_step()
         if self.lossm is not None and self.lossm.needs_losses_after_step:
             with torch.no_grad(), _keep_running_stats(self.net):
                 new, _ = self._losses(self.net, x, ys)

@@ -15,6 +15,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..checkpoint import atomic_write_bytes
+
 __all__ = ["cache_dir", "cached_arrays"]
 
 
@@ -29,15 +31,6 @@ def cache_dir() -> Path:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _load(path: Path) -> dict[str, np.ndarray] | None:
@@ -74,6 +67,6 @@ def cached_arrays(name: str, build: Callable[[], dict[str, np.ndarray]]) -> dict
     np.savez(buf, **arrays)
     data = buf.getvalue()
     d.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, data)
-    _atomic_write(path.with_name(path.name + ".sha256"), (_sha256(data) + "\n").encode())
+    atomic_write_bytes(path, data)
+    atomic_write_bytes(path.with_name(path.name + ".sha256"), (_sha256(data) + "\n").encode())
     return arrays
