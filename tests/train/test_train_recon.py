@@ -198,3 +198,30 @@ def test_train_with_recon_and_sparse_training(tmp_path):
         assert main(["train", "--recon", str(rank), "--out", str(tmp_path / "x")] + bad
                     + SMALL) == 2
     assert main(["train", "--recon-topk", "2", "--out", str(tmp_path / "y")] + SMALL) == 2
+
+
+def test_search_compare_and_branching_on_a_dense_model(tmp_path):
+    """The search, the before/after table and ``train --recon`` also run on the dense models
+    (the trainer's own network, batches through the split's transform), on an NYUv2 fixture."""
+    from dense_fixtures import write_mtan
+    root = tmp_path / "nyuv2"
+    write_mtan(root, {"train": 4, "val": 2})
+    data = ["--data", "nyuv2", "--data-root", str(root), "--backbone", "segnet", "--width", "2",
+            "--batch-size", "2", "--threads", "1"]
+    search = tmp_path / "search"
+    assert main(["recon", "search", "--method", "ew", "--iters", "3", "--S", "-0.02",
+                 "--out", str(search), "--no-progress"] + data) == 0
+    ranking = json.loads((search / "ranking.json").read_text())
+    assert len(ranking) > 10 and any(r["layer"].startswith("dec.") for r in ranking)
+    assert main(["recon", "compare", "--ranking", str(search / "ranking.json"), "--topk", "2",
+                 "--iters", "2", "--out", str(tmp_path / "cmp")] + data) == 0
+    table = json.loads((tmp_path / "cmp" / "conflict_table.json").read_text())
+    for col in table["columns"].values():
+        assert abs(sum(col.values()) - 100.0) < 1e-6
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "nyuv2-mtan", "--budget", "quick", "--data-root", str(root),
+                 "--width", "2", "--recon", str(search / "ranking.json"), "--recon-topk", "2",
+                 "--method", "pcgrad", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    rep = json.loads((out / "recon.json").read_text())
+    assert rep["layers"] == [r["layer"] for r in ranking[:2]]
+    assert rep["params_branched"] > rep["params_unbranched"] and rep["params_growth"] > 0

@@ -27,7 +27,7 @@ from ..config import MTL_METHODS, TrainConfig
 from ..data import load_dataset
 from ..distributed import Dist
 from ..errors import ConfigError
-from ..models import MTLModel, build_encoder
+from ..dense_models import build_model
 from ..stats import layer_index
 from .branch import branch_model
 from .scores import TABLE6_BINS, CosineBins, LayerScores
@@ -103,7 +103,7 @@ def recon_search(cfg: TrainConfig, iters: int, S: float, out_dir: str | Path, *,
             if step >= iters:
                 break
             bi = idx[i * b:(i + 1) * b]
-            trainer._step(tr.x[bi], {k: v[bi] for k, v in tr.targets.items()})
+            trainer._step(*tr.batch(bi))   # the split's own transform (augmentation, dtype)
             step += 1
             if bar is not None:
                 bar.update(1)
@@ -180,20 +180,19 @@ def _run_bins(cfg: TrainConfig, data, model: torch.nn.Module, base: torch.nn.Mod
     bins = {"all": CosineBins(len(tasks), device), "remaining": CosineBins(len(tasks), device)}
     opt = _optimizer(cfg, model, shared)
     tr = data.splits["train"]
-    x_all = tr.x.to(device)
-    ys_all = {k: v.to(device) for k, v in tr.targets.items()}
     g = torch.Generator().manual_seed(cfg.seed)
     n, b = len(tr), cfg.batch_size
     step = 0
     model.train()
     while step < iters:
-        perm = torch.randperm(n, generator=g).to(device)
+        perm = torch.randperm(n, generator=g)
         for i in range(n // b):
             if step >= iters:
                 break
-            bi = perm[i * b:(i + 1) * b]
-            outs = model(x_all[bi])
-            losses = [t.loss(outs[t.name], ys_all[t.name][bi]) for t in tasks]
+            x, ys = tr.batch(perm[i * b:(i + 1) * b], g)   # the split's transform, then device
+            x, ys = x.to(device), {k: v.to(device) for k, v in ys.items()}
+            outs = model(x)
+            losses = [t.loss(outs[t.name], ys[t.name]) for t in tasks]
             opt.zero_grad(set_to_none=True)
             info = opt.backward(losses)
             opt.step()
@@ -218,10 +217,10 @@ def conflict_table(cfg: TrainConfig, ranking: list[dict[str, Any]], topk: int, i
         data.splits["train"] = data.splits["train"].subset(cfg.train_limit)
     shape = data.input_shape
 
-    def build() -> MTLModel:
+    def build() -> torch.nn.Module:     # the trainer's network: per-image or dense
         torch.manual_seed(cfg.seed)
-        enc, feat = build_encoder(cfg.backbone, shape, cfg.width, cfg.weights or None)
-        return MTLModel(enc, feat, data.tasks).to(device)
+        return build_model(cfg.backbone, shape, cfg.width, data.tasks,
+                           cfg.weights or None).to(device)
 
     m0 = build()
     names0, _ = layer_index(m0.encoder, list(m0.encoder.parameters()))
