@@ -614,7 +614,7 @@ class MTLOptimizer(OptimizerWrapper):
         ``runs`` of parameters from ``J``."""
         b = self._bounds
         Gl = torch.zeros(self.L, self.T, self.T, dtype=self._wdtype,
-                         device=self._g.device)
+                         device=self._shared[0].device)
         for l in engine.active():
             for i, G in engine.param_grams(l):
                 Gl[i] = G

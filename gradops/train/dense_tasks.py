@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .tasks import Task
+from .tasks import Task, f1_from_counts
 
 __all__ = ["StreamingTask", "Segmentation", "Depth", "Normals", "Attribute", "is_dense",
            "is_streaming", "mean_over_attributes", "ANGLE_BIN_DEG", "THRESHOLDS_DEG"]
@@ -261,9 +261,7 @@ class Attribute(StreamingTask):
 
     def finish(self, state):
         tp, fp, fn, tn = state["counts"].unbind()
-        den = 2 * tp + fp + fn
-        f1 = torch.where(den > 0, 2 * tp / den.clamp_min(1), torch.zeros_like(den))
-        return {"accuracy": (tp + tn) / (tp + fp + fn + tn), "f1": f1}
+        return {"accuracy": (tp + tn) / (tp + fp + fn + tn), "f1": f1_from_counts(tp, fp, fn)}
 
 
 def mean_over_attributes(metrics: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -26,10 +26,10 @@ import csv
 import dataclasses
 import io
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from .checkpoint import atomic_write_text
 from .delta_m import delta_m
 from .report_data import (MissingRun, Run, display_name, load_runs, method_key, sparse_key)
 
@@ -278,15 +278,6 @@ def format_table_2(runs: Sequence[Run], *, baseline: str = "stl",
 
 
 # --- report.md ---------------------------------------------------------------------------------
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _missing_section(missing: Sequence[MissingRun]) -> list[str]:
     if not missing:
         return []
@@ -391,7 +382,7 @@ def write_report(out_dir: str | Path, *, baseline: str = "stl", plots: bool = Tr
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    _write_atomic(out_dir / "summary.csv", buf.getvalue())
+    atomic_write_text(out_dir / "summary.csv", buf.getvalue())
 
     lines = _header(runs, missing) + _missing_section(missing)
     if runs:
@@ -409,5 +400,5 @@ def write_report(out_dir: str | Path, *, baseline: str = "stl", plots: bool = Tr
     if notes:
         lines += ["## Notes", "", *notes, ""]
     path = out_dir / "report.md"
-    _write_atomic(path, "\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 __all__ = ["Task", "Classification", "Binary", "Regression", "macro_f1", "binary_f1"]
 
 
-def _f1(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
+def f1_from_counts(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
+    """``2 TP / (2 TP + FP + FN)``, 0 where the denominator is 0 (elementwise)."""
     den = 2 * tp + fp + fn
     return torch.where(den > 0, 2 * tp / den.clamp_min(1), torch.zeros_like(den))
 
@@ -36,14 +37,14 @@ def macro_f1(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torc
     fp = (p * (1 - t)).sum(0)
     fn = ((1 - p) * t).sum(0)
     present = (p.sum(0) + t.sum(0)) > 0
-    f1 = _f1(tp, fp, fn)
+    f1 = f1_from_counts(tp, fp, fn)
     return (f1 * present).sum() / present.sum().clamp_min(1)
 
 
 def binary_f1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """F1 of the positive class (0-dim float; 0 when neither holds a positive)."""
     p, t = pred.to(torch.float64), target.to(torch.float64)
-    return _f1((p * t).sum(), (p * (1 - t)).sum(), ((1 - p) * t).sum())
+    return f1_from_counts((p * t).sum(), (p * (1 - t)).sum(), ((1 - p) * t).sum())
 
 
 @dataclass(frozen=True)

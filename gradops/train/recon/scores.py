@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ... import metrics
 from ...ops.gram import segment_gram
+from ..stats import LayerScores
 
 __all__ = ["LayerScores", "CosineBins", "TABLE6_BINS", "pair_loop_scores", "fused_scores",
            "bench_search_cost"]
@@ -32,46 +33,6 @@ __all__ = ["LayerScores", "CosineBins", "TABLE6_BINS", "pair_loop_scores", "fuse
 TABLE6_BINS = (("(0, 1]", 0.0, None), ("[-0.01, 0]", -0.01, 0.0),
                ("[-0.02, -0.01)", -0.02, -0.01), ("[-0.03, -0.02)", -0.03, -0.02),
                ("[-1, -0.03)", None, -0.03))
-
-
-class LayerScores:
-    """Summed S-conflict counts per layer from per-parameter Grams ``[n_params, T, T]``.
-
-    Args:
-        param_layer: per parameter tensor (in the Grams' order), the index of its layer.
-        n_layers: the number of layers.
-        S: the severity threshold, ``-1 < S <= 0`` (Recon, Def. 3).
-        device: where the counters live.
-    """
-
-    def __init__(self, param_layer: Sequence[int], n_layers: int, S: float,
-                 device: torch.device | str = "cpu"):
-        if not -1.0 < float(S) <= 0.0:
-            raise ValueError(f"LayerScores: S must be in (-1, 0], got {S}")
-        self.S = float(S)
-        self.n_layers = int(n_layers)
-        self._index = torch.as_tensor(list(param_layer), dtype=torch.long, device=device)
-        if len(self._index) and int(self._index.max()) >= n_layers:
-            raise ValueError("LayerScores: param_layer holds an index >= n_layers")
-        self.counts = torch.zeros(self.n_layers, dtype=torch.int64, device=device)
-        self.steps = 0
-
-    def layer_grams(self, param_grams: torch.Tensor) -> torch.Tensor:
-        """``[L, T, T]``: each layer's Gram, the sum of its parameters' Grams (on device)."""
-        if param_grams.shape[0] != len(self._index):
-            raise ValueError(f"LayerScores: got {param_grams.shape[0]} parameter Grams for "
-                             f"{len(self._index)} parameters")
-        T = param_grams.shape[-1]
-        out = torch.zeros(self.n_layers, T, T, dtype=param_grams.dtype,
-                          device=param_grams.device)
-        return out.index_add_(0, self._index.to(param_grams.device), param_grams)
-
-    def add(self, param_grams: torch.Tensor) -> torch.Tensor:
-        """Count one iteration; returns its layer Grams."""
-        Gl = self.layer_grams(param_grams.detach())
-        self.counts += metrics.conflict_counts(Gl, self.S)
-        self.steps += 1
-        return Gl
 
 
 class CosineBins:
