@@ -275,7 +275,7 @@ def test_shared_as_parameters_finds_the_linear_layers(how):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert opt.stats()["factored_layers"] == 3
     text = repr(opt)
-    assert "of 3 Linear layers" in text
+    assert "of 3 Linear/Conv2d layers" in text
     assert ("0: Linear(24, 24)" if how == "module" else "shared[0]: Linear(24, 24)") in text
 
 
@@ -300,3 +300,109 @@ def test_discovery_skips_other_models_and_waits_for_a_forward():
     opt2 = MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), method="mgda",
                         shared=list(model.encoder.parameters()), linear_gram="off")
     assert opt2.factored_layers == () and "factored_layers=[]" in repr(opt2)
+
+
+# --- Conv2d layers in the engine: a convolution is a Linear layer on its unfolded patches ------
+class ConvNet(nn.Module):
+    """Convolutions of every kind the engine takes (stride, bias, rectangular kernel, dilation,
+    ``padding="same"``) and a BatchNorm layer (J path), one it leaves to J (groups=2), and a
+    head that reads an intermediate feature (task 0 does not reach the last convolutions)."""
+
+    def __init__(self, T=4, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.c1 = nn.Conv2d(3, 6, 3, stride=2, padding=1, bias=False)   # (BatchNorm follows)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.c2 = nn.Conv2d(6, 8, (3, 2), stride=(1, 2), padding=(2, 0), dilation=(2, 1),
+                            bias=False)
+        self.c3 = nn.Conv2d(8, 8, 3, padding="same")
+        self.grouped = nn.Conv2d(8, 8, 1, groups=2)
+        self.encoder = nn.ModuleList([self.c1, self.bn1, self.c2, self.c3, self.grouped])
+        self.heads = nn.ModuleList(nn.Linear(8 if t else 6, 2) for t in range(T))
+
+    def losses(self, x, ys):
+        h1 = torch.relu(self.bn1(self.c1(x)))
+        h3 = self.grouped(torch.tanh(self.c3(torch.tanh(self.c2(h1)))))
+        out = []
+        for t, (head, y) in enumerate(zip(self.heads, ys)):
+            feat = (h1 if t == 0 else h3).mean(dim=(-2, -1))
+            out.append(((head(feat) - y) ** 2).mean())
+        return torch.stack(out)
+
+
+def _run_conv(mode, method="pcgrad", T=4, steps=3, unbatched=False, **kw):
+    model = ConvNet(T=T)
+    if unbatched:                       # Conv2d's [C, H, W] inputs (BatchNorm needs a batch)
+        model.bn1 = model.encoder[1] = nn.Identity()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*(() if unbatched else (3,)), 3, 9, 10, generator=g)
+    ys = [torch.randn(*(() if unbatched else (3,)), 2, generator=g) for _ in range(T)]
+    opt = MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), method=method,
+                       shared=model.encoder, linear_gram=mode,
+                       generator=torch.Generator().manual_seed(0), **kw)
+    infos = []
+    for _ in range(steps):
+        opt.zero_grad()
+        infos.append(opt.backward(model.losses(x, ys)))
+        opt.step()
+    return model, opt, infos
+
+
+@pytest.mark.parametrize("method,kw,unbatched", [
+    ("pcgrad", {}, False), ("mgda", {"stats": True}, False), ("pcgrad", {"per_layer": True}, False),
+    ("gradvac", {}, False), ("nashmtl", {}, False), ("imtlg", {}, True)])
+def test_conv_layers_in_the_engine_match_the_buffer_path(method, kw, unbatched):
+    m_off, _, i_off = _run_conv("off", method, unbatched=unbatched, **kw)
+    m_on, opt, i_on = _run_conv("on", method, unbatched=unbatched, **kw)
+    assert {id(m) for m in opt.factored_layers} == {id(m_on.c1), id(m_on.c2), id(m_on.c3)}
+    for p, q in zip(m_off.parameters(), m_on.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    for a, b in zip(i_off, i_on):
+        for name in ("gram", "layer_gram", "weights", "layer_conflicts"):
+            u, v = getattr(a, name), getattr(b, name)
+            assert (u is None) == (v is None)
+            if u is not None:
+                rtol = 5e-3 if name == "weights" and method == "mgda" else 1e-4
+                torch.testing.assert_close(v, u, rtol=rtol, atol=1e-5 * u.abs().max().item())
+    text = repr(opt)
+    for part in ("0: Conv2d(3, 6, 3x3, stride 2)", "2: Conv2d(6, 8, 3x2, stride (1, 2))",
+                 "3: Conv2d(8, 8, 3x3)", "of 3 Linear/Conv2d layers"):
+        assert part in text
+
+
+def test_conv_engine_never_forms_the_per_task_weight_gradients():
+    calls = {}
+    for mode in ("off", "on"):
+        model = ConvNet(T=3)
+        n = [0]
+        model.c2.weight.register_post_accumulate_grad_hook(lambda p: n.__setitem__(0, n[0] + 1))
+        opt = MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), method="mgda",
+                           shared=model.encoder, linear_gram=mode)
+        opt.backward(model.losses(torch.randn(2, 3, 9, 10), [torch.randn(2, 2)] * 3))
+        calls[mode] = n[0]
+    assert calls == {"off": 2, "on": 0}          # tasks 1 and 2 reach c2 (task 0 does not)
+
+
+def test_conv_layers_the_engine_leaves_to_j():
+    from gradops.optim._linear_engine import factorable
+    assert factorable(nn.Conv2d(2, 4, 3, padding="same")) and factorable(nn.Conv2d(2, 4, 1))
+    assert not factorable(nn.Conv2d(2, 4, 3, groups=2))              # grouped
+    assert not factorable(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"))
+    assert not factorable(nn.Conv2d(2, 4, 2, padding="same"))        # pads unevenly
+    assert not factorable(nn.Conv1d(2, 4, 3)) and not factorable(nn.Conv3d(2, 4, 3))
+
+    class MyConv(nn.Conv2d):
+        pass
+    assert not factorable(MyConv(2, 4, 3))                           # a subclass: its own rules
+
+
+def test_conv_engine_cost_model_on_the_benchmark_cnn():
+    """The mtl suite's CNN (batch 32, 32 x 32 inputs): only the last convolution (2 x 2 output
+    pixels, 128 rows, 1152 x 256 weights: three quarters of the encoder's parameters) is cheaper
+    in factored form, from T = 8 on; the wider feature maps stay in J."""
+    from gradops.optim._linear_engine import LinearEngine
+    layers = {1: (32 * 16 * 16, 27, 32), 2: (32 * 8 * 8, 288, 64), 3: (32 * 4 * 4, 576, 128),
+              4: (32 * 2 * 2, 1152, 256)}
+    for T in (3, 8, 40):
+        taken = [i for i, (n, a, b) in layers.items() if LinearEngine._cheaper(T, n, a, b)]
+        assert taken == ([] if T == 3 else [4])

@@ -106,8 +106,10 @@ batch 32 (few per parameter: the per-task buffer's cost weighs more than in a wi
 
 class MTLConvNet(nn.Module):
     """A small CNN encoder (:data:`CNN_CHANNELS`, conv3x3 + BatchNorm + ReLU, global average
-    pool) and ``T`` heads ``Linear(channels[-1], head_out)``: the J path for every shared
-    parameter (convolutions and BatchNorm are not ``nn.Linear``)."""
+    pool) and ``T`` heads ``Linear(channels[-1], head_out)``. With ``linear_gram="off"`` every
+    shared parameter takes the J path; as shipped, the factored engine takes the last
+    convolution (a 2 x 2 output map: 128 rows at batch 32) from ``T = 8`` on, the rest stays in
+    ``J``."""
 
     def __init__(self, T: int, channels: Sequence[int] = CNN_CHANNELS, head_out: int = 16):
         super().__init__()

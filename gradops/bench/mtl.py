@@ -35,8 +35,10 @@ is one whole training step:
 
 Per ``T`` and per method, the contenders are timed interleaved round by round in one
 :func:`gradops.bench.timing.time_side_by_side` run, and every ratio is to the floor measured in that
-same run (the floor is re-measured in every method's group). Each row also gives the fastest
-step over the floor's fastest step ("min/min"), and the load average when the group started.
+same run (the floor is re-measured in every method's group; the order of the contenders rotates
+each round). Each row also gives the median of the per-round ratios to that round's floor step
+("paired": robust to the machine's speed drifting between rounds), the fastest step over the
+floor's fastest step ("min/min"), and the load average when the group started.
 
 On a shared machine, run with ``OMP_WAIT_POLICY=PASSIVE`` (recorded in the CSV): with torch's
 default spinning OpenMP threads, every parallel region of a 2-thread process stalls whenever
@@ -54,6 +56,7 @@ import argparse
 import dataclasses
 import datetime
 import os
+import statistics
 from collections.abc import Callable, Sequence
 
 import torch
@@ -212,6 +215,7 @@ class MTLRow:
     x_floor: float        # ms / ms of the floor measured in the same interleaved run
     ms_min: float         # fastest step (least disturbed by the machine's other load)
     x_floor_min: float    # ms_min / the floor's ms_min
+    x_floor_paired: float  # median over rounds of (this step / the floor's step of that round)
     rounds: int           # timed rounds (after one warm-up step)
     load_1min: float      # the machine's 1-minute load average when the group started
     omp_wait_policy: str  # $OMP_WAIT_POLICY of the run ("" when unset)
@@ -262,7 +266,10 @@ def bench_mtl_group(s: MTLSetup, method: str, rounds: int = 15, budget_s: float 
                    total_params=s.total_params, batch=s.batch, optimizer=f"SGD(lr={s.lr})",
                    dtype="float32", device=device_name(s.device), ms=sec * 1e3,
                    x_floor=sec / floor, ms_min=best[name] * 1e3,
-                   x_floor_min=best[name] / best[FLOOR], rounds=len(rec[name][1]) - 1,
+                   x_floor_min=best[name] / best[FLOOR],
+                   x_floor_paired=statistics.median(
+                       a / b for a, b in zip(rec[name][1][1:], rec[FLOOR][1][1:])),
+                   rounds=len(rec[name][1]) - 1,
                    load_1min=load, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
                    note=labels.get(name, ""))
             for name, sec in secs.items()]
@@ -287,7 +294,8 @@ def bench_mtl(Ts: Sequence[int], methods: Sequence[str] = METHODS, device: str =
                 g = next(x for x in r if x.impl == GRADOPS)
                 t = next((x for x in r if x.impl == TORCHJD), None)
                 progress(f"  T = {T} {m}: floor {r[0].ms:.1f} ms (min {r[0].ms_min:.1f}), "
-                         f"gradops {g.x_floor:.2f}x (min/min {g.x_floor_min:.2f}x)"
+                         f"gradops {g.x_floor:.2f}x (paired {g.x_floor_paired:.2f}x, "
+                         f"min/min {g.x_floor_min:.2f}x)"
                          + (f", TorchJD {t.x_floor:.2f}x ({t.x_floor_min:.2f}x)" if t else "")
                          + f" ({g.rounds} rounds, load {g.load_1min:.2f})")
     return rows, notes
@@ -296,8 +304,9 @@ def bench_mtl(Ts: Sequence[int], methods: Sequence[str] = METHODS, device: str =
 # --- output ------------------------------------------------------------------------------------
 def format_mtl_table(rows: Sequence[MTLRow]) -> str:
     """One line per (T, method): the floor, gradops, TorchJD (and EW's reference lines).
-    Cells: median ms per step (x the floor of the same run); "min/min": the fastest step over
-    the fastest floor step of the same run (the least disturbed by other load)."""
+    Cells: median ms per step (its median over the floor's median in the same run; the median
+    of the per-round ratios to the floor, "paired"); "min/min": the fastest step over the
+    fastest floor step of the same run (the least disturbed by other load)."""
     head = ("| T | method | floor (T backward) | gradops | TorchJD | gradops, min/min | "
             "TorchJD, min/min | TorchJD aggregator |\n|---:|---|---:|---:|---:|---:|---:|---|")
     by = {}
@@ -306,7 +315,7 @@ def format_mtl_table(rows: Sequence[MTLRow]) -> str:
     body = []
     for (T, m), d in by.items():
         fl, g, jd = d[FLOOR], d.get(GRADOPS), d.get(TORCHJD)
-        cell = (lambda r: f"{r.ms:.1f} ({r.x_floor:.2f}x)" if r else "—")
+        cell = (lambda r: f"{r.ms:.1f} ({r.x_floor:.2f}x; {r.x_floor_paired:.2f}x)" if r else "—")
         best = (lambda r: f"{r.ms_min:.1f} ({r.x_floor_min:.2f}x)" if r else "—")
         body.append(f"| {T} | {m} | {fl.ms:.1f} | {cell(g)} | {cell(jd)} | {best(g)} | "
                     f"{best(jd)} | {jd.note if jd else '—'} |")
@@ -367,7 +376,7 @@ def main(args: argparse.Namespace) -> int:
             T_b = 8 if 8 in Ts else Ts[0]
             s_b = make_setup(T_b, device, width=width, encoder=encoder)
             stages = breakdown_case(s_b, methods, rounds=args.rounds, budget_s=args.budget)
-            if encoder == "mlp":       # the J path too (the CNN's encoder has no Linear layer)
+            if any(r.impl == GRADOPS_BUFFER and r.T == T_b for r in rows):   # the J path too
                 stages += breakdown_case(s_b, methods, rounds=args.rounds, budget_s=args.budget,
                                          linear_gram="off")
             print(f"\ngradops step breakdown, T = {T_b} (stages timed one by one, synced):\n")

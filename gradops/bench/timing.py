@@ -20,14 +20,19 @@ def time_side_by_side(fns: dict[str, Callable[[], object]], device: torch.device
     """Median seconds per call of each function, calls interleaved round by round.
 
     One warm-up call each first; stops early (with at least 3 rounds) when ``budget_s`` is spent.
+    The order of the calls rotates by one each round, so that no function always runs right
+    after the same other one (whose cache and allocator state it would inherit).
     """
     for fn in fns.values():
         fn()
     sync(device)
     times: dict[str, list[float]] = {k: [] for k in fns}
     start = time.perf_counter()
+    names = list(fns)
     for r in range(rounds):
-        for name, fn in fns.items():
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            fn = fns[name]
             sync(device)
             t0 = time.perf_counter()
             fn()

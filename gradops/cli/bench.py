@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pb.add_argument("--encoder", choices=("mlp", "cnn"), default="mlp",
                     help="mtl suite: the shared encoder: mlp (4 x Linear(1024, 1024), batch 64) "
                          "or cnn (4 x conv3x3 + BatchNorm + ReLU, 389k parameters, 32x32 "
-                         "inputs, batch 32: the J path for every shared parameter)")
+                         "inputs, batch 32: the J path, except the last convolution, which "
+                         "the factored engine takes from T = 8 on)")
     pb.add_argument("--memory", action="store_true",
                     help="mtl suite: measure the peak memory of one step per contender (each "
                          "in a fresh subprocess) instead of its time, in copies of J")

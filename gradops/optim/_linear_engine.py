@@ -1,5 +1,5 @@
-"""Per-task gradients of ``nn.Linear`` layers in factored form, and their Gram and combination
-(:mod:`gradops.ops.linear_gram`), for :class:`~gradops.optim.mtl.MTLOptimizer`.
+"""Per-task gradients of ``nn.Linear`` and ``nn.Conv2d`` layers in factored form, and their Gram
+and combination (:mod:`gradops.ops.linear_gram`), for :class:`~gradops.optim.mtl.MTLOptimizer`.
 
 Task ``t``'s gradient of a Linear layer's weight is ``D_t^T X``: the layer's input ``X``
 (``[N, in]``, kept by a forward hook) times task ``t``'s gradient with respect to the layer's
@@ -14,21 +14,31 @@ combined gradient from ``(sum_t w_t D_t)^T X``, written into the layer's ``.grad
 values as through ``J``, up to float32 rounding. Every other shared parameter goes through
 ``J`` as before.
 
-Which modules are searched: the ``nn.Linear`` modules inside the modules passed to the optimizer
-(``shared=`` as modules, or ``module=``). When none are passed (``shared=`` a list of
+A convolution is a Linear layer applied to its input's patches: with ``X`` the unfolded input
+(``F.unfold``: one row per batch element and output pixel, ``C_in kh kw`` columns in the order of
+``weight.view(C_out, -1)``) and ``D_t`` the output gradient with one row per output pixel
+(``[N H_out W_out, C_out]``), task ``t``'s weight gradient is again ``D_t^T X`` and its bias
+gradient ``D_t^T 1``, so the same Gram and combine apply with ``N`` = batch x output pixels. That
+is cheaper than the weight gradients only where the feature map is small against the kernel's
+``C_in kh kw`` (late, narrow-map layers at small batch), which the cost model below decides per
+layer; early layers with wide maps stay in ``J``.
+
+Which modules are searched: the factorable modules (:func:`factorable`: plain ``nn.Linear``, and
+plain ``nn.Conv2d`` with ``groups=1`` and symmetric zero padding) inside the modules passed to
+the optimizer (``shared=`` as modules, or ``module=``). When none are passed (``shared=`` a list of
 parameters, or ``"auto"``), the engine finds them itself: from construction until the end of
 the first backward that follows a forward of the model, a global module forward hook
 (:func:`torch.nn.modules.module.register_module_forward_hook`) sees every module's forward and
-adopts each plain ``nn.Linear`` that owns parameters of the optimizer; the shared ones are kept
+adopts each factorable module that owns parameters of the optimizer; the shared ones are kept
 when the shared parameters are known. So the first step's forward must run after the optimizer
 is constructed (the usual loop); a model run earlier is found on the next step.
 :attr:`MTLOptimizer.factored_layers` tells which layers the last step took.
 
 A layer is used on a step when all of these hold (Python-level checks, no host sync):
 
-- it is a plain ``nn.Linear`` (its own ``forward``) whose weight (and bias, if any) are shared
-  parameters, and on the first step the autograd graph reaches the weight and bias only once
-  (not tied to another use);
+- it is factorable (a plain ``nn.Linear`` or ``nn.Conv2d``) and its weight (and bias, if any)
+  are shared parameters, and on the first step the autograd graph reaches the weight and bias
+  only once (not tied to another use);
 - its forward ran exactly once with grad since the last :meth:`MTLOptimizer.backward`, outside
   ``torch.autocast``, on an input of the weight's dtype;
 - the optimizer runs in one process (with a process group, ``sync="global"`` averages ``J``
@@ -41,7 +51,10 @@ A layer is used on a step when all of these hold (Python-level checks, no host s
   against ``T N in out + T^2 in out / 2 + 4 T in out`` (the per-task weight gradients, the Gram
   over ``J``, and writing and reading ``J``: memory-bound, 4 per element). For ``N = 64`` rows
   and ``in = out = 1024`` the engine is cheaper from ``T = 3`` on; for ``N`` in the thousands
-  (sequence models) it is not.
+  (sequence models) it is not. For a convolution ``N`` is batch x output pixels, ``in`` is
+  ``C_in kh kw`` and ``out`` is ``C_out``: in the benchmark's CNN (batch 32 on 32 x 32 inputs)
+  only the last convolution (2 x 2 output pixels, 128 rows, ``1152 x 256``) qualifies, from
+  ``T = 8`` on.
 """
 from __future__ import annotations
 
@@ -51,6 +64,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
+from torch.nn import functional as F
 
 from ..ops.linear_gram import _rows_gram, linear_combine, linear_gram
 from ._graph import leaf_uses
@@ -58,14 +72,55 @@ from ._graph import leaf_uses
 MODES = ("auto", "on", "off")
 
 
+def _conv_padding(m: nn.Conv2d) -> tuple[int, int] | None:
+    """The symmetric zero padding of a Conv2d as a pair (``padding="same"`` resolved), or None
+    when it pads unevenly (``"same"`` with an even ``dilation * (kernel - 1)``)."""
+    if not isinstance(m.padding, str):
+        return (int(m.padding[0]), int(m.padding[1]))
+    if m.padding == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+    if any(t % 2 for t in total):
+        return None
+    return (total[0] // 2, total[1] // 2)
+
+
+def factorable(m: nn.Module) -> bool:
+    """Whether the engine can keep ``m``'s per-task gradients in factored form: a plain
+    ``nn.Linear``, or a plain ``nn.Conv2d`` with ``groups=1``, zero padding (symmetric) and
+    its own ``forward`` (a convolution is a Linear layer applied to the unfolded input
+    patches)."""
+    if "forward" in vars(m):
+        return False
+    if type(m) is nn.Linear:
+        return True
+    return (type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros" and
+            _conv_padding(m) is not None)
+
+
+def describe(m: nn.Module) -> str:
+    """A layer in a few words, e.g. ``Linear(24, 24)`` or ``Conv2d(3, 32, 3x3, stride 2)``."""
+    if isinstance(m, nn.Linear):
+        return f"Linear({m.in_features}, {m.out_features})"
+    k, st = m.kernel_size, m.stride
+    extra = "" if tuple(st) == (1, 1) else f", stride {st[0]}" if st[0] == st[1] else \
+        f", stride {tuple(st)}"
+    return f"Conv2d({m.in_channels}, {m.out_channels}, {k[0]}x{k[1]}{extra})"
+
+
 @dataclass
 class _Layer:
-    module: nn.Linear
+    module: nn.Module               # nn.Linear or nn.Conv2d (:func:`factorable`)
     name: str                       # its name in the module passed, "" when discovered
     w_index: int                    # index of the weight among the shared parameters
     b_index: int | None             # index of the bias, or None
+    n_in: int = 0                   # the weight's columns: in_features, or C_in * kh * kw
+    n_out: int = 0                  # its rows: out_features, or C_out
     calls: int = 0                  # forwards with grad since the last backward
-    x: torch.Tensor | None = None   # [N, in], the last forward's input
+    x: torch.Tensor | None = None   # the last forward's input: [N, in] rows (Linear), or the
+    #                                 convolution's input
+    X: torch.Tensor | None = None   # a convolution's input patches as rows, once unfolded
+    rows: int = 0                   # N (for a convolution: batch x output pixels)
     ok: bool = True                 # the last forward was usable (no autocast, dtype)
     tied: bool = False              # the graph reaches its parameters more than once
     checked: bool = False           # ``tied`` was decided (on the layer's first step)
@@ -98,7 +153,7 @@ class LinearEngine:
         seen = set()
         for root in modules:
             for name, m in root.named_modules():
-                if id(m) in seen or not self._plain_linear(m):
+                if id(m) in seen or not factorable(m):
                     continue
                 seen.add(id(m))
                 self._adopt(m, name)
@@ -114,13 +169,13 @@ class LinearEngine:
                     engine._discover(module, inputs, output)
             self._discovery = nn.modules.module.register_module_forward_hook(discover)
 
-    @staticmethod
-    def _plain_linear(m: nn.Module) -> bool:
-        return type(m) is nn.Linear and "forward" not in vars(m)
-
-    def _adopt(self, m: nn.Linear, name: str) -> _Layer | None:
+    def _adopt(self, m: nn.Module, name: str) -> _Layer | None:
         """Take ``m`` as a layer (with its forward hook); None when it is bound and not shared."""
-        layer = _Layer(m, name, -1, None)
+        if isinstance(m, nn.Linear):
+            n_in, n_out = m.in_features, m.out_features
+        else:
+            n_in, n_out = m.weight[0].numel(), m.out_channels
+        layer = _Layer(m, name, -1, None, n_in=n_in, n_out=n_out)
         if self._index is not None and not self._place(layer):
             return None
         self.layers.append(layer)
@@ -128,13 +183,14 @@ class LinearEngine:
         return layer
 
     def _discover(self, module: nn.Module, inputs, output) -> None:
-        """The global forward hook's work: adopt a plain Linear owning optimizer parameters,
-        and treat this forward as its first (its own hook was not registered yet)."""
+        """The global forward hook's work: adopt a factorable layer (a plain Linear or Conv2d)
+        owning optimizer parameters, and treat this forward as its first (its own hook was not
+        registered yet)."""
         own = [id(p) for p in module.parameters(recurse=False)]
         if not any(i in self._params for i in own):
             return
         self._saw_model = True
-        if not self._plain_linear(module) or not all(i in self._params for i in own) or \
+        if not factorable(module) or not all(i in self._params for i in own) or \
                 any(l.module is module for l in self.layers):
             return
         layer = self._adopt(module, "")
@@ -191,20 +247,23 @@ class LinearEngine:
     def _forward_hook(self, layer_: _Layer):
         engine_ref, layer_ref = weakref.ref(self), weakref.ref(layer_)
 
-        def hook(module: nn.Linear, inputs, output) -> None:
+        def hook(module: nn.Module, inputs, output) -> None:
             engine, layer = engine_ref(), layer_ref()
             if engine is None or layer is None or not (isinstance(output, torch.Tensor) and
                                                        output.requires_grad):
                 return
             layer.calls += 1
             x = inputs[0] if inputs else None
+            rows = output.numel() // max(1, layer.n_out)
             layer.ok = (isinstance(x, torch.Tensor) and x.dtype == module.weight.dtype and
                         not torch.is_autocast_enabled(x.device.type) and
-                        engine._wanted(x, module))
+                        engine._wanted(rows, layer, x.device))
             if not layer.ok:
                 layer.x = layer.edge = None
                 return
-            layer.x = x.detach().reshape(-1, module.in_features)
+            layer.rows = rows
+            layer.x = x.detach().reshape(-1, layer.n_in) if isinstance(module, nn.Linear) \
+                else x.detach()                 # unfolded on first use (:meth:`inputs`)
             layer.edge = get_gradient_edge(output)
             output.register_hook(engine._grad_hook(layer))
         return hook
@@ -215,7 +274,13 @@ class LinearEngine:
         def hook(g: torch.Tensor) -> None:
             engine, layer = engine_ref(), layer_ref()
             if engine is not None and layer is not None and engine.capturing and layer.active:
-                layer.D[engine.task].copy_(g.reshape(layer.D.shape[1:]))
+                d = layer.D[engine.task]
+                if isinstance(layer.module, nn.Linear):
+                    d.copy_(g.reshape(d.shape))
+                else:                  # [N, C_out, H, W] (or [C_out, H, W]) -> [N * H * W, C_out]
+                    g4 = g if g.dim() == 4 else g.unsqueeze(0)
+                    n = g4.shape[0]
+                    d.view(n, -1, layer.n_out).copy_(g4.reshape(n, layer.n_out, -1).transpose(1, 2))
                 layer.filled[engine.task] = True
         return hook
 
@@ -228,16 +293,15 @@ class LinearEngine:
         direct = T * N * n_in * n_out + T * T * n_in * n_out // 2 + 4 * T * n_in * n_out
         return engine < direct
 
-    def _wanted(self, x: torch.Tensor, m: nn.Linear) -> bool:
+    def _wanted(self, rows: int, layer: _Layer, device: torch.device) -> bool:
         """Whether ``begin`` could take this layer on the next step, as far as the forward
-        tells (``"auto"``: the device and the cost model at the last step's T), so that a layer
-        it will not take keeps no input and adds no tensor hook."""
+        tells (``"auto"``: the device and the cost model at the last step's T, for ``rows``
+        rows), so that a layer it will not take keeps no input and adds no tensor hook."""
         if self.mode != "auto":
             return True
-        if x.device.type != "cpu":             # (CPU only until measured on a GPU)
+        if device.type != "cpu":               # (CPU only until measured on a GPU)
             return False
-        return self.T is None or self._cheaper(self.T, x.numel() // max(1, m.in_features),
-                                               m.in_features, m.out_features)
+        return self.T is None or self._cheaper(self.T, rows, layer.n_in, layer.n_out)
 
     def begin(self, roots, T: int) -> int:
         """Before the per-task passes: decide which layers are active this step and ready their
@@ -256,9 +320,9 @@ class LinearEngine:
             x = l.x
             l.active = not l.tied and l.calls == 1 and l.ok and x is not None
             if l.active:
-                l.active = self._wanted(x, l.module)
+                l.active = self._wanted(l.rows, l, x.device)
             if l.active:
-                shape = (T, x.shape[0], l.module.out_features)
+                shape = (T, l.rows, l.n_out)
                 if l.D is None or l.D.shape != shape or l.D.device != x.device:
                     l.D = torch.empty(shape, dtype=x.dtype, device=x.device)
                 l.filled = [False] * T
@@ -298,7 +362,7 @@ class LinearEngine:
     def release(self) -> None:
         """After the combine: drop the step's inputs."""
         for l in self.layers:
-            l.x = l.S = l.edge = None
+            l.x = l.X = l.S = l.edge = None
             l.active = False
 
     def idle(self) -> None:
@@ -313,19 +377,34 @@ class LinearEngine:
 
     # --- Gram and combine ----------------------------------------------------------------------
     @staticmethod
-    def param_grams(l: _Layer) -> list[tuple[int, torch.Tensor]]:
+    def inputs(l: _Layer) -> torch.Tensor:
+        """The layer's input rows ``X`` (``[N, n_in]``): a Linear layer's input, or a
+        convolution's input patches (``F.unfold``, ``[batch x output pixels, C_in x kh x kw]``,
+        the column order of ``weight.view(C_out, -1)``), unfolded once per step."""
+        m = l.module
+        if isinstance(m, nn.Linear):
+            return l.x
+        if l.X is None:
+            x = l.x if l.x.dim() == 4 else l.x.unsqueeze(0)
+            U = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m),
+                         stride=m.stride)                      # [batch, n_in, pixels]
+            l.X = U.transpose(1, 2).reshape(-1, l.n_in)
+        return l.X
+
+    @classmethod
+    def param_grams(cls, l: _Layer) -> list[tuple[int, torch.Tensor]]:
         """``(shared index, [T, T] Gram)`` of the layer's weight and bias."""
-        out = [(l.w_index, linear_gram(l.x, l.D))]
+        out = [(l.w_index, linear_gram(cls.inputs(l), l.D))]
         if l.b_index is not None:
             l.S = l.D.sum(1)
             out.append((l.b_index, _rows_gram(l.S)))
         return out
 
-    @staticmethod
-    def combine_into(l: _Layer, w_weight: torch.Tensor, w_bias: torch.Tensor | None,
+    @classmethod
+    def combine_into(cls, l: _Layer, w_weight: torch.Tensor, w_bias: torch.Tensor | None,
                      g_weight: torch.Tensor, g_bias: torch.Tensor | None) -> None:
         """The layer's combined weight (and bias) gradient into the given flat-buffer views."""
-        linear_combine(l.x, l.D, w_weight, out=g_weight)
+        linear_combine(cls.inputs(l), l.D, w_weight, out=g_weight.view(l.n_out, l.n_in))
         if g_bias is not None:
             S = l.S if l.S is not None else l.D.sum(1)
             torch.mv(S.T, w_bias.to(S.dtype), out=g_bias)

@@ -48,7 +48,7 @@ from ..ops.pcgrad import pcgrad_weights, random_orders
 from ..segments import offsets_from_numels
 from ._distributed import GradientSync, process_group_of
 from ._graph import leaf_uses
-from ._linear_engine import MODES as LINEAR_MODES, LinearEngine
+from ._linear_engine import MODES as LINEAR_MODES, LinearEngine, describe as describe_layer
 from ..weighting import gradvac_weights
 from ._methods import SCALE_INVARIANT, MethodSpec, resolve_method
 from ._stats import StepStats, mean_pairs
@@ -182,8 +182,9 @@ class MTLOptimizer(OptimizerWrapper):
             ``"local"``: run the method per rank and average the combined gradients (cheaper
             traffic, a different method: documented, not equal to the global one).
         bucket_mb: all-reduce bucket size.
-        linear_gram: ``"auto"`` (default), ``"on"`` or ``"off"``: for ``nn.Linear`` layers among
-            the shared parameters (looked for in the modules passed as ``shared`` or
+        linear_gram: ``"auto"`` (default), ``"on"`` or ``"off"``: for ``nn.Linear`` layers and
+            ``nn.Conv2d`` layers (``groups=1``, symmetric zero padding) among the shared
+            parameters (looked for in the modules passed as ``shared`` or
             ``module``; when neither holds a module, e.g. ``shared`` a list of parameters, found
             on the first step's forward among the modules owning the optimizer's parameters;
             :attr:`factored_layers` and ``repr`` say which layers were taken), keep the
@@ -253,7 +254,7 @@ class MTLOptimizer(OptimizerWrapper):
         self._engine: LinearEngine | None = None
         if (linear_gram != "off" and process_group is None and
                 not isinstance(optimizer, SparseTraining) and self.spec.kind != "graddrop"):
-            # no modules given: the engine finds the Linear layers on the first step's forward
+            # no modules given: the engine finds the layers on the first step's forward
             self._engine = LinearEngine(self._linear_modules, linear_gram,
                                         [p for p in self._params() if p.requires_grad])
         if linear_gram == "on":
@@ -273,10 +274,10 @@ class MTLOptimizer(OptimizerWrapper):
                 f"factored_layers={self._describe_factored()}, {self.optimizer!r})")
 
     @property
-    def factored_layers(self) -> tuple[nn.Linear, ...]:
-        """The ``nn.Linear`` modules whose per-task gradients the last step that formed per-task
-        gradients kept in factored form (the Linear engine, ``linear_gram=``); every other shared
-        parameter went through ``J``. Empty before the first step and with
+    def factored_layers(self) -> tuple[nn.Module, ...]:
+        """The ``nn.Linear`` / ``nn.Conv2d`` modules whose per-task gradients the last step that
+        formed per-task gradients kept in factored form (the Linear engine, ``linear_gram=``);
+        every other shared parameter went through ``J``. Empty before the first step and with
         ``linear_gram="off"``."""
         engine = self._engine
         return () if engine is None else tuple(l.module for l in engine.last_taken)
@@ -287,9 +288,9 @@ class MTLOptimizer(OptimizerWrapper):
             return "[]"
         if not self._layout_ready:
             return "(decided on the first step)"
-        names = [f"{l.name or f'shared[{l.w_index}]'}: Linear({l.module.in_features}, "
-                 f"{l.module.out_features})" for l in engine.last_taken]
-        return f"[{', '.join(names)}] of {len(engine.layers)} Linear layers"
+        names = [f"{l.name or f'shared[{l.w_index}]'}: {describe_layer(l.module)}"
+                 for l in engine.last_taken]
+        return f"[{', '.join(names)}] of {len(engine.layers)} Linear/Conv2d layers"
 
     # --- layout: shared parameters, the flat buffers and their views --------------------------
     def _resolve_shared(self, roots: Sequence[torch.Tensor | GradientEdge]) -> list[torch.Tensor]:
@@ -601,7 +602,7 @@ class MTLOptimizer(OptimizerWrapper):
 
     def _gram(self, J: torch.Tensor | None, engine: LinearEngine,
               runs: list[tuple[int, int]]) -> torch.Tensor:
-        """``G = J J^T``: active Linear layers from their factors, the other ``runs`` of
+        """``G = J J^T``: active factored layers from their factors, the other ``runs`` of
         parameters from ``J``."""
         b = self._bounds
         parts = [G for l in engine.active() for _, G in engine.param_grams(l)]
@@ -610,7 +611,7 @@ class MTLOptimizer(OptimizerWrapper):
 
     def _layer_grams(self, J: torch.Tensor | None, engine: LinearEngine,
                      runs: list[tuple[int, int]]) -> torch.Tensor:
-        """Per-parameter Grams ``[L, T, T]``: active Linear layers from their factors, the other
+        """Per-parameter Grams ``[L, T, T]``: active factored layers from their factors, the other
         ``runs`` of parameters from ``J``."""
         b = self._bounds
         Gl = torch.zeros(self.L, self.T, self.T, dtype=self._wdtype,
@@ -624,7 +625,7 @@ class MTLOptimizer(OptimizerWrapper):
 
     def _combine_with(self, engine: LinearEngine, J: torch.Tensor | None, w: torch.Tensor,
                       g: torch.Tensor, runs: list[tuple[int, int]]) -> None:
-        """``g = w^T J`` (per parameter for ``[L, T]`` weights): active Linear layers from their
+        """``g = w^T J`` (per parameter for ``[L, T]`` weights): active factored layers from their
         factors, the other ``runs`` of parameters from ``J``."""
         b, per = self._bounds, w.dim() == 2
         views = self._g_views
