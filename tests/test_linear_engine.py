@@ -57,6 +57,18 @@ def _run_engine(mode, method="pcgrad", T=5, steps=3, net_kw=None, **kw):
     return model, infos, used
 
 
+def _assert_infos_match(i_off, i_on, method):
+    """The engine's step infos (Grams, per-layer Grams, weights, conflict counts) equal the J
+    path's, step by step."""
+    for a, b in zip(i_off, i_on):
+        for name in ("gram", "layer_gram", "weights", "layer_conflicts"):
+            u, v = getattr(a, name), getattr(b, name)
+            assert (u is None) == (v is None)
+            if u is not None:     # (MGDA's weights: within its solver's tolerance)
+                rtol = 5e-3 if name == "weights" and method == "mgda" else 1e-4
+                torch.testing.assert_close(v, u, rtol=rtol, atol=1e-5 * u.abs().max().item())
+
+
 @pytest.mark.parametrize("method,kw", [("pcgrad", {}), ("mgda", {"stats": True}),
                                        ("pcgrad", {"per_layer": True}), ("gradvac", {}),
                                        ("imtlg", {}), ("ew", {"stats": True}),
@@ -66,13 +78,7 @@ def test_linear_engine_matches_the_buffer_path(method, kw):
     m_on, i_on, used = _run_engine("on", method, **kw)
     for p, q in zip(m_off.parameters(), m_on.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    for a, b in zip(i_off, i_on):
-        for name in ("gram", "layer_gram", "weights", "layer_conflicts"):
-            u, v = getattr(a, name), getattr(b, name)
-            assert (u is None) == (v is None)
-            if u is not None:     # (MGDA's weights: within its solver's tolerance)
-                rtol = 5e-3 if name == "weights" and method == "mgda" else 1e-4
-                torch.testing.assert_close(v, u, rtol=rtol, atol=1e-5 * u.abs().max().item())
+    _assert_infos_match(i_off, i_on, method)
     # every Linear layer of the encoder (3), on every step that recomputes the weights
     recompute = [True, False, True] if kw.get("update_every") else [True] * 3
     assert used == [3 if r else 0 for r in recompute]
@@ -357,13 +363,7 @@ def test_conv_layers_in_the_engine_match_the_buffer_path(method, kw, unbatched):
     assert {id(m) for m in opt.factored_layers} == {id(m_on.c1), id(m_on.c2), id(m_on.c3)}
     for p, q in zip(m_off.parameters(), m_on.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
-    for a, b in zip(i_off, i_on):
-        for name in ("gram", "layer_gram", "weights", "layer_conflicts"):
-            u, v = getattr(a, name), getattr(b, name)
-            assert (u is None) == (v is None)
-            if u is not None:
-                rtol = 5e-3 if name == "weights" and method == "mgda" else 1e-4
-                torch.testing.assert_close(v, u, rtol=rtol, atol=1e-5 * u.abs().max().item())
+    _assert_infos_match(i_off, i_on, method)
     text = repr(opt)
     for part in ("0: Conv2d(3, 6, 3x3, stride 2)", "2: Conv2d(6, 8, 3x2, stride (1, 2))",
                  "3: Conv2d(8, 8, 3x3)", "of 3 Linear/Conv2d layers"):

@@ -254,14 +254,13 @@ class LinearEngine:
                 return
             layer.calls += 1
             x = inputs[0] if inputs else None
-            rows = output.numel() // max(1, layer.n_out)
+            layer.rows = output.numel() // max(1, layer.n_out)
             layer.ok = (isinstance(x, torch.Tensor) and x.dtype == module.weight.dtype and
                         not torch.is_autocast_enabled(x.device.type) and
-                        engine._wanted(rows, layer, x.device))
+                        engine._wanted(layer, x.device))
             if not layer.ok:
                 layer.x = layer.edge = None
                 return
-            layer.rows = rows
             layer.x = x.detach().reshape(-1, layer.n_in) if isinstance(module, nn.Linear) \
                 else x.detach()                 # unfolded on first use (:meth:`inputs`)
             layer.edge = get_gradient_edge(output)
@@ -293,15 +292,16 @@ class LinearEngine:
         direct = T * N * n_in * n_out + T * T * n_in * n_out // 2 + 4 * T * n_in * n_out
         return engine < direct
 
-    def _wanted(self, rows: int, layer: _Layer, device: torch.device) -> bool:
+    def _wanted(self, layer: _Layer, device: torch.device) -> bool:
         """Whether ``begin`` could take this layer on the next step, as far as the forward
-        tells (``"auto"``: the device and the cost model at the last step's T, for ``rows``
-        rows), so that a layer it will not take keeps no input and adds no tensor hook."""
+        tells (``"auto"``: the device and the cost model at the last step's T, for the layer's
+        last ``rows``), so that a layer it will not take keeps no input and adds no tensor
+        hook."""
         if self.mode != "auto":
             return True
         if device.type != "cpu":               # (CPU only until measured on a GPU)
             return False
-        return self.T is None or self._cheaper(self.T, rows, layer.n_in, layer.n_out)
+        return self.T is None or self._cheaper(self.T, layer.rows, layer.n_in, layer.n_out)
 
     def begin(self, roots, T: int) -> int:
         """Before the per-task passes: decide which layers are active this step and ready their
@@ -320,7 +320,7 @@ class LinearEngine:
             x = l.x
             l.active = not l.tied and l.calls == 1 and l.ok and x is not None
             if l.active:
-                l.active = self._wanted(l.rows, l, x.device)
+                l.active = self._wanted(l, x.device)
             if l.active:
                 shape = (T, l.rows, l.n_out)
                 if l.D is None or l.D.shape != shape or l.D.device != x.device:
