@@ -54,3 +54,13 @@ def device(request) -> torch.device:
     """The device a test's tensors live on: ``cpu`` always, and ``cuda`` (marked ``gpu``: reported
     as skipped without a CUDA device, selected by ``pytest -m gpu``)."""
     return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _restore_num_threads():
+    """Tests that pin ``torch.set_num_threads`` (the trainer's ``threads=``, single-thread timing
+    checks) must not change the summation order of the tests that run after them."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

@@ -76,8 +76,10 @@ def _assert_infos_match(i_off, i_on, method):
 def test_linear_engine_matches_the_buffer_path(method, kw):
     m_off, i_off, _ = _run_engine("off", method, **kw)
     m_on, i_on, used = _run_engine("on", method, **kw)
+    # MGDA's weights agree within its solver's tolerance only, and the parameters with them
+    tol = dict(rtol=1e-3, atol=1e-5) if method == "mgda" else dict(rtol=1e-5, atol=1e-6)
     for p, q in zip(m_off.parameters(), m_on.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p, q, **tol)
     _assert_infos_match(i_off, i_on, method)
     # every Linear layer of the encoder (3), on every step that recomputes the weights
     recompute = [True, False, True] if kw.get("update_every") else [True] * 3
