@@ -125,6 +125,29 @@ def test_cli_bench_mtl_smoke(tmp_path):
     assert len(lines) >= 1 + 2 and "pcgrad" in csv_path.read_text()
 
 
+def test_cli_bench_mtl_breakdown(tmp_path):
+    """`--breakdown --breakdown-at` splits the step at each T asked for (as shipped and, where the
+    Linear engine took layers, on the J path), prints the Gram + combine table and writes the
+    stages' CSV; a T outside --T is refused."""
+    csv_path = tmp_path / "mtl.csv"
+    base = [sys.executable, "-m", "gradops", "bench", "--suite", "mtl", "--quick", "--T", "2,3",
+            "--methods", "pcgrad", "--rounds", "2", "--budget", "1", "--breakdown"]
+    out = subprocess.run([*base, "--breakdown-at", "2,3", "--csv", str(csv_path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "gradops step breakdown, T = 2, 3" in out
+    assert "| method | T | Gram, x floor step | combine | Gram + combine | whole step |" in out
+    for T in (2, 3):
+        line = next(x for x in out.splitlines() if x.startswith(f"| pcgrad | {T} | "))
+        cells = [float(c.strip().rstrip("x")) for c in line.strip("|").split("|")[2:]]
+        assert all(c > 0 for c in cells) and abs(cells[2] - cells[0] - cells[1]) < 2e-3
+    import csv
+    stages = list(csv.DictReader((tmp_path / "mtl_breakdown.csv").open()))
+    assert {r["T"] for r in stages} == {"2", "3"}
+    assert {r["method"] for r in stages} >= {"floor", "pcgrad"}
+    bad = subprocess.run([*base, "--breakdown-at", "5"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--breakdown-at 5 must be among --T 2,3" in bad.stderr
+
+
 def test_benchmark_contenders_compute_the_same_step():
     """The mtl suite's floor, batched floor and gradops EW steps move the parameters alike."""
     from gradops.bench import mtl as bm

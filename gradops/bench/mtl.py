@@ -343,7 +343,7 @@ def main(args: argparse.Namespace) -> int:
 
     from .._backend import use_backend
     from .gram import parse_ints
-    from .mtl_breakdown import breakdown_case, format_stage_table
+    from .mtl_breakdown import breakdown_case, format_pass_table, format_stage_table
     device = torch.device(args.device)
     Ts = parse_ints(args.T or "3,8,40")
     methods = [x.strip() for x in args.methods.split(",") if x.strip()] if args.methods \
@@ -352,6 +352,12 @@ def main(args: argparse.Namespace) -> int:
     if bad:
         print(f"gradops bench --suite mtl: unknown method(s) {bad}; valid: "
               f"{', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    T_breakdown = parse_ints(args.breakdown_at) if getattr(args, "breakdown_at", None) else \
+        [8 if 8 in Ts else Ts[0]]
+    if getattr(args, "breakdown", False) and not set(T_breakdown) <= set(Ts):
+        print(f"gradops bench --suite mtl: --breakdown-at {args.breakdown_at} must be among "
+              f"--T {','.join(map(str, Ts))}", file=sys.stderr)
         return 2
     width = 256 if args.quick else 1024
     encoder = getattr(args, "encoder", "mlp")
@@ -373,14 +379,20 @@ def main(args: argparse.Namespace) -> int:
                                 progress=lambda line: print(line, flush=True))
         emit(format_mtl_table(rows), notes, rows, args.csv, device, args.append)
         if args.breakdown:
-            T_b = 8 if 8 in Ts else Ts[0]
-            s_b = make_setup(T_b, device, width=width, encoder=encoder)
-            stages = breakdown_case(s_b, methods, rounds=args.rounds, budget_s=args.budget)
-            if any(r.impl == GRADOPS_BUFFER and r.T == T_b for r in rows):   # the J path too
-                stages += breakdown_case(s_b, methods, rounds=args.rounds, budget_s=args.budget,
-                                         linear_gram="off")
-            print(f"\ngradops step breakdown, T = {T_b} (stages timed one by one, synced):\n")
+            stages = []
+            for T_b in T_breakdown:
+                s_b = make_setup(T_b, device, width=width, encoder=encoder)
+                stages += breakdown_case(s_b, methods, rounds=args.rounds, budget_s=args.budget)
+                if any(r.impl == GRADOPS_BUFFER and r.T == T_b for r in rows):   # the J path
+                    stages += breakdown_case(s_b, methods, rounds=args.rounds,
+                                             budget_s=args.budget, linear_gram="off")
+            Tb = ", ".join(map(str, T_breakdown))
+            print(f"\ngradops step breakdown, T = {Tb} (stages timed one by one, synced):\n")
             print(format_stage_table(stages))
+            print("\nThe steps that went through J: their Gram and combine stages alone, "
+                  "against the floor step (each reads all of J, so a step that computes the "
+                  "exact Gram from J costs at least the floor's passes plus these):\n")
+            print(format_pass_table(stages))
             if args.csv:
                 path = (args.csv[:-4] if args.csv.endswith(".csv") else args.csv) + \
                     "_breakdown.csv"

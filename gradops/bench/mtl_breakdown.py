@@ -51,6 +51,12 @@ _METHOD_STAGES = (
 )
 
 
+# the stages of the J path that read all of J after the backward passes: what any method computing
+# the exact Gram from J pays beyond the floor's passes
+_J_GRAM_STAGES = frozenset(label for _, a, label in _MODULE_STAGES if a in ("gram", "segment_gram"))
+_J_COMBINE_STAGES = frozenset(label for _, a, label in _MODULE_STAGES if a == "combine")
+
+
 def _timed(fn: Callable, label: str, out: dict[str, float], device: torch.device,
            depth: list[int]) -> Callable:
     """``fn``, timed (with a device sync around it) into ``out[label]``; a call made inside
@@ -207,4 +213,31 @@ def format_stage_table(rows: Sequence[StageRow]) -> str:
             "|---|---|---:|---:|---:|")
     body = [f"| {r.method} | {r.stage} | {r.ms:.2f} | {r.share:.2f} | {r.x_floor:.3f} |"
             for r in rows]
+    return "\n".join([head, *body])
+
+
+def format_pass_table(rows: Sequence[StageRow]) -> str:
+    """Per method and ``T`` whose step went through ``J`` (``linear_gram="off"``, or a step in
+    which the Linear engine took no layer): its Gram stage and its combine stage over the floor
+    step (each the median of its rounds), their sum, and the whole step over the floor. Both
+    stages read all of ``J`` (at large ``T`` the Gram is bound by arithmetic instead), so the sum
+    is the least any method computing the exact Gram from ``J`` adds to the floor's passes on the
+    machine it ran on. Empty when no step went through ``J``."""
+    acc: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        if r.method == "floor":
+            continue
+        a = acc.setdefault((r.method, r.T), [0.0, 0.0, float("nan"), 0.0])
+        if r.stage in _J_GRAM_STAGES:
+            a[0] += r.x_floor
+            a[3] = 1.0
+        elif r.stage in _J_COMBINE_STAGES:
+            a[1] += r.x_floor
+            a[3] = 1.0
+        elif r.stage == "whole step (timed apart)":
+            a[2] = r.x_floor
+    head = ("| method | T | Gram, x floor step | combine | Gram + combine | whole step |\n"
+            "|---|---:|---:|---:|---:|---:|")
+    body = [f"| {m} | {T} | {g:.3f} | {c:.3f} | {g + c:.3f} | {w:.2f}x |"
+            for (m, T), (g, c, w, via_j) in acc.items() if via_j]
     return "\n".join([head, *body])

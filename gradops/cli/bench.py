@@ -45,7 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "pcgrad_layer, graddrop, mgda, cagrad, imtlg, nashmtl, alignedmtl, "
                          "gradvac)")
     pb.add_argument("--breakdown", action="store_true",
-                    help="mtl suite: also split gradops' step into stages at T = 8")
+                    help="mtl suite: also split gradops' step into stages (at T = 8, or at "
+                         "--breakdown-at), and print what the Gram and combine stages alone "
+                         "cost against the floor")
+    pb.add_argument("--breakdown-at", default=None, metavar="T[,T...]",
+                    help="mtl suite with --breakdown: the task counts to split (each one of "
+                         "--T; default 8 when --T has it, else the first)")
     pb.add_argument("--encoder", choices=("mlp", "cnn"), default="mlp",
                     help="mtl suite: the shared encoder: mlp (4 x Linear(1024, 1024), batch 64) "
                          "or cnn (4 x conv3x3 + BatchNorm + ReLU, 389k parameters, 32x32 "
