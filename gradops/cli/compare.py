@@ -38,7 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", default="stl", choices=("stl", "published"),
                    help="Δm%% against the stl runs of the grid (default) or the published "
                         "single-task values shipped with gradops (nyuv2, cityscapes)")
-    add_config_options(p, skip=("method", "sparse", "seed"))
+    p.add_argument("--lr", dest="lrs", default=None, metavar="LR[,LR...]",
+                   help="comma-separated learning rates: every run is trained at each, and the "
+                        "report picks per (method, sparse) the rate with the best validation "
+                        "Δm%% (default: the budget's or preset's single rate)")
+    add_config_options(p, skip=("method", "sparse", "seed", "lr"))
     p.set_defaults(fn=run)
 
 
@@ -48,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.resume and args.overwrite:
             raise ConfigError("--overwrite", "cannot be combined with --resume")
-        extra_keys = ("methods", "sparse", "seeds", "budget", "jobs")
+        extra_keys = ("methods", "sparse", "seeds", "budget", "jobs", "lr")
         _, extra = merge_config(argparse.Namespace(config=args.config), extra_keys=extra_keys)
         budget = args.budget or extra.get("budget", "default")
         if budget not in BUDGETS:
@@ -63,12 +67,16 @@ def run(args: argparse.Namespace) -> int:
                              "--methods")
         sparses = parse_list(args.sparse or extra.get("sparse") or preset["sparse"], "--sparse")
         seeds = parse_list(args.seeds or extra.get("seeds") or preset["seeds"], "--seeds", int)
+        lr_given = args.lrs if args.lrs is not None else extra.get("lr")
+        lrs = None if lr_given is None else parse_list(lr_given, "--lr", float)
+        if lrs is not None and not lrs:
+            raise ConfigError("--lr", "no rate given")
         jobs = args.jobs or extra.get("jobs") or preset["jobs"]
         if not isinstance(jobs, int) or isinstance(jobs, bool):
             raise ConfigError("--jobs", f"expected an integer, got {jobs!r}")
         run_grid(cfg, methods, sparses, seeds, args.out, resume=args.resume,
                  overwrite=args.overwrite, progress=not args.no_progress, jobs=jobs,
-                 baseline=args.baseline)
+                 baseline=args.baseline, lrs=lrs)
     except ConfigError as e:
         print(f"gradops compare: error: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train import ConfigError, run_training
     from ..train.distributed import exit_process, launched_by_torchrun
+    from ..train.divergence import EXIT_DIVERGED
     from ..train.options import given_options, merge_config
     from ..train.run import load_run_config
     try:
@@ -44,13 +45,16 @@ def run(args: argparse.Namespace) -> int:
                                       f"resumed run's {getattr(saved, k)!r} (a resumed run keeps "
                                       "its configuration)")
             over = {k: v for k, v in given_options(args).items() if k in ("device", "threads")}
-            run_training(saved.replace(**over), args.resume, resume=True,
-                         progress=not args.no_progress)
+            result = run_training(saved.replace(**over), args.resume, resume=True,
+                                  progress=not args.no_progress)
         else:
             from ..train.presets import preset_config
             cfg, _ = merge_config(args, base=preset_config(args.preset, args.budget))
-            run_training(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
-        rc = 0
+            result = run_training(cfg, args.out, overwrite=args.overwrite,
+                                  progress=not args.no_progress)
+        # a diverged run (non-finite loss or chance-level validation metrics) has said so on
+        # stderr and in result.json; its exit status is EXIT_DIVERGED (3), not 0
+        rc = EXIT_DIVERGED if result.get("status") == "diverged" else 0
     except ConfigError as e:
         print(f"gradops train: error: {e}", file=sys.stderr)
         rc = 2

@@ -11,7 +11,11 @@ off, whether or not it is listed. The budgets:
 - ``quick``: ``ew`` and ``pcgrad`` (+ ``stl``), one seed, one epoch on 512 training samples with
   a narrow CNN: seconds, for CI.
 
-Options given explicitly (command line or config file) override the budget's.
+Options given explicitly (command line or config file) override the budget's. ``lrs`` (``compare
+--lr 2e-3,8e-3``) trains every run at every rate (directories ``..__lr<rate>__s<seed>``); the
+report then picks each (method, sparse)'s rate on validation Δm% (:mod:`.report_lr`). A run that
+diverges (:mod:`.divergence`) does not stop the grid: it is listed and counted in the report,
+never averaged.
 """
 from __future__ import annotations
 
@@ -37,9 +41,11 @@ BUDGETS: dict[str, dict[str, Any]] = {
 }
 
 
-def run_name(method: str, sparse: str, seed: int) -> str:
-    """``pcgrad__fraction-0.3__s0``."""
-    return f"{method}__{sparse.replace('=', '-')}__s{seed}"
+def run_name(method: str, sparse: str, seed: int, lr: float | None = None) -> str:
+    """``pcgrad__fraction-0.3__s0``; with ``lr`` (a grid over learning rates)
+    ``pcgrad__off__lr0.002__s0``."""
+    rate = "" if lr is None else f"__lr{float(lr)!r}"
+    return f"{method}__{sparse.replace('=', '-')}{rate}__s{seed}"
 
 
 def _plan(methods: list[str], sparses: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
@@ -57,14 +63,15 @@ def _plan(methods: list[str], sparses: list[str], seeds: list[int]) -> list[tupl
 def run_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: list[int],
              out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
              progress: bool = True, report: bool = True, jobs: int = 1,
-             baseline: str = "stl"
+             baseline: str = "stl", lrs: list[float] | None = None
              ) -> list[dict[str, Any]]:
     """Train every (method, sparse, seed) of the grid into ``out_dir/runs/`` and write the
     report (:func:`gradops.train.report.write_report`, when available). Returns the results.
 
     ``resume``: finished runs are kept, interrupted ones continue from their checkpoints.
     ``overwrite``: every run starts again. ``jobs``: runs trained at the same time, each in its
-    own process (results do not depend on it: each run is deterministic for its ``threads``)."""
+    own process (results do not depend on it: each run is deterministic for its ``threads``).
+    ``lrs``: learning rates, each (method, sparse, seed) trained at each (default: ``base.lr``)."""
     if jobs < 1:
         raise ConfigError("--jobs", f"must be >= 1, got {jobs}")
     if not methods:
@@ -80,7 +87,15 @@ def run_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: l
         raise ConfigError("--seeds", "no seed given")
     plan = _plan(list(dict.fromkeys(methods)), list(dict.fromkeys(sparses)),
                  list(dict.fromkeys(seeds)))
-    configs = [base.replace(method=m, sparse=s, seed=seed).validate() for m, s, seed in plan]
+    rates = list(dict.fromkeys(lrs)) if lrs else [base.lr]
+    for lr in rates:
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 \
+                or lr == float("inf"):
+            raise ConfigError("--lr", f"each rate must be a finite number > 0, got {lr!r}")
+    plan = [(m, s, seed, lr) for m, s, seed in plan for lr in rates]
+    configs = [base.replace(method=m, sparse=s, seed=seed, lr=float(lr)).validate()
+               for m, s, seed, lr in plan]
+    named = len(rates) > 1      # one rate: the directory names stay method__sparse__s<seed>
     out = Path(out_dir)
     runs = out / "runs"
     if out.exists() and not out.is_dir():
@@ -91,7 +106,7 @@ def run_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: l
     runs.mkdir(parents=True, exist_ok=True)
     todo = []
     for cfg in configs:
-        d = runs / run_name(cfg.method, cfg.sparse, cfg.seed)
+        d = runs / run_name(cfg.method, cfg.sparse, cfg.seed, cfg.lr if named else None)
         if resume and (d / "result.json").is_file():
             todo.append((cfg, d, "done"))
         elif resume and (d / "checkpoint.pt").is_file():
@@ -140,16 +155,22 @@ def _one(cfg: TrainConfig, d: Path, how: str, progress: bool, quiet: bool) -> di
 def _report(out: Path, baseline: str = "stl") -> Path | None:
     """Write the report of ``out`` and print its Tables 1 and 2 and where it is."""
     try:
-        from .report import format_table_1, format_table_2, write_report
+        from .report import report_sections, write_report
         from .report_data import load_runs
     except ImportError as e:
         print(f"gradops compare: no report written (gradops.train.report is not available: {e})",
               flush=True)
         return None
     path = write_report(out, baseline=baseline)
-    runs, _ = load_runs(out)
+    runs, missing = load_runs(out)
     if runs:
-        print("\n" + format_table_1(runs) + "\n\n" + format_table_2(runs, baseline=baseline)
-              + "\n", flush=True)
+        sections = report_sections(runs, missing, baseline=baseline)
+        shown = [t for t in sections if t.startswith(("Learning rate", "Table", "Does it"))]
+        print("\n" + "\n\n".join(f"## {t}\n\n{sections[t]}".rstrip() for t in shown) + "\n",
+              flush=True)
+    diverged = [m.name for m in missing if m.status == "diverged"]
+    if diverged:
+        print(f"gradops compare: {len(diverged)} run(s) diverged and are left out of every mean "
+              f"(listed in report.md): {', '.join(diverged)}", flush=True)
     print(f"gradops compare: report written to {path}", flush=True)
     return path

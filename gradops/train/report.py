@@ -18,7 +18,12 @@ Every number is a mean over the seeds of a (method, sparse) group, ± the sample
 baseline: the runs of method ``baseline`` (default ``"stl"``) with sparse "off" when there are any
 (else those of the first other sparse setting, which the report then names), averaged over their
 seeds. Runs without a usable ``result.json`` are listed as missing in ``report.md`` and in
-``summary.csv`` (``status`` "missing").
+``summary.csv`` (``status`` "missing"); runs that diverged (:mod:`gradops.train.divergence`) are
+listed as diverged (``status`` "diverged"). Both are *failed* runs: left out of every mean and
+counted in each table row's "seeds (failed)" cell. With several learning rates in the grid
+(``compare --lr``), each (method, sparse) is reported at the rate chosen on validation Δm%
+(:mod:`gradops.train.report_lr`). The "Does it reproduce?" section checks the paper's claims on
+paired seeds (:mod:`gradops.train.report_verdicts`).
 """
 from __future__ import annotations
 
@@ -33,8 +38,8 @@ from .checkpoint import atomic_write_text
 from .delta_m import delta_m
 from .report_data import (MissingRun, Run, display_name, load_runs, method_key, sparse_key)
 
-__all__ = ["Baseline", "format_table_1", "format_table_2", "stl_baseline", "summary_rows",
-           "write_report"]
+__all__ = ["Baseline", "format_table_1", "format_table_2", "report_sections", "stl_baseline",
+           "summary_rows", "write_report"]
 
 SUMMARY_COLUMNS = ("method", "sparse", "seed", "gc_all", "gc_last50", "delta_m", "time_s")
 _ARROW = {"up": "↑", "down": "↓"}
@@ -140,28 +145,32 @@ def _csv_value(x: object) -> str:
 
 
 def summary_rows(runs: Sequence[Run], missing: Sequence[MissingRun] = (), *,
-                 baseline: str = "stl") -> tuple[list[str], list[list[str]]]:
+                 baseline: str = "stl", base_runs: Sequence[Run] | None = None
+                 ) -> tuple[list[str], list[list[str]]]:
     """Header and rows of ``summary.csv``: one row per (method, sparse, seed).
 
     Columns: ``method, sparse, seed, gc_all, gc_last50`` (fractions in [0, 1], empty where the run
     computed no per-task gradients), ``delta_m`` (Δm% against STL, empty without an STL run),
     ``time_s``, one column ``<task>.<metric>`` per final test metric, then ``data, epochs, status``
-    ("ok" or "missing") and ``run`` (the run directory's name). Missing runs have empty values.
+    ("ok", "missing" or "diverged"), ``run`` (the run directory's name) and ``lr``. Failed runs
+    have empty values. ``base_runs``: the runs the STL baseline is taken from (default ``runs``;
+    the report passes the runs at the chosen learning rates).
     """
-    base = stl_baseline(runs, baseline)
+    base = stl_baseline(runs if base_runs is None else base_runs, baseline)
     cols = _metric_columns(runs)
-    header = [*SUMMARY_COLUMNS, *(f"{t}.{m}" for t, m in cols), "data", "epochs", "status", "run"]
+    header = [*SUMMARY_COLUMNS, *(f"{t}.{m}" for t, m in cols), "data", "epochs", "status", "run",
+              "lr"]
     rows: list[tuple[tuple, list[str]]] = []
     for run in runs:
         values = [run.method, run.sparse, run.seed, run.gc_all, run.gc_last50,
                   _run_delta_m(run, base), run.time_s,
                   *(run.tasks.get(t, {}).get(m) for t, m in cols), run.data, run.epochs, "ok",
-                  run.name]
+                  run.name, run.lr]
         key = (method_key(run.method), sparse_key(run.sparse), run.seed)
         rows.append((key, [_csv_value(v) for v in values]))
     for miss in missing:
-        values = [miss.method, miss.sparse, miss.seed, *[None] * (len(header) - 5), "missing",
-                  miss.name]
+        values = [miss.method, miss.sparse, miss.seed, *[None] * (len(header) - 6), miss.status,
+                  miss.name, miss.lr]
         key = (method_key(miss.method or ""), sparse_key(miss.sparse or ""),
                miss.seed if miss.seed is not None else -1)
         rows.append((key, [_csv_value(v) for v in values]))
@@ -180,19 +189,54 @@ def _seed_counts(groups: dict) -> str:
     return ", ".join(map(str, counts))
 
 
-def format_table_1(runs: Sequence[Run], *, baseline: str = "stl") -> str:
+def _failed_by_group(failed: Sequence[MissingRun]) -> dict[tuple[str, str], int]:
+    out: dict[tuple[str, str], int] = {}
+    for f in failed:
+        if f.method is not None and f.sparse is not None:
+            out[(f.method, f.sparse)] = out.get((f.method, f.sparse), 0) + 1
+    return out
+
+
+def _with_failed(groups: dict, nfail: dict[tuple[str, str], int], skip: str | None = None
+                 ) -> dict:
+    """``groups`` plus an empty group for each (method, sparse) whose runs all failed."""
+    out = dict(groups)
+    for key in nfail:
+        if key not in out and key[0] != skip:
+            out[key] = []
+    return dict(sorted(out.items(), key=lambda kv: (method_key(kv[0][0]), sparse_key(kv[0][1]))))
+
+
+def _count_cell(n: int, n_failed: int, show: bool) -> str:
+    """A row's "seeds" cell: ``n`` complete runs, and ``(failed)`` when the report has any."""
+    return f"{n} ({n_failed})" if show else str(n)
+
+
+_FAILED_NOTE = ("seeds (failed): complete runs averaged in the row, and in parentheses the runs "
+                "of the row that failed (diverged or without result.json), left out of every "
+                "mean; see \"Failed runs\".")
+
+
+def format_table_1(runs: Sequence[Run], *, baseline: str = "stl",
+                   failed: Sequence[MissingRun] = ()) -> str:
     """Table 1 of the ST paper in Markdown: average incidence of gradient conflict (%) over all
     epochs and over the last 50% of epochs, one row per method and one "w/ ST" row per sparse
     setting, with ST's reduction in points in parentheses. The baseline (STL) method is left out;
-    methods that compute no per-task gradients show "—"."""
-    groups = {k: g for k, g in _groups(runs).items() if k[0] != baseline}
+    methods that compute no per-task gradients show "—". ``failed``: the failed runs, counted per
+    row (a row whose runs all failed shows only its count)."""
+    nfail = _failed_by_group(failed)
+    groups = _with_failed({k: g for k, g in _groups(runs).items() if k[0] != baseline}, nfail,
+                          skip=baseline)
+    show = bool(nfail)
     if not groups:
         return "Table 1: no run of a multi-task method."
     lines = [f"Table 1: average incidence of gradient conflict (%, lower is better) on the shared "
              f"parameters, over all epochs and over the last 50% of epochs; mean ± sample std "
              f"over seeds ({_seed_counts(groups)} per row). In parentheses: the reduction by ST "
              f"in points (without ST minus with ST; negative = ST raised the incidence).", "",
-             "| Method | All epochs ↓ | Last 50% epochs ↓ | seeds |", "|---|---:|---:|---:|"]
+             f"| Method | All epochs ↓ | Last 50% epochs ↓ | "
+             f"{'seeds (failed)' if show else 'seeds'} |",
+             "|---|---:|---:|---:|"]
     no_grad = []
     for (method, sparse), group in groups.items():
         off = groups.get((method, "off"))
@@ -205,13 +249,16 @@ def format_table_1(runs: Sequence[Run], *, baseline: str = "stl") -> str:
                 if off_stat is not None:
                     text += f" ({(off_stat[0] - stat[0]) * 100:.2f})"
             cells.append(text)
-        if cells == [DASH, DASH]:
+        if cells == [DASH, DASH] and group:
             no_grad.append(f"{method} ({sparse})")
+        count = _count_cell(len(group), nfail.get((method, sparse), 0), show)
         lines.append(f"| {_row_label(method, sparse, off is not None)} | {cells[0]} | "
-                     f"{cells[1]} | {len(group)} |")
+                     f"{cells[1]} | {count} |")
     if no_grad:
         lines += ["", f"{DASH}: no incidence recorded (the run computes no per-task gradients): "
                   + ", ".join(no_grad) + "."]
+    if show:
+        lines += ["", _FAILED_NOTE]
     return "\n".join(lines)
 
 
@@ -240,7 +287,7 @@ def _table_2_columns(runs: Sequence[Run], max_metric_columns: int):
 
 
 def format_table_2(runs: Sequence[Run], *, baseline: str = "stl",
-                   max_metric_columns: int = 12) -> str:
+                   max_metric_columns: int = 12, failed: Sequence[MissingRun] = ()) -> str:
     """Table 2 of the ST paper in Markdown: final test metrics per task (arrows: ↑ higher is
     better, ↓ lower is better) and Δm% against STL (lower is better), mean ± sample std over seeds,
     the STL rows first. With more than ``max_metric_columns`` (task, metric) columns (many-task
@@ -249,7 +296,9 @@ def format_table_2(runs: Sequence[Run], *, baseline: str = "stl",
         return "Table 2: no complete run."
     base = stl_baseline(runs, baseline)
     specs, averaged = _table_2_columns(runs, max_metric_columns)
-    groups = _groups(runs)
+    nfail = _failed_by_group(failed)
+    show = bool(nfail)
+    groups = _with_failed(_groups(runs), nfail)
     order = sorted(groups, key=lambda k: (k[0] != baseline, method_key(k[0]), sparse_key(k[1])))
     if base is None:
         head = (f"Δm% not computed: no `{baseline}` (single-task) run in runs/, so there is no "
@@ -263,7 +312,7 @@ def format_table_2(runs: Sequence[Run], *, baseline: str = "stl",
              f"({_seed_counts(groups)} per row)"
              + (", each metric averaged over the tasks" if averaged else "") + ". " + head, ""]
     header = ["Method", *(f"{h} {_ARROW.get(d, '')}".rstrip() for h, _, d in specs), "Δm% ↓",
-              "seeds"]
+              "seeds (failed)" if show else "seeds"]
     lines += ["| " + " | ".join(header) + " |",
               "|---|" + "---:|" * (len(specs) + 2)]
     for method, sparse in order:
@@ -273,11 +322,32 @@ def format_table_2(runs: Sequence[Run], *, baseline: str = "stl",
             label += " (baseline)"
         cells = [_fmt(_mean_std([get(r) for r in group]), 4) for _, get, _ in specs]
         dm = _fmt(_mean_std([_run_delta_m(r, base) for r in group]), 2)
-        lines.append("| " + " | ".join([label, *cells, dm, str(len(group))]) + " |")
+        count = _count_cell(len(group), nfail.get((method, sparse), 0), show)
+        lines.append("| " + " | ".join([label, *cells, dm, count]) + " |")
+    if show:
+        lines += ["", _FAILED_NOTE]
     return "\n".join(lines)
 
 
 # --- report.md ---------------------------------------------------------------------------------
+def _diverged_section(diverged: Sequence[MissingRun]) -> list[str]:
+    if not diverged:
+        return []
+    lines = ["## Failed runs: diverged", "",
+             f"{len(diverged)} run{'' if len(diverged) == 1 else 's'} diverged (a non-finite "
+             "loss, or validation metrics at chance level on every task: "
+             "`gradops.train.divergence`); each stopped at the epoch named and is left out of "
+             "every mean and plot (counted in the tables' \"seeds (failed)\"):", "",
+             "| run | method | sparse | lr | seed | epoch | task | reason |",
+             "|---|---|---|---:|---:|---:|---|---|"]
+    for m in diverged:
+        lines.append(f"| `{m.name}` | {m.method or '?'} | {m.sparse or '?'} | "
+                     f"{'?' if m.lr is None else f'{m.lr:g}'} | "
+                     f"{'?' if m.seed is None else m.seed} | "
+                     f"{'?' if m.epoch is None else m.epoch} | {m.task or '?'} | {m.reason} |")
+    return lines + [""]
+
+
 def _missing_section(missing: Sequence[MissingRun]) -> list[str]:
     if not missing:
         return []
@@ -301,7 +371,9 @@ def _header(runs: Sequence[Run], missing: Sequence[MissingRun]) -> list[str]:
             f"Data set `{', '.join(data)}`, backbone "
             f"{', '.join(f'`{b}`' for b in backbones) or 'not recorded'}, "
             f"{', '.join(map(str, epochs))} epoch(s), seed(s) {', '.join(map(str, seeds))}; "
-            f"{len(runs)} complete run(s), {len(missing)} missing. Training time of the runs: "
+            f"{len(runs)} complete run(s), {sum(m.status != 'diverged' for m in missing)} "
+            f"missing, {sum(m.status == 'diverged' for m in missing)} diverged. Training time of "
+            f"the runs: "
             f"{total:.1f} s in total.", "",
             "Files: [`summary.csv`](summary.csv) (one row per (method, sparse, seed), per-task "
             "test metrics, Δm%, incidences as fractions), run directories under `runs/`.", ""]
@@ -347,6 +419,35 @@ def _plot_section(runs: Sequence[Run], out_dir: Path) -> list[str]:
     return lines
 
 
+def report_sections(runs: Sequence[Run], missing: Sequence[MissingRun] = (), *,
+                    baseline: str = "stl") -> dict[str, object]:
+    """The report's sections after the header, title -> Markdown (also what ``compare`` prints):
+    the learning-rate choice (with several rates), Tables 1-2, "Does it reproduce?" and the epoch
+    choices, all on the runs at the chosen rates (under the key ``"_runs"``), failed runs
+    counted per row and left out of every mean."""
+    from .report_epochs import format_epoch_table
+    from .report_lr import format_lr_table, select_lr
+    from .report_verdicts import format_reproduction
+    sel = select_lr(runs, missing, baseline=baseline)
+    chosen, failed = sel.runs, sel.failed
+    base = stl_baseline(chosen, baseline) if chosen else None
+    out: dict[str, object] = {}
+    if sel.active:
+        out["Learning rate, chosen on validation"] = format_lr_table(
+            sel, lambda rs: _fmt(_mean_std([_run_delta_m(r, base) for r in rs]), 2))
+    if chosen:
+        out["Table 1: incidence of gradient conflict"] = format_table_1(
+            chosen, baseline=baseline, failed=failed)
+        out["Table 2: task performance and Δm%"] = format_table_2(
+            chosen, baseline=baseline, failed=failed)
+        out["Does it reproduce?"] = format_reproduction(
+            chosen, lambda r: _run_delta_m(r, base), baseline=baseline)
+        out["Which epoch: final, last-10 mean, best on val"] = format_epoch_table(
+            _with_failed(_groups(chosen), _failed_by_group(failed)), base, failed=failed)
+    out["_runs"] = chosen
+    return out
+
+
 def write_report(out_dir: str | Path, *, baseline: str = "stl", plots: bool = True) -> Path:
     """Read every run directory under ``out_dir/runs/`` and write ``out_dir/summary.csv``,
     ``out_dir/report.md`` and (``plots=True``) the PNG plots it links; return the path of
@@ -377,23 +478,23 @@ def write_report(out_dir: str | Path, *, baseline: str = "stl", plots: bool = Tr
         except ModuleNotFoundError as e:
             raise ImportError("write_report(plots=True) needs matplotlib: pip install "
                               "'gradops[train]' (or pass plots=False)") from e
-    header, rows = summary_rows(runs, missing, baseline=baseline)
+    sections = report_sections(runs, missing, baseline=baseline)
+    chosen = sections.pop("_runs")
+    header, rows = summary_rows(runs, missing, baseline=baseline, base_runs=chosen)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
     atomic_write_text(out_dir / "summary.csv", buf.getvalue())
 
-    lines = _header(runs, missing) + _missing_section(missing)
+    lines = (_header(runs, missing)
+             + _diverged_section([m for m in missing if m.status == "diverged"])
+             + _missing_section([m for m in missing if m.status != "diverged"]))
     if runs:
-        lines += ["## Table 1: incidence of gradient conflict", "", format_table_1(runs,
-                  baseline=baseline), "", "## Table 2: task performance and Δm%", "",
-                  format_table_2(runs, baseline=baseline), ""]
-        from .report_epochs import format_epoch_table
-        lines += ["## Which epoch: final, last-10 mean, best on val", "",
-                  format_epoch_table(_groups(runs), stl_baseline(runs, baseline)), ""]
-        if plots:
-            lines += _plot_section(runs, out_dir)
+        for title, text in sections.items():
+            lines += [f"## {title}", "", text, ""]
+        if plots and chosen:
+            lines += _plot_section(chosen, out_dir)
     else:
         lines += ["No complete run: no table or plot.", ""]
     notes = [f"- `{r.name}`: {note}" for r in runs for note in r.notes]

@@ -5,8 +5,10 @@ written as "-") holds ``result.json`` (final test metrics, incidence of gradient
 epochs and over the last 50% of epochs, the histogram of pairwise cosines, wall time),
 ``metrics.jsonl`` (one line per evaluated epoch and split), ``conflicts.csv`` (per epoch:
 incidence, mean cosine, GMS and per-layer conflict counts) and ``config.toml``. A run without a
-readable, well-formed ``result.json`` crashed or is incomplete: it is returned as a
-:class:`MissingRun` with the reason, never dropped.
+readable, well-formed ``result.json`` crashed or is incomplete, and one whose ``result.json`` says
+``"status": "diverged"`` (:mod:`gradops.train.divergence`) failed: both are returned as a
+:class:`MissingRun` (``status`` "missing" or "diverged") with the reason, never dropped, and never
+averaged into a table.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ __all__ = ["METHOD_ORDER", "Conflicts", "EpochLine", "MissingRun", "Run", "displ
            "load_run", "load_runs", "method_key", "sparse_key",
            "parse_run_dir_name"]
 
-_RUN_DIR = re.compile(r"^(?P<method>.+?)__(?P<sparse>.+)__s(?P<seed>-?\d+)$")
+_RUN_DIR = re.compile(r"^(?P<method>.+?)__(?P<sparse>.+?)(?:__lr(?P<lr>[^_]+))?"
+                      r"__s(?P<seed>-?\d+)$")
 _CONFLICT_COLUMNS = ["epoch", "incidence", "mean_cos", "gms"]
 
 
@@ -70,17 +73,24 @@ class Run:
     conflicts: Conflicts | None     # None: absent or no per-task gradients (header only)
     backbone: str | None
     notes: list[str]                # what could not be read (shown in the report)
+    lr: float | None = None         # the run's learning rate (None: not recorded)
 
 
 @dataclasses.dataclass(frozen=True)
 class MissingRun:
-    """A run directory without a usable ``result.json`` (crashed, killed or still running)."""
+    """A run directory without a usable ``result.json`` (crashed, killed or still running;
+    ``status`` "missing") or whose run diverged (``status`` "diverged", with its ``epoch`` and
+    ``task``): a failed run, counted and listed but never averaged."""
     name: str
     path: Path
     method: str | None
     sparse: str | None
     seed: int | None
     reason: str
+    status: str = "missing"
+    lr: float | None = None
+    epoch: int | None = None
+    task: str | None = None
 
 
 def parse_run_dir_name(name: str) -> tuple[str, str, int] | None:
@@ -156,7 +166,8 @@ def _parse_result(raw: object) -> dict:
             "gc_all": None if raw.get("gc_all") is None else float(raw["gc_all"]),
             "gc_last50": None if raw.get("gc_last50") is None else float(raw["gc_last50"]),
             "cosine_hist": hist, "time_s": float(raw["time_s"]),
-            "backbone": raw["backbone"] if isinstance(raw.get("backbone"), str) else None}
+            "backbone": raw["backbone"] if isinstance(raw.get("backbone"), str) else None,
+            "lr": float(raw["lr"]) if _is_number(raw.get("lr")) else None}
 
 
 def _read_log(path: Path, notes: list[str]) -> list[EpochLine]:
@@ -241,11 +252,20 @@ def load_run(path: str | Path) -> Run | MissingRun:
     config = _read_toml(path / "config.toml") if (path / "config.toml").is_file() else None
     result_path = path / "result.json"
     reason = None
+    diverged: Mapping | None = None
     if not result_path.is_file():
         reason = "no result.json (the run crashed, was killed or is still running)"
     else:
         try:
-            result = _parse_result(json.loads(result_path.read_text(encoding="utf-8")))
+            raw = json.loads(result_path.read_text(encoding="utf-8"))
+            if isinstance(raw, Mapping) and raw.get("status") == "diverged":
+                diverged = raw.get("divergence") if isinstance(raw.get("divergence"),
+                                                               Mapping) else {}
+                reason = str(diverged.get("reason", "diverged (no reason recorded)"))
+                if isinstance(raw.get("method"), str) and isinstance(raw.get("sparse"), str):
+                    config = {**(config if isinstance(config, dict) else {}), **raw}
+            else:
+                result = _parse_result(raw)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             reason = f"result.json unreadable: {e}"
         except ValueError as e:
@@ -255,11 +275,20 @@ def load_run(path: str | Path) -> Run | MissingRun:
         if isinstance(config, dict) and {"method", "sparse", "seed"} <= set(config):
             ident = (str(config["method"]), str(config["sparse"]), config["seed"])
         method, sparse, seed = ident if ident is not None else (None, None, None)
+        lr = config.get("lr") if isinstance(config, dict) else None
+        epoch = diverged.get("epoch") if diverged is not None else None
+        task = diverged.get("task") if diverged is not None else None
         return MissingRun(name=path.name, path=path, method=method, sparse=sparse,
-                          seed=seed if isinstance(seed, int) else None, reason=reason)
+                          seed=seed if isinstance(seed, int) else None, reason=reason,
+                          status="missing" if diverged is None else "diverged",
+                          lr=float(lr) if _is_number(lr) else None,
+                          epoch=epoch if isinstance(epoch, int) else None,
+                          task=None if task is None else str(task))
     notes: list[str] = []
     if result["backbone"] is None and isinstance(config, dict) and "backbone" in config:
         result["backbone"] = str(config["backbone"])
+    if result["lr"] is None and isinstance(config, dict) and _is_number(config.get("lr")):
+        result["lr"] = float(config["lr"])
     return Run(name=path.name, path=path, **result, log=_read_log(path / "metrics.jsonl", notes),
                conflicts=_read_conflicts(path / "conflicts.csv", notes), notes=notes)
 
@@ -276,16 +305,17 @@ def load_runs(out_dir: str | Path) -> tuple[list[Run], list[MissingRun]]:
         raise FileNotFoundError(f"out_dir: {runs_dir} is not a directory (gradops compare writes "
                                 "one run directory per (method, sparse, seed) there)")
     runs, missing = [], []
-    seen: dict[tuple[str, str, int], str] = {}
+    seen: dict[tuple[str, str, int, float | None], str] = {}
     for sub in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
         run = load_run(sub)
         if isinstance(run, MissingRun):
             missing.append(run)
             continue
-        key = (run.method, run.sparse, run.seed)
+        key = (run.method, run.sparse, run.seed, run.lr)
         if key in seen:
             raise ValueError(f"out_dir: runs {seen[key]!r} and {run.name!r} are both "
-                             f"method={key[0]!r}, sparse={key[1]!r}, seed={key[2]}")
+                             f"method={key[0]!r}, sparse={key[1]!r}, seed={key[2]}"
+                             + ("" if run.lr is None else f", lr={run.lr:g}"))
         seen[key] = run.name
         runs.append(run)
     return runs, missing

@@ -22,6 +22,7 @@ from .checkpoint import CHECKPOINT, atomic_write_text, load_checkpoint, save_che
 from .config import TrainConfig, read_toml, to_toml
 from .data import load_dataset
 from .distributed import Dist, setup
+from .divergence import Divergence, chance_levels, check_epoch, strict_json
 from .errors import ConfigError
 from .loop import Trainer, resolve_device
 from .stats import HIST_BINS
@@ -100,7 +101,7 @@ def _summary(cfg: TrainConfig, result: dict[str, Any], out: Path) -> str:
     parts = []
     for task, ms in result["tasks"].items():
         parts.append(f"{task} " + " ".join(f"{k} {v:.4g}" for k, v in ms.items()))
-    gc = ("gc n/a" if result["gc_all"] is None else
+    gc = ("gc n/a" if result["gc_all"] is None or result["gc_last50"] is None else
           f"gc {result['gc_all']:.3f} (last 50%: {result['gc_last50']:.3f})")
     return (f"gradops train: {cfg.method} sparse={cfg.sparse} seed={cfg.seed}: {cfg.epochs} "
             f"epochs in {result['time_s']:.1f} s; test: {'; '.join(parts)}; {gc} -> {out}")
@@ -176,6 +177,9 @@ def run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: boo
         bar = tqdm(total=cfg.epochs, initial=start - 1, desc=f"{cfg.method} {cfg.sparse} "
                    f"s{cfg.seed}", leave=False, dynamic_ncols=True, file=sys.stderr)
     t_run = time.perf_counter()
+    # the divergence check's chance levels, from the val split's targets (read once)
+    chance = chance_levels(trainer.tasks, trainer.splits["val"].targets) if main else {}
+    diverged: Divergence | None = None
     for epoch in range(start, cfg.epochs + 1):
         train_line = trainer.train_epoch(epoch)
         conf = train_line.pop("conflicts")
@@ -186,7 +190,10 @@ def run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: boo
             if conf is not None:
                 history["gc"].append(conf["incidence"])
                 history["hist"] = [a + b for a, b in zip(history["hist"], conf["hist"])]
-            _append(metrics_path, "".join(json.dumps(ln) + "\n" for ln in lines))
+            diverged, history["chance_streak"] = check_epoch(
+                epoch, train_line, lines[1], chance, history.get("chance_streak", 0))
+            _append(metrics_path, "".join(json.dumps(strict_json(ln), allow_nan=False) + "\n"
+                                          for ln in lines))
             if conf is not None:
                 row = [epoch, conf["incidence"], conf["mean_cos"], conf["gms"]]
                 layers = conf["layers"]
@@ -195,7 +202,7 @@ def run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: boo
                 row = [epoch]
             _append(conf_path, ",".join(_fmt(v) for v in row) + "\n")
             write_addon_outputs(trainer, out)     # recon.json, selective_*, probes.*
-            if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+            if diverged is None and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
                 history["time_s"] += time.perf_counter() - t_run
                 t_run = time.perf_counter()
                 save_checkpoint(out, {"epoch": epoch, "trainer": trainer.state_dict(),
@@ -205,14 +212,23 @@ def run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: boo
                 bar.set_postfix_str(f"gc {gc} loss {sum(train_line['losses'].values()):.3f}")
                 bar.update(1)
         dist.barrier()
+        if _any_process(dist, diverged is not None, trainer.device):
+            break               # a diverged run stops here (no checkpoint of its state)
     if bar is not None:
         bar.close()
     result = None
     if main:
         history["time_s"] += time.perf_counter() - t_run
-        result = _result(cfg, trainer, history)
-        atomic_write_text(out / "result.json", json.dumps(result, indent=1) + "\n")
-        if not quiet:
+        result = _result(cfg, trainer, history, warn=diverged is None)
+        if diverged is not None:
+            result["status"] = "diverged"
+            result["divergence"] = diverged.to_dict()
+        result = strict_json(result)
+        atomic_write_text(out / "result.json",
+                          json.dumps(result, indent=1, allow_nan=False) + "\n")
+        if diverged is not None:
+            print(f"{diverged.message()} -> {out}", file=sys.stderr, flush=True)
+        elif not quiet:
             from tqdm import tqdm
             tqdm.write(_summary(cfg, result, out), file=sys.stdout)
             sys.stdout.flush()
@@ -220,7 +236,8 @@ def run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: boo
     return result if result is not None else {}
 
 
-def _result(cfg: TrainConfig, trainer: Trainer, history: dict[str, Any]) -> dict[str, Any]:
+def _result(cfg: TrainConfig, trainer: Trainer, history: dict[str, Any], *, warn: bool = True
+            ) -> dict[str, Any]:
     gcs = history["gc"]
     last = gcs[len(gcs) // 2:] if gcs else []      # the last ceil(E/2) epochs
     hist = None
@@ -229,15 +246,26 @@ def _result(cfg: TrainConfig, trainer: Trainer, history: dict[str, Any]) -> dict
                 "counts": [int(c) for c in history["hist"]]}
     for name, ms in (history["test"] or {}).items():
         for k, v in ms.items():
-            if not math.isfinite(v):
+            if warn and not math.isfinite(v):
                 print(f"gradops train: warning: test {name} {k} is {v}", file=sys.stderr)
-    return {"method": cfg.method, "sparse": cfg.sparse, "seed": cfg.seed, "data": cfg.data,
-            "epochs": cfg.epochs, "backbone": cfg.backbone,
+    return {"status": "ok", "method": cfg.method, "sparse": cfg.sparse, "seed": cfg.seed,
+            "lr": cfg.lr, "data": cfg.data, "epochs": cfg.epochs, "backbone": cfg.backbone,
             "sparse_fraction": trainer.sparse_fraction,
             "tasks": history["test"],
             "directions": {t.name: dict(t.directions) for t in trainer.tasks},
             "gc_all": _mean(gcs), "gc_last50": _mean(last), "cosine_hist": hist,
             "nonconverged_steps": history.get("nonconverged", 0), "time_s": history["time_s"]}
+
+
+def _any_process(dist: Dist, flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any process (the main process decides a divergence; every
+    process must stop with it). One reduction per epoch under torchrun, none otherwise."""
+    if not dist.enabled:
+        return flag
+    import torch.distributed as tdist
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    tdist.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 def _version() -> str:
