@@ -375,8 +375,9 @@ def _header(runs: Sequence[Run], missing: Sequence[MissingRun]) -> list[str]:
             f"missing, {sum(m.status == 'diverged' for m in missing)} diverged. Training time of "
             f"the runs: "
             f"{total:.1f} s in total.", "",
-            "Files: [`summary.csv`](summary.csv) (one row per (method, sparse, seed), per-task "
-            "test metrics, Δm%, incidences as fractions), run directories under `runs/`.", ""]
+            "Files: [`summary.csv`](summary.csv) (one row per (method, sparse, seed) and rate, "
+            "per-task test metrics, Δm%, incidences as fractions, status), run directories under "
+            "`runs/`.", ""]
 
 
 def _image(title: str, path: Path | None, why_not: str) -> list[str]:

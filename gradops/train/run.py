@@ -180,6 +180,7 @@ def run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: boo
     # the divergence check's chance levels, from the val split's targets (read once)
     chance = chance_levels(trainer.tasks, trainer.splits["val"].targets) if main else {}
     diverged: Divergence | None = None
+    stopped = False             # every process: the run diverged (decided by the main one)
     for epoch in range(start, cfg.epochs + 1):
         train_line = trainer.train_epoch(epoch)
         conf = train_line.pop("conflicts")
@@ -212,7 +213,8 @@ def run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: boo
                 bar.set_postfix_str(f"gc {gc} loss {sum(train_line['losses'].values()):.3f}")
                 bar.update(1)
         dist.barrier()
-        if _any_process(dist, diverged is not None, trainer.device):
+        stopped = _any_process(dist, diverged is not None, trainer.device)
+        if stopped:
             break               # a diverged run stops here (no checkpoint of its state)
     if bar is not None:
         bar.close()
@@ -233,7 +235,9 @@ def run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: boo
             tqdm.write(_summary(cfg, result, out), file=sys.stdout)
             sys.stdout.flush()
     dist.barrier()
-    return result if result is not None else {}
+    if result is not None:
+        return result
+    return {"status": "diverged"} if stopped else {}    # the other processes of a torchrun
 
 
 def _result(cfg: TrainConfig, trainer: Trainer, history: dict[str, Any], *, warn: bool = True
