@@ -7,9 +7,10 @@ method look conflict-free. :func:`check_epoch` is called once per epoch on the e
 the loop has already read to the host (no extra device synchronisation) and returns a
 :class:`Divergence` when
 
-1. **non-finite**: a training loss (the epoch's mean, so one NaN / inf step is enough), a
-   validation loss or a validation metric of some task is NaN or infinite, checked at every
-   epoch; or
+1. **non-finite**: a training loss (the epoch's mean, so one NaN / inf step is enough) or a
+   validation loss of some task is NaN or infinite, checked at every epoch (metrics are not:
+   some are undefined, NaN, on a split without a valid pixel, which is no divergence; a
+   network with NaN outputs has NaN losses); or
 2. **chance level**: for :data:`CHANCE_PATIENCE` consecutive epochs, none before epoch
    :data:`CHANCE_FROM_EPOCH`, *every* task that has a chance rule scores no better on the
    validation split than the best constant prediction (a network that learned nothing, or
@@ -150,9 +151,6 @@ def check_epoch(epoch: int, train_line: Mapping[str, Any], val_line: Mapping[str
     bad = _first_nonfinite(val_line.get("losses", {}))
     if bad is not None:
         return Divergence(epoch, bad[0], f"validation loss is {bad[2]}"), streak
-    bad = _first_nonfinite(val_line.get("metrics", {}))
-    if bad is not None:
-        return Divergence(epoch, bad[0], f"validation {bad[1]} is {bad[2]}"), streak
     if epoch < CHANCE_FROM_EPOCH or not chance:
         return None, 0
     metrics = val_line.get("metrics", {})

@@ -75,7 +75,10 @@ def test_check_epoch_rules():
     assert check_epoch(5, ok, ok, CHANCE) == (None, 0)
     d, _ = check_epoch(2, _line(loss=math.nan), ok, CHANCE)
     assert (d.epoch, d.task, d.reason) == (2, "left", "training loss is nan")
-    assert check_epoch(1, ok, _line(mae=math.inf), CHANCE)[0].reason == "validation mae is inf"
+    d, _ = check_epoch(1, ok, {**ok, "losses": {"left": 1.0, "right": math.inf}}, CHANCE)
+    assert (d.task, d.reason) == ("right", "validation loss is inf")
+    # an undefined metric (NaN) with finite losses is not a divergence, nor at chance
+    assert check_epoch(5, ok, _line(left=math.nan, right=0.0, mae=9.0), CHANCE, 2) == (None, 0)
     assert check_epoch(1, ok, None, CHANCE) == (None, 0)
 
 
