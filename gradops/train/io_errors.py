@@ -16,11 +16,12 @@ from pathlib import Path
 
 __all__ = ["annotate", "describe_os_error"]
 
+_AGAIN = ("then run the command again (gradops train --resume RUN_DIR continues a run from "
+          "its last checkpoint)")
 _HINTS = {
-    errno.ENOSPC: "free some space, then continue with --resume",
-    errno.EDQUOT: "free some of the quota, then continue with --resume",
-    errno.EFBIG: "the file size limit (ulimit -f) was reached; raise it, then continue with "
-                 "--resume",
+    errno.ENOSPC: "free some space, " + _AGAIN,
+    errno.EDQUOT: "free some of the quota, " + _AGAIN,
+    errno.EFBIG: "the file size limit (ulimit -f) was reached; raise it, " + _AGAIN,
     errno.EROFS: "the file system is read-only; choose a writable directory",
     errno.EACCES: "no permission; choose a directory you can write",
     errno.EPERM: "not permitted; choose a directory you can write",

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import ConfigError
+from .io_errors import annotate
 
 __all__ = ["DirLock", "Manifest", "LOCK_FILE", "MANIFEST_FILE", "TEMP_PATTERN",
            "remove_temporaries", "probe_lock"]
@@ -121,7 +122,10 @@ class DirLock:
         self.fd = fd
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            data, done = f"{os.getpid()}\n".encode(), 0
+            while done < len(data):       # a short write (a full disk) then fails with its cause
+                with annotate(lock):
+                    done += os.pwrite(fd, data[done:], done)
             remove_temporaries(d)
         except OSError:
             self.release(keep=False)
