@@ -105,7 +105,8 @@ def write_addon_outputs(tr: Trainer, out: Path) -> None:
     files, as far as the run uses them (rewritten after every epoch)."""
     out = Path(out)
     if getattr(tr, "branch_report", None) is not None:
-        (out / "recon.json").write_text(json.dumps(tr.branch_report, indent=1) + "\n")
+        from .checkpoint import atomic_write_text
+        atomic_write_text(out / "recon.json", json.dumps(tr.branch_report, indent=1) + "\n")
     if getattr(tr, "selective", None) is not None:
         from .selective import write_selective_outputs
         write_selective_outputs(tr.selective, [t.name for t in tr.tasks], out)
