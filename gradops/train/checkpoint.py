@@ -95,8 +95,8 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
 
 def _corrupt(path: Path, why: str) -> ConfigError:
     return ConfigError("--resume", f"checkpoint {path} {why}; the run cannot continue from it: "
-                       "start it again with gradops train --out DIR --overwrite (the files "
-                       "were left as they are)")
+                       f"start it again with gradops train --out {path.parent} --overwrite "
+                       "(the files were left as they are)")
 
 
 def _payload(path: Path, data: bytes) -> bytes:
