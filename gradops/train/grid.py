@@ -22,6 +22,7 @@ from typing import Any
 
 from .config import METHODS, TrainConfig, parse_sparse
 from .errors import ConfigError
+from .io_errors import annotate
 from .run import run_training
 from .rundir import LOCK_FILE, DirLock, probe_lock
 
@@ -143,7 +144,8 @@ def _run_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: 
     if bar is not None:
         bar.close()
     if report:
-        _report(out, baseline)
+        with annotate(out):          # a failed write names the report's directory at least
+            _report(out, baseline)
     return [r for r in results if r is not None]
 
 

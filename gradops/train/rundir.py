@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import re
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -112,13 +113,17 @@ class DirLock:
         except OSError:
             self._remove_created()
             raise
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise _busy(d, self.option, lock) from None
-            raise
+        for attempt in range(20):     # a probe (probe_lock) holds a shared lock for moments
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or attempt == 19:
+                    os.close(fd)
+                    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise _busy(d, self.option, lock) from None
+                    raise
+                time.sleep(0.005)
         self.fd = fd
         try:
             os.ftruncate(fd, 0)
