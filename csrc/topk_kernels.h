@@ -2,8 +2,9 @@
 // csrc/topk_cpu.cpp). No torch headers; csrc/bindings.cpp wraps it.
 //
 // W is viewed as [R, F] (row r = output neuron r, unit column stride). In each row the K entries of
-// largest |W| are kept, magnitudes compared in fp32 (fp64 rounded to fp32 first), equal magnitudes
-// broken by the lower column index, NaN counted as +inf (tied with it): bit for bit the mask of
+// largest |W| are kept, magnitudes compared in fp64 for fp64 W and in fp32 otherwise, equal
+// magnitudes broken by the lower column index, NaN ranked largest (above +inf; NaNs tie): bit for
+// bit the mask of
 // gradops.reference.topk_mask_reference (a stable descending sort).
 #pragma once
 #include <cstdint>

@@ -20,6 +20,9 @@ def check_matrix(J: torch.Tensor, op: str, name: str = "J") -> None:
     """``J`` must be a 2-D ``[T, P]`` floating tensor (fp32 / bf16 / fp16 / fp64), ``T >= 1``."""
     if not isinstance(J, torch.Tensor):
         raise TypeError(f"gradops.{op}: {name} must be a torch.Tensor, got {type(J).__name__}")
+    if J.layout != torch.strided:
+        raise TypeError(f"gradops.{op}: {name} must be a dense (strided) tensor, got layout "
+                        f"{J.layout} (use {name}.to_dense())")
     if J.dim() != 2:
         raise ValueError(f"gradops.{op}: {name} must be 2-D [T, P] (one row per task), "
                          f"got shape {tuple(J.shape)}")

@@ -170,14 +170,15 @@ def topk_mask_reference(W: torch.Tensor, k: int) -> torch.Tensor:
     ``W`` is viewed as ``[out, F]`` (dim 0 = output neurons, the rest flattened: a conv weight
     ``[out, in, kh, kw]`` has ``F = in * kh * kw``); in each row the ``min(k, F)`` entries of
     largest ``|W|`` are kept, ties broken by lower column index (a stable sort). Returns a bool
-    mask of ``W``'s shape. NaN magnitudes count as largest (they sort first)."""
+    mask of ``W``'s shape. Magnitudes are compared in float64 for float64 ``W``, in float32
+    otherwise (bf16 / fp16 convert exactly); NaN ranks above every number, ``+inf`` included
+    (a descending sort puts it first), and NaNs tie with each other."""
     if W.dim() == 0:
         raise ValueError("gradops.topk_mask: W must have at least one dimension")
     rows = W.reshape(W.shape[0], -1)   # a 1-D W is [out, 1]
     F = rows.shape[1]
     K = min(int(k), F)
-    mag = rows.abs().to(torch.float32)
-    mag = torch.where(torch.isnan(mag), torch.full_like(mag, float("inf")), mag)
+    mag = rows.abs().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
     # descending, stable: equal magnitudes keep their column order, so the lower index wins
     order = torch.sort(mag, dim=1, descending=True, stable=True).indices[:, :K]
     mask = torch.zeros(rows.shape, dtype=torch.bool, device=W.device)

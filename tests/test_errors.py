@@ -92,3 +92,20 @@ def test_metrics_bad_G():
         gradops.metrics.cosine(torch.ones(3, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="S must be in"):
         gradops.metrics.conflict_counts(torch.eye(3), S=-2.0)
+
+
+def test_sparse_J_is_refused_by_name():
+    """A sparse J is a TypeError naming J (was "unsupported memory format option")."""
+    J = torch.randn(3, 10)
+    for op in (gradops.gram, gradops.pcgrad, gradops.graddrop):
+        with pytest.raises(TypeError, match=r"J must be a dense \(strided\) tensor, got layout "
+                                            r"torch.sparse_coo"):
+            op(J.to_sparse())
+
+
+def test_graddrop_generator_must_be_a_generator():
+    J = torch.randn(3, 10)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        gradops.graddrop(J, generator=5)
+    g = gradops.graddrop(J, generator=torch.Generator().manual_seed(0))
+    assert g.shape == (10,)

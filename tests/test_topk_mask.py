@@ -134,12 +134,21 @@ def test_ties_go_to_lower_index(backend):
                                                                   dtype=torch.int32))
 
 
-def test_magnitudes_compared_in_fp32(backend):
-    """fp64 values that round to the same fp32 magnitude are a tie (lower index wins), as in the
-    reference; values apart in fp32 are ordered."""
-    W = torch.tensor([[1.0, 1.0 + 1e-12, 0.5], [1.0, 1.0 + 1e-6, 0.5]], dtype=torch.float64)
-    assert torch.equal(gradops.topk_indices(W, 1), torch.tensor([[0], [1]], dtype=torch.int32))
+def test_fp64_magnitudes_compared_in_fp64(backend):
+    """fp64 weights are ranked by their fp64 magnitudes: 1 + 1e-12 beats 1 (the same in fp32),
+    1e300 ties only with -1e300 (both +inf in fp32), as in the reference."""
+    W = torch.tensor([[1.0, 1.0 + 1e-12, 0.5], [1.0, 1.0 + 1e-6, 0.5],
+                      [1.0 + 2.3e-16, -(1.0 + 4.5e-16), 1.0]], dtype=torch.float64)
+    assert torch.equal(gradops.topk_indices(W, 1), torch.tensor([[1], [1], [1]],
+                                                                dtype=torch.int32))
     check_against_reference(W, 1)
+    check_against_reference(W, 2)
+    big = torch.tensor([[1e300, 1e301, -1e300, float("inf")]], dtype=torch.float64)
+    assert torch.equal(gradops.topk_indices(big, 2), torch.tensor([[1, 3]], dtype=torch.int32))
+    wide = _rand((7, 300), torch.float64, seed=31) * (1 + torch.rand(7, 300,
+                                                                    dtype=torch.float64) * 1e-9)
+    for k in (1, 13, 150):
+        check_against_reference(wide, k)
 
 
 def test_subnormals_signed_zeros_and_infinities(backend):
@@ -163,17 +172,25 @@ def test_nan_counts_as_largest(backend):
     W[0, 3] = float("nan")
     W[1, [5, 30]] = float("nan")
     W[2, 10] = -float("nan")
-    W[3, 2], W[3, 7] = float("inf"), float("nan")    # NaN ties with +inf: lower index first
+    W[3, 2], W[3, 7] = float("inf"), float("nan")    # NaN ranks above +inf; NaNs tie
     W[3, 12] = float("nan")
     W[4] = float("nan")                                # an all-NaN row
     for k in (1, 2, 3, 20):
         check_against_reference(W, k)
     m = gradops.topk_mask(W, 1)
-    assert bool(m[0, 3]) and bool(m[1, 5]) and bool(m[2, 10]) and bool(m[3, 2]) and bool(m[4, 0])
+    assert bool(m[0, 3]) and bool(m[1, 5]) and bool(m[2, 10]) and bool(m[3, 7]) and bool(m[4, 0])
     m2 = gradops.topk_mask(W, 2)
-    assert bool(m2[3, 2]) and bool(m2[3, 7]) and not bool(m2[3, 12])
-    for dtype in (torch.bfloat16, torch.float16):
+    assert bool(m2[3, 7]) and bool(m2[3, 12]) and not bool(m2[3, 2])
+    m3 = gradops.topk_mask(W, 3)
+    assert bool(m3[3, 2]) and bool(m3[3, 7]) and bool(m3[3, 12])
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
         check_against_reference(W.to(dtype), 2)
+        assert torch.equal(gradops.topk_indices(W.to(dtype)[3:4], 2),
+                           torch.tensor([[7, 12]], dtype=torch.int32))
+    # the issue's case: [inf, nan], k = 1 keeps the NaN, as the docs say (and torch.sort)
+    for dtype in DTYPES:
+        row = torch.tensor([[float("inf"), float("nan")]], dtype=dtype)
+        assert torch.equal(gradops.topk_indices(row, 1), torch.tensor([[1]], dtype=torch.int32))
 
 
 def test_non_contiguous(backend):

@@ -14,7 +14,70 @@ import torch
 from ..bench import SUITES
 
 
+def _positive_ints(text: str, option: str) -> list[int]:
+    """``"2,8,40"`` as ints, each >= 1 (``"1e3"`` accepted); an empty or bad list is an error."""
+    parts = [x.strip() for x in text.split(",")]
+    if not text.strip() or any(not x for x in parts):
+        raise ValueError(f"{option}: expected a comma-separated list of integers >= 1, "
+                         f"got {text!r}")
+    out = []
+    for x in parts:
+        try:
+            v = float(x)
+        except ValueError:
+            raise ValueError(f"{option}: {x!r} is not an integer") from None
+        if v != int(v) or v < 1:
+            raise ValueError(f"{option}: must be integers >= 1, got {x}")
+        out.append(int(v))
+    return out
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad values before any suite runs (raises ValueError naming the option)."""
+    from .._backend import BACKENDS
+    if args.T is not None:
+        _positive_ints(args.T, "--T")
+    if args.breakdown_at is not None:
+        _positive_ints(args.breakdown_at, "--breakdown-at")
+    if args.P is not None and args.P < 1:
+        raise ValueError(f"--P: must be >= 1, got {args.P}")
+    if args.segments < 1:
+        raise ValueError(f"--segments: must be >= 1, got {args.segments}")
+    if args.backend is not None and args.backend not in BACKENDS:
+        raise ValueError(f"--backend: unknown backend {args.backend!r}; valid: "
+                         f"{', '.join(BACKENDS)}")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds: must be >= 1, got {args.rounds}")
+    if args.k < 0:
+        raise ValueError(f"--k: must be >= 0, got {args.k}")
+    if not 0.0 < args.fraction <= 1.0:
+        raise ValueError(f"--fraction: must be in (0, 1], got {args.fraction}")
+    if args.csv is not None and not args.csv:
+        raise ValueError("--csv: empty path")
+
+
+def _int_option(text: str) -> int:
+    """``--P``'s value: an integer (``1e6`` accepted)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v != int(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    return int(v)
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        check_args(args)
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device: unknown device {args.device!r}; valid: cpu, cuda") \
+                from None
+    except ValueError as e:
+        print(f"gradops bench: error: {e}", file=sys.stderr)
+        return 2
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print("gradops bench: --device cuda asked for, but no CUDA device is visible",
               file=sys.stderr)
@@ -59,7 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pb.add_argument("--memory", action="store_true",
                     help="mtl suite: measure the peak memory of one step per contender (each "
                          "in a fresh subprocess) instead of its time, in copies of J")
-    pb.add_argument("--P", type=lambda s: int(float(s)), default=0,
+    pb.add_argument("--P", type=_int_option, default=None,
                     help="columns of J (default 4,194,304; 262,144 with --quick)")
     pb.add_argument("--segments", type=int, default=100, help="segments for segment_gram")
     pb.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")

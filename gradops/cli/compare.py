@@ -48,10 +48,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..train import BUDGETS, ConfigError, run_grid
+    from ..train.io_errors import describe_os_error
     from ..train.options import merge_config, parse_list
     try:
         if args.resume and args.overwrite:
             raise ConfigError("--overwrite", "cannot be combined with --resume")
+        for opt in ("out", "config", "preset"):
+            if getattr(args, opt) == "":
+                raise ConfigError("--" + opt, "empty value (give a path or name)")
         extra_keys = ("methods", "sparse", "seeds", "budget", "jobs", "lr")
         _, extra = merge_config(argparse.Namespace(config=args.config), extra_keys=extra_keys)
         budget = args.budget or extra.get("budget", "default")
@@ -63,10 +67,9 @@ def run(args: argparse.Namespace) -> int:
         if args.preset:
             base.update(preset_config(args.preset, "quick" if budget == "quick" else "full"))
         cfg, _ = merge_config(args, base=base, extra_keys=extra_keys)
-        methods = parse_list(args.methods or extra.get("methods") or preset["methods"],
-                             "--methods")
-        sparses = parse_list(args.sparse or extra.get("sparse") or preset["sparse"], "--sparse")
-        seeds = parse_list(args.seeds or extra.get("seeds") or preset["seeds"], "--seeds", int)
+        methods = parse_list(_given(args.methods, extra, "methods", preset), "--methods")
+        sparses = parse_list(_given(args.sparse, extra, "sparse", preset), "--sparse")
+        seeds = parse_list(_given(args.seeds, extra, "seeds", preset), "--seeds", int)
         lr_given = args.lrs if args.lrs is not None else extra.get("lr")
         lrs = None if lr_given is None else parse_list(lr_given, "--lr", float)
         if lrs is not None and not lrs:
@@ -80,4 +83,15 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"gradops compare: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:           # a full disk, a read-only directory, ...: one line, exit 2
+        print(f"gradops compare: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _given(value, extra: dict, key: str, preset: dict):
+    """The command line's value, else the config file's, else the budget's; a value given
+    empty stays empty (and is refused), it never means the default."""
+    if value is not None:
+        return value
+    return extra[key] if key in extra else preset[key]

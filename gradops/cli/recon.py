@@ -49,8 +49,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _fail(e: Exception) -> int:
+    if isinstance(e, OSError):
+        from ..train.io_errors import describe_os_error
+        e = describe_os_error(e)
     print(f"gradops recon: error: {e}", file=sys.stderr)
     return 2
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    from ..train import ConfigError
+    for opt in ("out", "config", "ranking"):
+        if getattr(args, opt, None) == "":
+            raise ConfigError("--" + opt, "empty value (give a path)")
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -58,10 +68,11 @@ def run_search(args: argparse.Namespace) -> int:
     from ..train.options import merge_config
     from ..train.recon import recon_search
     try:
+        _check_paths(args)
         cfg, _ = merge_config(args)
         ranking = recon_search(cfg, args.iters, args.S, args.out, overwrite=args.overwrite,
                                progress=not args.no_progress)
-    except ConfigError as e:
+    except (ConfigError, OSError) as e:
         return _fail(e)
     top = ", ".join(f"{r['layer']} ({r['score']})" for r in ranking[:5])
     print(f"gradops recon search: {len(ranking)} layers ranked; top: {top} -> {args.out}")
@@ -74,19 +85,23 @@ def run_compare(args: argparse.Namespace) -> int:
     from ..train import ConfigError
     from ..train.options import merge_config
     from ..train.recon import conflict_table, conflict_table_markdown, read_ranking
+    from ..train.checkpoint import atomic_write_text
     from ..train.recon.search import check_empty_dir
+    from ..train.rundir import DirLock
     try:
+        _check_paths(args)
         cfg, _ = merge_config(args)
         out = Path(args.out)
         check_empty_dir(out, overwrite=args.overwrite)
-        table = conflict_table(cfg, read_ranking(args.ranking, "--ranking"), args.topk,
-                               args.iters, init=args.init)
-    except ConfigError as e:
+        ranking = read_ranking(args.ranking, "--ranking")
+        with DirLock(out, "--out"):          # one writer of --out until the tables are written
+            check_empty_dir(out, overwrite=args.overwrite, probe=False)
+            table = conflict_table(cfg, ranking, args.topk, args.iters, init=args.init)
+            md = conflict_table_markdown(table)
+            atomic_write_text(out / "conflict_table.json", json.dumps(table, indent=1) + "\n")
+            atomic_write_text(out / "conflict_table.md", md)
+    except (ConfigError, OSError) as e:
         return _fail(e)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "conflict_table.json").write_text(json.dumps(table, indent=1) + "\n")
-    md = conflict_table_markdown(table)
-    (out / "conflict_table.md").write_text(md)
     print(md, end="")
     return 0
 

@@ -32,10 +32,14 @@ def run(args: argparse.Namespace) -> int:
     from ..train import ConfigError, run_training
     from ..train.distributed import exit_process, launched_by_torchrun
     from ..train.divergence import EXIT_DIVERGED
+    from ..train.io_errors import describe_os_error
     from ..train.options import given_options, merge_config
     from ..train.run import load_run_config
     try:
-        if args.resume:
+        for opt in ("out", "resume", "config", "preset"):
+            if getattr(args, opt) == "":
+                raise ConfigError("--" + opt, "empty value (give a path or name)")
+        if args.resume is not None:
             if args.overwrite:
                 raise ConfigError("--overwrite", "cannot be combined with --resume")
             saved = load_run_config(args.resume)
@@ -57,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
         rc = EXIT_DIVERGED if result.get("status") == "diverged" else 0
     except ConfigError as e:
         print(f"gradops train: error: {e}", file=sys.stderr)
+        rc = 2
+    except OSError as e:           # a full disk, a read-only directory, ...: one line, exit 2
+        print(f"gradops train: error: {describe_os_error(e)}", file=sys.stderr)
         rc = 2
     if launched_by_torchrun():
         exit_process(rc)

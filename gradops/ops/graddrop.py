@@ -186,6 +186,9 @@ def graddrop(J: torch.Tensor, *, leak: float | Sequence[float] | torch.Tensor = 
     NaN/Inf in a column of ``J`` reach that column of ``g`` (they are never dropped).
     """
     check_matrix(J, "graddrop")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"gradops.graddrop: generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
     T = J.shape[0]
     leak_dtype = acc_dtype(J.dtype)    # float32 (float64 for float64 J)
     if type(leak) in (float, int) and 0 <= leak <= 1:

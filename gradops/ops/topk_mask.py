@@ -4,19 +4,22 @@ docs/methods.md#sparse-training).
 A weight ``W`` is viewed as ``[out, F]``: dim 0 = output neurons, the other dims flattened into the
 fan-in (a conv weight ``[out, in, kh, kw]`` has ``F = in * kh * kw``; a 1-D ``W`` is ``[out, 1]``).
 In each row the ``K = min(k, F)`` entries of largest ``|W|`` are kept; equal magnitudes are broken
-by the *lower* column index, and NaN magnitudes count as largest (as ``+inf``, tied with it).
-Magnitudes are compared in fp32 (fp64 weights are rounded to fp32 first), exactly as the ground
-truth ``gradops.reference.topk_mask_reference`` (a stable descending sort) does, so every backend
-returns the reference's mask bit for bit.
+by the *lower* column index, and NaN ranks largest, above ``+inf`` (NaNs tie with each other), as
+in ``torch.sort``. Magnitudes are compared in fp64 for fp64 weights and in fp32 otherwise (bf16 /
+fp16 convert exactly), exactly as the ground truth ``gradops.reference.topk_mask_reference`` (a
+stable descending sort) does, so every backend returns the reference's mask bit for bit.
+
+Every backend ranks by an integer key per entry: the bit pattern of ``|x|`` (non-negative floats
+order like their bit patterns; int32 for fp32 / bf16 / fp16, int64 for fp64), NaN mapped to the
+pattern just above ``+inf`` (``0x7F800001`` / ``0x7FF0000000000001``).
 
 Two outputs: ``topk_mask`` (bool, ``W``'s shape) and the packed ``topk_indices`` (int32
 ``[out, K]``, each row's kept column indices in increasing order), for compact optimizers that
 gather/scatter only the selected entries.
 
 No backend sorts. The **Triton kernel** gives each program one row, or several narrow
-rows as a 2-D tile (at most 4,096 elements): it loads each row once, turns ``|x|`` (in fp32) into
-its int32 bit pattern (non-negative floats order like their bit patterns; NaN becomes the bits of
-``+inf``), finds the K-th largest pattern ``v`` by a 31-step bitwise binary search (each step
+rows as a 2-D tile (at most 4,096 elements): it loads each row once, turns ``|x|`` into its key,
+finds the K-th largest key ``v`` by a 31-step (63 for fp64) bitwise binary search (each step
 counts the entries ``>= candidate``), keeps the entries ``> v`` and, of those ``== v``, the
 lowest-index ones up to the remaining count (``tl.cumsum`` over the equality mask); the packed
 indices go to position ``(exclusive cumsum of the kept flags)``. Rows wider than
@@ -57,24 +60,36 @@ if _backend.triton_importable()[0]:
     @triton.jit
     def _topk_rows_kernel(W_ptr, mask_ptr, idx_ptr, R, F, K, row_stride,
                           ROWS: tl.constexpr, BLOCK: tl.constexpr, WITH_MASK: tl.constexpr,
-                          WITH_INDICES: tl.constexpr):
+                          WITH_INDICES: tl.constexpr, IS64: tl.constexpr):
         """Program ``p`` selects the top ``K`` magnitudes of rows ``[p*ROWS, (p+1)*ROWS)``
         (``F <= BLOCK``; each row is loaded once and stays in registers)."""
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         ok = (rows < R)[:, None] & (cols < F)[None, :]
-        x = tl.load(W_ptr + rows[:, None] * row_stride + cols[None, :], mask=ok,
-                    other=0.0).to(tl.float32)
-        bits = tl.abs(x).to(tl.int32, bitcast=True)
-        bits = tl.where(x != x, 0x7F800000, bits)      # NaN -> +inf (tied with +inf)
-        bits = tl.where(ok, bits, -1)                  # padding: below every magnitude
-        # v = the K-th largest bit pattern of each row: the largest v with #{bits >= v} >= K,
-        # decided bit by bit from bit 30 (bit 31, the sign, is 0 for every magnitude)
-        v = tl.zeros([ROWS], dtype=tl.int32)
-        for i in tl.static_range(31):
-            cand = v | (1 << (30 - i))
-            n = tl.sum((bits >= cand[:, None]).to(tl.int32), axis=1)
-            v = tl.where(n >= K, cand, v)
+        if IS64:       # fp64: int64 keys, NaN -> just above +inf
+            x = tl.load(W_ptr + rows[:, None] * row_stride + cols[None, :], mask=ok, other=0.0)
+            bits = tl.abs(x).to(tl.int64, bitcast=True)
+            bits = tl.where(x != x, 0x7FF0000000000001, bits)
+            bits = tl.where(ok, bits, -1)              # padding: below every magnitude
+            # v = the K-th largest key of each row: the largest v with #{bits >= v} >= K,
+            # decided bit by bit from bit 62 (bit 63, the sign, is 0 for every magnitude)
+            v = tl.zeros([ROWS], dtype=tl.int64)
+            one = tl.full([ROWS], 1, dtype=tl.int64)
+            for i in tl.static_range(63):
+                cand = v | (one << (62 - i))
+                n = tl.sum((bits >= cand[:, None]).to(tl.int32), axis=1)
+                v = tl.where(n >= K, cand, v)
+        else:          # fp32 / bf16 / fp16: int32 keys of the fp32 magnitude
+            x = tl.load(W_ptr + rows[:, None] * row_stride + cols[None, :], mask=ok,
+                        other=0.0).to(tl.float32)
+            bits = tl.abs(x).to(tl.int32, bitcast=True)
+            bits = tl.where(x != x, 0x7F800001, bits)  # NaN -> just above +inf
+            bits = tl.where(ok, bits, -1)
+            v = tl.zeros([ROWS], dtype=tl.int32)
+            for i in tl.static_range(31):
+                cand = v | (1 << (30 - i))
+                n = tl.sum((bits >= cand[:, None]).to(tl.int32), axis=1)
+                v = tl.where(n >= K, cand, v)
         above = bits > v[:, None]
         room = K - tl.sum(above.to(tl.int32), axis=1)  # ties still to keep, lowest index first
         tie = bits == v[:, None]
@@ -100,10 +115,19 @@ def _fan_in(W) -> int:
 
 
 # --- torch path ------------------------------------------------------------------------------
+_NAN_KEY32 = 0x7F800001
+_NAN_KEY64 = 0x7FF0000000000001
+
+
 def _magnitudes(rows: torch.Tensor) -> torch.Tensor:
-    """``|rows|`` in fp32 with NaN -> +inf (a fresh tensor, two passes)."""
-    mag = rows.abs() if rows.dtype == torch.float32 else rows.to(torch.float32).abs_()
-    return mag.nan_to_num_(nan=float("inf"), posinf=float("inf"))
+    """The integer keys of ``|rows|`` (module docstring): int64 for fp64, int32 otherwise; NaN
+    -> the key just above ``+inf`` (a fresh tensor)."""
+    if rows.dtype == torch.float64:
+        bits, nan_key = rows.view(torch.int64) & 0x7FFFFFFFFFFFFFFF, _NAN_KEY64
+    else:
+        f32 = rows if rows.dtype == torch.float32 else rows.to(torch.float32)
+        bits, nan_key = f32.view(torch.int32) & 0x7FFFFFFF, _NAN_KEY32
+    return bits.clamp_(max=nan_key)     # every NaN pattern is above +inf's: one key for all
 
 
 def _ties_to_lowest(mag: torch.Tensor, thr: torch.Tensor, K: int) -> torch.Tensor:
@@ -182,7 +206,7 @@ def _topk_triton(rows, K, mask, idx):
     _topk_rows_kernel[(triton.cdiv(out, rows_per),)](
         rows, dummy_mask, dummy_idx, out, F, K, row_stride,
         ROWS=rows_per, BLOCK=block, WITH_MASK=mask is not None, WITH_INDICES=idx is not None,
-        num_warps=warps)
+        IS64=rows.dtype == torch.float64, num_warps=warps)
 
 
 # --- C++ path (CPU tensors) ----------------------------------------------------------------------
@@ -273,8 +297,8 @@ def topk_mask(W: torch.Tensor, k: int) -> torch.Tensor:
 
     Returns:
         bool tensor of ``W``'s shape: in each row of the ``[out, F]`` view, exactly ``K`` True, at
-        the ``K`` largest ``|W|`` (compared in fp32); equal magnitudes go to the lower column
-        index; NaN counts as the largest magnitude (tied with ``+inf``).
+        the ``K`` largest ``|W|`` (compared in fp64 for fp64 ``W``, else in fp32); equal
+        magnitudes go to the lower column index; NaN ranks largest, above ``+inf``.
     """
     k = _index(k, "topk_mask")
     _check(W, k, "topk_mask")

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .loop import Trainer
 
 __all__ = ["validate_addons", "branch_trainer_model", "shared_module", "selective_trainer_step",
-           "write_addon_outputs"]
+           "write_addon_outputs", "addon_files"]
 
 
 def validate_addons(cfg: TrainConfig) -> None:
@@ -87,12 +87,26 @@ def selective_trainer_step(tr: Trainer, x: torch.Tensor, ys: dict[str, torch.Ten
     return selective_step(tr.selective, forward, update, measure, reduce=tr.dist.mean_)
 
 
+def addon_files(tr: Trainer) -> tuple[str, ...]:
+    """The names of the files :func:`write_addon_outputs` writes for this trainer."""
+    names: tuple[str, ...] = ()
+    if getattr(tr, "branch_report", None) is not None:
+        names += ("recon.json",)
+    if getattr(tr, "selective", None) is not None:
+        names += ("selective_groups.csv", "selective_affinity.csv", "selective_affinity.png",
+                  "selective_groups.png")
+    if getattr(tr, "probe", None) is not None:
+        names += ("probes.csv", "probes.png")
+    return names
+
+
 def write_addon_outputs(tr: Trainer, out: Path) -> None:
     """``recon.json`` (the branching report), the selective updates' files and the probes'
     files, as far as the run uses them (rewritten after every epoch)."""
     out = Path(out)
     if getattr(tr, "branch_report", None) is not None:
-        (out / "recon.json").write_text(json.dumps(tr.branch_report, indent=1) + "\n")
+        from .checkpoint import atomic_write_text
+        atomic_write_text(out / "recon.json", json.dumps(tr.branch_report, indent=1) + "\n")
     if getattr(tr, "selective", None) is not None:
         from .selective import write_selective_outputs
         write_selective_outputs(tr.selective, [t.name for t in tr.tasks], out)

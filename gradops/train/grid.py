@@ -26,7 +26,9 @@ from typing import Any
 
 from .config import METHODS, TrainConfig, parse_sparse
 from .errors import ConfigError
+from .io_errors import annotate
 from .run import run_training
+from .rundir import LOCK_FILE, DirLock, probe_lock
 
 __all__ = ["BUDGETS", "run_grid", "run_name", "DEFAULT_METHODS"]
 
@@ -61,10 +63,25 @@ def _plan(methods: list[str], sparses: list[str], seeds: list[int]) -> list[tupl
 
 
 def run_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: list[int],
-             out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-             progress: bool = True, report: bool = True, jobs: int = 1,
-             baseline: str = "stl", lrs: list[float] | None = None
-             ) -> list[dict[str, Any]]:
+             out_dir: str | Path, **kw: Any) -> list[dict[str, Any]]:
+    """:func:`_run_grid` holding ``out_dir``'s lock (:class:`.rundir.DirLock`) from before its
+    first write until it returns: a second ``compare`` on the same directory is refused."""
+    lock = DirLock(out_dir, "--out")
+    try:
+        results = _run_grid(base, methods, sparses, seeds, out_dir, _lock=lock, **kw)
+    except BaseException:
+        lock.release(keep=False)
+        raise
+    lock.release()
+    return results
+
+
+def _run_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: list[int],
+              out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+              progress: bool = True, report: bool = True, jobs: int = 1,
+              baseline: str = "stl", lrs: list[float] | None = None,
+              _lock: DirLock | None = None
+              ) -> list[dict[str, Any]]:
     """Train every (method, sparse, seed) of the grid into ``out_dir/runs/`` and write the
     report (:func:`gradops.train.report.write_report`, when available). Returns the results.
 
@@ -100,9 +117,13 @@ def run_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: l
     runs = out / "runs"
     if out.exists() and not out.is_dir():
         raise ConfigError("--out", f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+    probe_lock(out, "--out")
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) \
+            and not (resume or overwrite):
         raise ConfigError("--out", f"{out} is not empty (holds another comparison or other "
                           "files); pass --resume to continue it or --overwrite to replace its runs")
+    if _lock is not None:
+        _lock.acquire()
     runs.mkdir(parents=True, exist_ok=True)
     todo = []
     for cfg in configs:
@@ -139,7 +160,8 @@ def run_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: l
     if bar is not None:
         bar.close()
     if report:
-        _report(out, baseline)
+        with annotate(out):          # a failed write names the report's directory at least
+            _report(out, baseline)
     return [r for r in results if r is not None]
 
 

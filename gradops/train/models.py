@@ -91,7 +91,18 @@ def _load_weights(enc: nn.Module, path: str) -> None:
             sd = sd[key]
     if not isinstance(sd, dict):
         raise ConfigError("--weights", f"{path} holds no state dict")
-    missing, unexpected = enc.load_state_dict(sd, strict=False)
+    own = enc.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (the encoder's: {tuple(own[k].shape)})" for k, v in sd.items()
+             if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    if wrong:
+        raise ConfigError("--weights", f"{path} does not fit the encoder: wrong shapes "
+                          f"{', '.join(wrong[:3])}" + (f" and {len(wrong) - 3} more"
+                                                        if len(wrong) > 3 else ""))
+    try:
+        missing, unexpected = enc.load_state_dict(sd, strict=False)
+    except (RuntimeError, TypeError) as e:
+        msg = " ".join(str(e).split())[:300]
+        raise ConfigError("--weights", f"{path} does not fit the encoder: {msg}") from e
     if missing or unexpected:
         raise ConfigError("--weights", f"{path} does not fit the encoder: missing "
                           f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}")

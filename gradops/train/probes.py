@@ -161,10 +161,14 @@ class GradientProbe:
     def write(self, out_dir: Path) -> None:
         """``probes.csv`` (:data:`PROBE_COLUMNS`) and ``probes.png`` (Elich et al.'s Fig. 4)."""
         out = Path(out_dir)
-        with open(out / "probes.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=PROBE_COLUMNS)
-            w.writeheader()
-            w.writerows(self.rows)
+        import io
+
+        from .checkpoint import atomic_write_text
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=PROBE_COLUMNS)
+        w.writeheader()
+        w.writerows(self.rows)
+        atomic_write_text(out / "probes.csv", buf.getvalue())
         from .recon.plots import plot_probes
         plot_probes(self.rows, out / "probes.png")
 

@@ -4,12 +4,15 @@
 epoch and split), ``conflicts.csv`` (one row per epoch), ``checkpoint.pt`` (written atomically
 every ``checkpoint_every`` epochs and at the end) and, once the run is done, ``result.json``.
 Everything the inputs can get wrong is checked before the directory is touched, so a run refused
-for bad input loses nothing already written.
+for bad input loses nothing already written. The process that writes ``RUN_DIR`` holds its lock
+(:class:`.rundir.DirLock`) for the run's life, and ``.gradops-manifest.json`` lists the files the
+run writes (what ``--overwrite`` removes).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,28 +20,38 @@ from typing import Any
 
 import torch
 
-from .addons import write_addon_outputs
-from .checkpoint import CHECKPOINT, atomic_write_text, load_checkpoint, save_checkpoint
+from .addons import addon_files, write_addon_outputs
+from .checkpoint import (CHECKPOINT, atomic_write_text, load_checkpoint, restore_trainer,
+                         save_checkpoint)
 from .config import TrainConfig, read_toml, to_toml
 from .data import load_dataset
 from .distributed import Dist, setup
 from .divergence import Divergence, chance_levels, check_epoch, strict_json
 from .errors import ConfigError
+from .io_errors import annotate
 from .loop import Trainer, resolve_device
+from .rundir import LOCK_FILE, DirLock, Manifest, probe_lock
 from .stats import HIST_BINS
 
 __all__ = ["run_training", "RUN_FILES", "check_out_dir", "load_run_config"]
 
 RUN_FILES = ("config.toml", "metrics.jsonl", "conflicts.csv", "result.json", CHECKPOINT)
+#: The add-on files a run directory of an older gradops (no manifest) may hold.
+LEGACY_ADDON_FILES = ("recon.json", "selective_groups.csv", "selective_affinity.csv",
+                      "selective_groups.png", "selective_affinity.png", "probes.csv",
+                      "probes.png")
 
 
-def check_out_dir(out: Path, option: str = "--out") -> None:
-    """Refuse an existing, non-empty directory (another run, or anything else)."""
+def check_out_dir(out: Path, option: str = "--out", probe: bool = True) -> None:
+    """Refuse an existing, non-empty directory (another run, or anything else; a directory in
+    use by another process first, when ``probe``)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(option, f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
+    if probe:
+        probe_lock(out, option)
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
         held = [f for f in RUN_FILES if (out / f).exists()] or \
-            sorted(p.name for p in out.iterdir())[:3]
+            sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)[:3]
         raise ConfigError(option, f"{out} is not empty (holds {', '.join(held)}); pass "
                           f"--resume {out} to continue that run or --overwrite to replace it")
 
@@ -82,7 +95,7 @@ def _truncate_csv(path: Path, epoch: int) -> None:
 
 
 def _append(path: Path, text: str) -> None:
-    with open(path, "a") as f:
+    with annotate(path), open(path, "a") as f:
         f.write(text)
         f.flush()
 
@@ -112,6 +125,28 @@ def run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: boo
                  dist: Dist | None = None) -> dict[str, Any]:
     """Train one run into ``out_dir`` and return what ``result.json`` holds.
 
+    The (main) process holds ``out_dir``'s lock from before it reads a checkpoint or writes a
+    file until it returns; another process writing ``out_dir`` is refused (ConfigError).
+    """
+    main = dist.main if dist is not None else int(os.environ.get("RANK", "0")) == 0
+    lock = DirLock(out_dir, "--resume" if resume else "--out") if main else None
+    try:
+        result = _run_training(config, out_dir, resume=resume, overwrite=overwrite,
+                               progress=progress, quiet=quiet, dist=dist, lock=lock)
+    except BaseException:
+        if lock is not None:
+            lock.release(keep=False)
+        raise
+    if lock is not None:
+        lock.release()
+    return result
+
+
+def _run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = False,
+                  overwrite: bool = False, progress: bool = True, quiet: bool = False,
+                  dist: Dist | None = None, lock: DirLock | None = None) -> dict[str, Any]:
+    """:func:`run_training`'s body (``lock``: the run directory's, taken here when main).
+
     Args:
         config: the run's configuration (validated here); with ``resume`` the configuration
             saved in ``out_dir`` is used, except for ``device`` and ``threads`` (taken from
@@ -126,10 +161,15 @@ def run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: boo
     ckpt = None
     if resume:
         cfg = load_run_config(out)
+        if lock is not None:
+            lock.acquire()            # before the checkpoint is read: one writer at a time
         if config is not None:
             cfg = cfg.replace(device=config.device, threads=config.threads).validate()
         ckpt = load_checkpoint(out)
         if (out / "result.json").is_file() and ckpt["epoch"] >= cfg.epochs:
+            if not quiet and lock is not None:
+                print(f"gradops train: {out} is already finished ({ckpt['epoch']} of "
+                      f"{cfg.epochs} epochs); its result is {out / 'result.json'}", flush=True)
             return json.loads((out / "result.json").read_text())
     else:
         cfg = config.validate()
@@ -137,6 +177,8 @@ def run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: boo
             check_out_dir(out)
         elif out.exists() and not out.is_dir():
             raise ConfigError("--out", f"{out} exists and is not a directory")
+        else:
+            probe_lock(out, "--out")
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -147,16 +189,22 @@ def run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: boo
                                "test": None, "nonconverged": 0}
     start = 1
     if ckpt is not None:
-        trainer.load_state_dict(ckpt["trainer"])
+        restore_trainer(trainer, ckpt, out)
         history = ckpt["history"]
         start = ckpt["epoch"] + 1
     main = dist.main
     metrics_path, conf_path = out / "metrics.jsonl", out / "conflicts.csv"
     if main:
+        if lock is not None and not lock.held:
+            lock.acquire()
+            if not overwrite:
+                check_out_dir(out, probe=False)    # again, under the lock
         out.mkdir(parents=True, exist_ok=True)
+        manifest = Manifest(out)
         if ckpt is None:
-            for f in RUN_FILES:
-                (out / f).unlink(missing_ok=True)
+            manifest.remove_files(fallback=RUN_FILES + LEGACY_ADDON_FILES)
+        manifest.add(RUN_FILES + addon_files(trainer))
+        if ckpt is None:
             header = (f"resolved configuration of a gradops train run (gradops "
                       f"{_version()}, torch {torch.__version__})")
             atomic_write_text(out / "config.toml", to_toml(cfg.to_dict(), header))
@@ -202,7 +250,8 @@ def run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: boo
             else:
                 row = [epoch]
             _append(conf_path, ",".join(_fmt(v) for v in row) + "\n")
-            write_addon_outputs(trainer, out)     # recon.json, selective_*, probes.*
+            with annotate(out):
+                write_addon_outputs(trainer, out)     # recon.json, selective_*, probes.*
             if diverged is None and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
                 history["time_s"] += time.perf_counter() - t_run
                 t_run = time.perf_counter()

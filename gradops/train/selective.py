@@ -204,11 +204,12 @@ def write_selective_outputs(sel: SelectiveGroups, names: Sequence[str], out_dir:
     lines = ["step,n_groups,groups"]
     for i, gs in enumerate(sel.history, 1):
         lines.append(f"{i},{len(gs)}," + "|".join("+".join(names[t] for t in g) for g in gs))
-    (out / "selective_groups.csv").write_text("\n".join(lines) + "\n")
+    from .checkpoint import atomic_write_text
+    atomic_write_text(out / "selective_groups.csv", "\n".join(lines) + "\n")
     A = sel.affinity.cpu().tolist()
     rows = ["source," + ",".join(names)] + [names[s] + "," + ",".join(repr(v) for v in row)
                                              for s, row in enumerate(A)]
-    (out / "selective_affinity.csv").write_text("\n".join(rows) + "\n")
+    atomic_write_text(out / "selective_affinity.csv", "\n".join(rows) + "\n")
     from .recon.plots import plot_affinity, plot_group_counts
     plot_affinity(A, names, out / "selective_affinity.png")
     plot_group_counts([len(gs) for gs in sel.history], out / "selective_groups.png")

@@ -1,5 +1,6 @@
 """The on-disk cache of built data sets: atomic writes, a SHA-256 beside each file, rebuilt when
-missing or corrupt.
+missing or corrupt. The cache is an optimisation: when it cannot be written (read-only, full, its
+path a file) a warning says so, once per directory, and the data set built in memory is used.
 
 Location: ``$GRADOPS_DATA_CACHE`` if set, else ``$XDG_CACHE_HOME/gradops``, else
 ``~/.cache/gradops``.
@@ -66,7 +67,23 @@ def cached_arrays(name: str, build: Callable[[], dict[str, np.ndarray]]) -> dict
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     data = buf.getvalue()
-    d.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, data)
-    atomic_write_bytes(path.with_name(path.name + ".sha256"), (_sha256(data) + "\n").encode())
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+        atomic_write_bytes(path.with_name(path.name + ".sha256"), (_sha256(data) + "\n").encode())
+    except OSError as e:     # the cache is an optimisation: train from memory, say so once
+        _warn_unwritable(d, e)
     return arrays
+
+
+_warned: set[str] = set()
+
+
+def _warn_unwritable(d: Path, e: OSError) -> None:
+    from ..io_errors import describe_os_error
+    if str(d) in _warned:
+        return
+    _warned.add(str(d))
+    print(f"gradops: warning: cannot write the data cache ({describe_os_error(e)}); using the "
+          "data set built in memory (set GRADOPS_DATA_CACHE to a writable directory to cache "
+          "it)", file=sys.stderr)

@@ -36,11 +36,16 @@ __all__ = ["recon_search", "read_ranking", "top_layers", "conflict_table",
            "conflict_table_markdown", "check_empty_dir"]
 
 
-def check_empty_dir(out: Path, option: str = "--out", overwrite: bool = False) -> None:
-    """Refuse a path that is a file, or a non-empty directory unless ``overwrite``."""
+def check_empty_dir(out: Path, option: str = "--out", overwrite: bool = False,
+                    probe: bool = True) -> None:
+    """Refuse a path that is a file, a directory another process writes, or a non-empty
+    directory unless ``overwrite``."""
+    from ..rundir import LOCK_FILE, probe_lock
     if out.exists() and not out.is_dir():
         raise ConfigError(option, f"{out} exists and is not a directory")
-    if not overwrite and out.is_dir() and any(out.iterdir()):
+    if probe:
+        probe_lock(out, option)
+    if not overwrite and out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise ConfigError(option, f"{out} is not empty; pass --overwrite to replace its files")
 
 
@@ -53,7 +58,23 @@ def _layer_params(module: torch.nn.Module, names: list[str]) -> dict[str, int]:
 def recon_search(cfg: TrainConfig, iters: int, S: float, out_dir: str | Path, *,
                  overwrite: bool = False, progress: bool = False) -> list[dict[str, Any]]:
     """Run Recon's search (module docstring); returns the ranking written to
-    ``out_dir/ranking.json``."""
+    ``out_dir/ranking.json``. Holds ``out_dir``'s lock (:class:`~gradops.train.rundir.DirLock`)
+    while it writes there."""
+    from ..rundir import DirLock
+    lock = DirLock(out_dir, "--out")
+    try:
+        ranking = _recon_search(cfg, iters, S, out_dir, overwrite=overwrite, progress=progress,
+                                lock=lock)
+    except BaseException:
+        lock.release(keep=False)
+        raise
+    lock.release()
+    return ranking
+
+
+def _recon_search(cfg: TrainConfig, iters: int, S: float, out_dir: str | Path, *,
+                  overwrite: bool = False, progress: bool = False, lock: Any = None
+                  ) -> list[dict[str, Any]]:
     from ..loop import Trainer, resolve_device
     cfg = cfg.validate()
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
@@ -66,6 +87,9 @@ def recon_search(cfg: TrainConfig, iters: int, S: float, out_dir: str | Path, *,
         raise ConfigError("--stats", "the search needs the per-task gradients (--stats)")
     out = Path(out_dir)
     check_empty_dir(out, overwrite=overwrite)
+    if lock is not None:
+        lock.acquire()
+        check_empty_dir(out, overwrite=overwrite, probe=False)     # again, under the lock
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -117,13 +141,13 @@ def recon_search(cfg: TrainConfig, iters: int, S: float, out_dir: str | Path, *,
     order = sorted(range(len(layers)), key=lambda i: -counts[i])
     ranking = [{"layer": layers[i], "score": int(counts[i]), "params": nparams[layers[i]]}
                for i in order]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ranking.json").write_text(json.dumps(ranking, indent=1) + "\n")
+    from ..checkpoint import atomic_write_text
+    atomic_write_text(out / "ranking.json", json.dumps(ranking, indent=1) + "\n")
     meta = {"iters": iters, "S": float(S), "tasks": [t.name for t in trainer.tasks],
             "pairs_per_step": len(trainer.tasks) * (len(trainer.tasks) - 1) // 2,
             "layers_in_network_order": layers, "time_s": seconds,
             "config": cfg.to_dict()}
-    (out / "search.json").write_text(json.dumps(meta, indent=1) + "\n")
+    atomic_write_text(out / "search.json", json.dumps(meta, indent=1) + "\n")
     from .plots import plot_scores
     plot_scores(layers, counts, iters * meta["pairs_per_step"], float(S), out / "scores.png")
     return ranking
@@ -222,6 +246,10 @@ def conflict_table(cfg: TrainConfig, ranking: list[dict[str, Any]], topk: int, i
         return build_model(cfg.backbone, shape, cfg.width, data.tasks,
                            cfg.weights or None).to(device)
 
+    try:       # the ranking must fit this encoder (checked before any training)
+        branch_model(build(), branched, init=init)
+    except ValueError as e:
+        raise ConfigError("--ranking", f"does not fit this encoder: {e}") from e
     m0 = build()
     names0, _ = layer_index(m0.encoder, list(m0.encoder.parameters()))
     remaining = {n for n in names0 if n not in {("(root)" if b == "" else b) for b in branched}}
