@@ -20,11 +20,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated methods (default: ew, pcgrad, cagrad, graddrop, mgda, "
                         "imtlg, nashmtl, famo; stl always runs as the baseline)")
     p.add_argument("--sparse", default=None,
-                   help="comma-separated sparse settings (default off,fraction=0.3)")
+                   help="comma-separated sparse settings: off, a trainable fraction (0.6 or "
+                        "fraction=0.6), k=INT, or RULE:FRACTION with RULE psn, random, global "
+                        "or reverse (default off,0.6: the ST paper's random-init setting; 0.3 "
+                        "is its pretrained one)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--budget", default=None, choices=("default", "quick"),
-                   help="default: the full grid (~3.5 min on 2 idle CPU cores); quick: a "
-                        "seconds-long smoke grid")
+                   help="default: the full grid (about 10 min on 2 idle CPU cores); quick: "
+                        "a seconds-long smoke grid")
     p.add_argument("--resume", action="store_true",
                    help="continue the comparison in --out (finished runs are kept)")
     p.add_argument("--overwrite", action="store_true", help="start every run in --out again")

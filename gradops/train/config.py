@@ -15,8 +15,9 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["TrainConfig", "METHODS", "MTL_METHODS", "LOSS_METHODS", "parse_sparse",
-           "read_toml", "to_toml", "option_name"]
+__all__ = ["TrainConfig", "METHODS", "MTL_METHODS", "LOSS_METHODS", "SPARSE_RULES",
+           "canonical_sparse", "parse_sparse", "parse_sparse_rule", "read_toml", "to_toml",
+           "option_name"]
 
 # MTLOptimizer methods (pcgrad-layer = per-layer PCGrad), loss-level methods, one model per task
 MTL_METHODS = ("ew", "pcgrad", "pcgrad-layer", "graddrop", "mgda", "cagrad", "imtlg", "nashmtl",
@@ -27,6 +28,7 @@ OPTIMS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "step", "multistep", "none")
 AMP = ("off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
 
 def option_name(field: str) -> str:
@@ -34,28 +36,65 @@ def option_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def parse_sparse(value: str, option: str = "--sparse") -> tuple[str, float | int | None]:
-    """``"off"`` -> ``("off", None)``, ``"k=300"`` -> ``("k", 300)``, ``"fraction=0.3"`` ->
-    ``("fraction", 0.3)``; anything else raises :class:`ConfigError`."""
+SPARSE_RULES = ("psn", "random", "global", "reverse")   # gradops.sparse.METHODS
+_SPARSE_FORMS = ["off", "k=INT", "fraction=FLOAT", "FLOAT (a fraction)",
+                 "RULE:FLOAT, RULE:k=INT or RULE:fraction=FLOAT with RULE one of "
+                 + "/".join(SPARSE_RULES)]
+
+
+def parse_sparse_rule(value: str, option: str = "--sparse"
+                      ) -> tuple[str | None, str, float | int | None]:
+    """``--sparse`` with its selection rule: ``"off"`` -> ``(None, "off", None)``, ``"k=300"``
+    -> ``("psn", "k", 300)``, ``"fraction=0.3"`` or ``"0.3"`` -> ``("psn", "fraction", 0.3)``,
+    ``"random:0.6"`` -> ``("random", "fraction", 0.6)``, ``"reverse:k=30"`` ->
+    ``("reverse", "k", 30)``. The rules are those of :func:`gradops.sparse.psn_masks`
+    (``method=``; the ST paper's Fig. 5(c) ablation): ``psn`` (per-neuron top-K, the default),
+    ``random``, ``global``, ``reverse``. Anything else raises :class:`ConfigError`."""
     v = str(value).strip()
     if v == "off":
-        return "off", None
-    m = re.fullmatch(r"(k|fraction)=([0-9.eE+-]+)", v)
+        return None, "off", None
+    rule, body = "psn", v
+    if ":" in v:
+        rule, body = (x.strip() for x in v.split(":", 1))
+        if rule not in SPARSE_RULES:
+            raise ConfigError(option, f"unknown selection rule {rule!r} in {value!r}",
+                              SPARSE_RULES)
+    m = re.fullmatch(r"(?:(k|fraction)=)?([0-9.eE+-]+)", body)
     if m:
         kind, num = m.groups()
         try:
             if kind == "k":
                 k = int(num)
                 if k >= 1:
-                    return "k", k
+                    return rule, "k", k
             else:
                 f = float(num)
                 if 0.0 < f <= 1.0:
-                    return "fraction", f
+                    return rule, "fraction", f
         except ValueError:
             pass
     raise ConfigError(option, f"malformed value {value!r} (k: an integer >= 1, fraction: in "
-                      "(0, 1])", ["off", "k=INT", "fraction=FLOAT"])
+                      "(0, 1])", _SPARSE_FORMS)
+
+
+def parse_sparse(value: str, option: str = "--sparse") -> tuple[str, float | int | None]:
+    """``"off"`` -> ``("off", None)``, ``"k=300"`` -> ``("k", 300)``, ``"fraction=0.3"`` (or
+    ``"0.3"``, ``"random:0.3"``) -> ``("fraction", 0.3)``: :func:`parse_sparse_rule` without the
+    rule; anything else raises :class:`ConfigError`."""
+    _, kind, num = parse_sparse_rule(value, option)
+    return kind, num
+
+
+def canonical_sparse(value: str, option: str = "--sparse") -> str:
+    """The one spelling of a sparse setting that run names and reports use: ``"0.6"`` ->
+    ``"fraction=0.6"``, ``"random:0.6"`` -> ``"random:fraction=0.6"``; a rule given explicitly
+    is kept (``"psn:0.6"`` -> ``"psn:fraction=0.6"``), ``"off"``, ``"k=INT"`` and
+    ``"fraction=FLOAT"`` are unchanged. Raises :class:`ConfigError` for a malformed value."""
+    rule, kind, num = parse_sparse_rule(value, option)
+    if kind == "off":
+        return "off"
+    body = f"{kind}={num}"
+    return f"{rule}:{body}" if ":" in str(value) else body
 
 
 @dataclass
@@ -67,7 +106,7 @@ class TrainConfig:
     data_seed: int = 0              # the splits (fixed for a data set, shared by all runs)
     train_limit: int = 0            # use only the first N training samples (0: all)
     method: str = "ew"
-    sparse: str = "off"             # off | k=INT | fraction=FLOAT
+    sparse: str = "off"             # off | k=INT | fraction=FLOAT | FLOAT | RULE:FLOAT ...
     seed: int = 0
     epochs: int = 10
     backbone: str = "cnn"
@@ -86,6 +125,7 @@ class TrainConfig:
     amp: str = "off"                # off | bf16 | fp16 (fp16 uses a GradScaler)
     device: str = "auto"            # auto (cuda when available) | cpu | cuda
     threads: int = 0                # CPU threads of torch (0: torch's default)
+    memory_format: str = "auto"     # auto (channels_last for the cnn on CPU) | contiguous | ...
     stats: bool = True              # per-task gradients for the statistics also for ew/uw/dwa/famo
     cagrad_c: float = 0.4
     graddrop_leak: float = 0.0
@@ -93,7 +133,7 @@ class TrainConfig:
     famo_lr: float = 0.025
     famo_gamma: float = 0.001
     checkpoint_every: int = 1       # epochs between checkpoints (the last epoch always)
-    eval_batch_size: int = 512
+    eval_batch_size: int = 128      # on CPU: faster than larger batches (cache)
     eval_limit: int = 0             # evaluate only the first N val / test samples (0: all)
     recon: str = ""                 # Recon: a ranking.json of `gradops recon search`
     recon_topk: int = 0             # Recon: how many of its top layers become task-specific
@@ -123,7 +163,7 @@ class TrainConfig:
             raise ConfigError("--method", f"unknown method {self.method!r}", METHODS)
         parse_sparse(self.sparse)
         for name, choices in (("optim", OPTIMS), ("schedule", SCHEDULES), ("amp", AMP),
-                              ("device", DEVICES)):
+                              ("device", DEVICES), ("memory_format", MEMORY_FORMATS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(option_name(name), f"unknown value {getattr(self, name)!r}",
                                   choices)

@@ -27,7 +27,7 @@ from torch.utils.data.distributed import DistributedSampler
 from ..optim import MTLOptimizer
 from ..optim.sparse_training import SparseTraining
 from ..sparse import psn_masks
-from .config import LOSS_METHODS, TrainConfig, parse_milestones, parse_sparse
+from .config import LOSS_METHODS, TrainConfig, parse_milestones, parse_sparse_rule
 from .data import MTLData, Split
 from .distributed import Dist
 from .errors import ConfigError
@@ -39,7 +39,7 @@ from .addons import branch_trainer_model, selective_trainer_step, shared_module
 from .probes import GradientProbe, parse_probe
 from .selective import SelectiveGroups
 
-__all__ = ["Trainer", "resolve_device"]
+__all__ = ["Trainer", "resolve_device", "memory_format"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,6 +50,21 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError("--device", "cuda asked for, but no CUDA device is visible",
                           ["auto", "cpu", "cuda"])
     return torch.device(name)
+
+
+def memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_format:
+    """The layout of the model's 4-D weights (``--memory-format``). ``auto``: channels-last for
+    the built-in CNN on CPU, contiguous elsewhere. On one CPU thread at the default grid's size
+    (width 32, batch 64) oneDNN's forward convolutions, BatchNorm and max-pooling ran about
+    1.5x faster in it, the backward passes about as fast, so an epoch about 10% faster. Not
+    bit-identical to contiguous: each step's gradients agree to float32 rounding (BatchNorm's
+    statistics round differently, which can flip a max-pool's choice between near-equal
+    inputs), so a run's metrics differ from a contiguous run's as a run with another seed
+    would; ``contiguous`` reproduces runs made before it."""
+    name = cfg.memory_format
+    if name == "auto":
+        name = "channels_last" if device.type == "cpu" and cfg.backbone == "cnn" else "contiguous"
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format
 
 
 class _Indices:
@@ -115,6 +130,8 @@ class Trainer:
         self.branch_report = None
         if cfg.recon:                         # Recon: the top-K layers made task-specific
             self.net, self.branch_report = branch_trainer_model(self.net, cfg, shape)
+        self.memory_format = memory_format(cfg, device)
+        self.net.to(memory_format=self.memory_format)   # 4-D weights only; before the optimizers
         encoder = shared_module(self.net)     # the shared parameters (a branched encoder's base)
 
         self.lossm = None
@@ -126,10 +143,11 @@ class Trainer:
         self.params = params
         inner = self._inner_optimizer(params)
 
-        kind, value = parse_sparse(cfg.sparse)
+        rule, kind, value = parse_sparse_rule(cfg.sparse)
         masks = None
-        if kind != "off":
-            masks = psn_masks(encoder, **{kind: value})
+        if kind != "off":       # random positions: a function of the seed only
+            gen = torch.Generator().manual_seed(cfg.seed) if rule == "random" else None
+            masks = psn_masks(encoder, **{kind: value}, method=rule, generator=gen)
         self.sparse_fraction = None if masks is None else masks.fraction
 
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)

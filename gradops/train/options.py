@@ -36,6 +36,8 @@ _HELP = {
     "selective_warmup": "--method selective: batches with singleton groups",
     "probe": "gradient probes (Elich et al.): off or every=INT,samples=INT",
     "threads": "torch CPU threads (0: torch's default)",
+    "memory_format": "layout of the model's 4-D weights and activations: auto (channels_last "
+                     "for --backbone cnn on CPU, else contiguous), contiguous or channels_last",
 }
 
 

@@ -386,8 +386,9 @@ def _image(title: str, path: Path | None, why_not: str) -> list[str]:
     return [f"![{title}]({path.name})", ""]
 
 
-def _plot_section(runs: Sequence[Run], out_dir: Path) -> list[str]:
+def _plot_section(runs: Sequence[Run], out_dir: Path, baseline: str = "stl") -> list[str]:
     from . import report_plots as P  # matplotlib is imported here, not with gradops
+    from .report_sweep import MIN_FRACTIONS, plot_fraction_sweep
 
     lines = ["## Plots", "", "### Incidence of gradient conflict per epoch (ST paper, Fig. 4)", "",
              "Mean over seeds; solid: without ST, dashed/dotted: with ST.", ""]
@@ -417,6 +418,15 @@ def _plot_section(runs: Sequence[Run], out_dir: Path) -> list[str]:
     lines += [f"### Task metrics over epochs ({split or 'val or test'} split)", ""]
     lines += _image("task metrics over epochs", None if split_path is None else split_path[0],
                     "no metrics.jsonl with val or test lines")
+    base = stl_baseline(runs, baseline)
+    lines += ["### Incidence and Δm% against the trainable fraction (ST paper, Fig. 5(b))", "",
+              "Mean ± std over seeds; x: each run's trainable fraction of the encoder (1.0: "
+              "without ST).", ""]
+    lines += _image("incidence and delta m against the trainable fraction",
+                    plot_fraction_sweep(runs, lambda r: _run_delta_m(r, base),
+                                        out_dir / "fraction_sweep.png", baseline=baseline),
+                    f"fewer than {MIN_FRACTIONS} trainable fractions (counting `off` as 1.0) for "
+                    "every method and selection rule; e.g. `--sparse off,0.1,0.3,0.45,0.6,0.8`")
     return lines
 
 
@@ -495,7 +505,7 @@ def write_report(out_dir: str | Path, *, baseline: str = "stl", plots: bool = Tr
         for title, text in sections.items():
             lines += [f"## {title}", "", text, ""]
         if plots and chosen:
-            lines += _plot_section(chosen, out_dir)
+            lines += _plot_section(chosen, out_dir, baseline)
     else:
         lines += ["No complete run: no table or plot.", ""]
     notes = [f"- `{r.name}`: {note}" for r in runs for note in r.notes]

@@ -154,7 +154,7 @@ def test_compare_quick_budget(tmp_path, capsys):
     assert main(["compare", "--budget", "quick", "--out", str(out), "--no-progress",
                  "--threads", "1", "--train-limit", "128", "--width", "4"]) == 0
     runs = sorted(p.name for p in (out / "runs").iterdir())
-    assert runs == ["ew__fraction-0.3__s0", "ew__off__s0", "pcgrad__fraction-0.3__s0",
+    assert runs == ["ew__fraction-0.6__s0", "ew__off__s0", "pcgrad__fraction-0.6__s0",
                     "pcgrad__off__s0", "stl__off__s0"]
     for r in runs:
         assert (out / "runs" / r / "result.json").is_file()
