@@ -85,7 +85,7 @@ def solver_backend(request):
         yield request.param
 
 
-TIGHT = {"mgda": dict(max_iter=1500, tol=1e-14), "cagrad": dict(max_iter=1000, tol=1e-14),
+TIGHT = {"mgda": dict(max_iter=1500, tol=1e-12), "cagrad": dict(max_iter=1000, tol=1e-12),
          "nashmtl": dict(max_iter=40, tol=1e-12)}
 
 
@@ -432,7 +432,7 @@ def test_cagrad_c0_is_mean():
 @pytest.mark.parametrize("method", sorted(W.ITERATIVE))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_status_reports_non_convergence(method, dtype, solver_backend):
-    G = gram(make_jac(8), dtype)
+    G = gram(make_jac(8, seed=1), dtype)    # (seed 0: CAGrad's optimum is its starting vertex)
     w, st = W.get(method)(G, max_iter=1, return_status=True)
     assert isinstance(st, W.SolverStatus)
     assert st.converged.dtype == torch.bool and st.converged.shape == ()
