@@ -32,8 +32,10 @@ def cagrad(G: torch.Tensor, c: float = 0.4, rescale: int = 1, max_iter: int = 25
     ||g_i||`` (the smoothing's bound, below).
 
     Smoothing: ``||g_w||`` is replaced by ``sqrt(||g_w||^2 + delta^2)`` in the objective and in
-    ``lam``, ``delta = smooth * max_i ||g_i||`` (default ``smooth = sqrt(eps)`` of the working
-    dtype: 3.5e-4 in fp32, 1.5e-8 in fp64), the scale-free form of the authors' and LibMTL's
+    ``lam``, ``delta = smooth * max_i ||g_i||`` (default ``smooth = max(sqrt(eps), 1e-6)`` of
+    the working dtype: 3.5e-4 in fp32, 1e-6 in fp64, where ``delta^2`` stays well above the
+    float64 solver's rounding of ``||g_w||^2``, ~``T eps max_i G_ii``; it was ``sqrt(eps)``
+    = 1.5e-8 in fp64, at that rounding level), the scale-free form of the authors' and LibMTL's
     ``sqrt(. + 1e-8)`` and ``+ 1e-8``. The smoothed dual is CAGrad's dual for the gradients
     ``(g_i, delta)`` lifted by one shared coordinate, so the ``d`` returned maximises
     ``min_i g_i . d + delta c ||g0|| sqrt(1 - ||d - g0||^2 / (c ||g0||)^2)`` over the same
@@ -66,8 +68,8 @@ def cagrad(G: torch.Tensor, c: float = 0.4, rescale: int = 1, max_iter: int = 25
     b = G.sum(1) / T                                          # G 1 / T = J g0
     g0_norm = torch.sqrt(torch.clamp(b.sum() / T, min=0.0))   # ||g0||^2 = 1^T G 1 / T^2
     k = c * g0_norm
-    if smooth is None:
-        smooth = math.sqrt(_eps(G))
+    if smooth is None:                      # see the docstring: 3.5e-4 (fp32), 1e-6 (fp64)
+        smooth = max(math.sqrt(_eps(G)), 1e-6)
     if not isinstance(smooth, (int, float)) or not smooth >= 0:
         raise ValueError(f"gradops.weighting.cagrad: smooth must be a float >= 0, got {smooth!r}")
     scale = torch.clamp(G.diagonal().max(), min=_tiny(G))
