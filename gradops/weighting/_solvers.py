@@ -1,5 +1,5 @@
-"""The iterative solvers' loops (pairwise Frank-Wolfe for MGDA and CAGrad, damped Newton for
-Nash-MTL) and where they run: the torch loops here are the reference (and serve
+"""The iterative solvers' loops (an exact active-set method for MGDA and CAGrad, damped Newton
+for Nash-MTL) and where they run: the torch loops here are the reference (and serve
 ``torch.compile``, fake tensors and a ``G`` that requires grad); in eager mode the same
 algorithms run in C++ on CPU tensors (``csrc/weighting_cpu.cpp``) and in one Triton program per
 solve on CUDA tensors (:mod:`gradops.weighting._triton_solvers`)."""

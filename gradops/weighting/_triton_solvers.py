@@ -6,20 +6,21 @@ loop's ~30 launches per iteration (MGDA's 250-iteration budget is ~7,500 launche
 host synchronisation, and the loop stops on the device as soon as the iterate has converged (a
 converged iterate is frozen in every backend, so stopping returns what the full budget returns).
 
-The algorithms are the torch reference loops of :mod:`gradops.weighting` step for step, in ``G``'s
-dtype (fp32 or fp64):
+The algorithms are the torch reference loops of :mod:`gradops.weighting` step for step:
 
-- :func:`pairwise_fw_triton`: pairwise Frank-Wolfe on the simplex with exact line search, for
-  MGDA (``min w^T G w``, Sener & Koltun 2018, Alg. 2) and CAGrad's dual
-  (``min b^T w + k sqrt(w^T G w + delta2)``, Liu et al. 2021, Alg. 1);
+- :func:`simplex_qp_triton`: the exact active-set solver of MGDA (``min w^T G w``, Wolfe's
+  min-norm point; Sener & Koltun 2018) and CAGrad's dual (``min b^T w + k sqrt(w^T G w +
+  delta2)``, Liu et al. 2021) of :func:`gradops.weighting._solvers._simplex_qp`, in float64
+  whatever ``G``'s dtype (an in-register Cholesky factorisation of the corral per step; the
+  loops run over the ``T`` real rows only);
 - :func:`nash_newton_triton`: Nash-MTL's damped Newton iteration for ``G a = 1 / a`` (Navon et
-  al. 2022), with an in-register Cholesky factorisation and triangular solves of
-  ``G + diag(1/a^2) + jitter I``.
+  al. 2022), in ``G``'s dtype, with an in-register Cholesky factorisation and triangular solves
+  of ``G + diag(1/a^2) + jitter I``.
 
-Ties in the vertex choice go to the lowest index (as ``torch.argmin``/``argmax``); reductions run
+Ties in the task choices go to the lowest index (as ``torch.argmin``/``argmax``); reductions run
 in a different order than torch's, so iterates can differ in the last bits and, at exact ties, take
 another (equally valid) path: the tests compare the backends' solutions, not their bits.
-The signatures mirror the C++ CPU kernels (``gradops._C.pairwise_fw_cpu`` / ``nash_newton_cpu``).
+The signatures mirror the C++ CPU kernels (``gradops._C.simplex_qp_cpu`` / ``nash_newton_cpu``).
 """
 from __future__ import annotations
 
