@@ -2,15 +2,14 @@
 (csrc/weighting_cpu.cpp) and, under TRITON_INTERPRET=1, the Triton programs of
 gradops/weighting/_triton_solvers.py (the GPU path; on a GPU, tests/test_gpu.py runs them for real).
 
-The C++ loops run the torch loops' algorithms in double precision, the Triton ones in G's dtype.
-For Nash-MTL (Newton: no
-discrete choices) that gives the same iterates to rounding. Pairwise Frank-Wolfe picks a vertex
-pair by argmin / argmax of the gradient, and an exact line search along ``e_s - e_v`` leaves
-``grad_s == grad_v`` in exact arithmetic: the next choice is then often decided by the last bit,
-and different (equally valid) rounding sends the two loops down different paths to the same
-optimum. So MGDA / CAGrad are compared where a comparison is exact: the first step (before any
-tie), the solution at a tight tolerance (unique there), and at the default tolerance through the
-solver's own certificate (both within ``residual`` of the optimum), with the same ``converged``.
+The C++ loops run the torch loops' algorithms in double precision; the Triton Nash-MTL loop runs
+in G's dtype, the MGDA / CAGrad active-set solver in float64 everywhere. Nash-MTL (Newton: no
+discrete choices) gives the same iterates to rounding. The active-set solver chooses tasks by
+argmin / argmax of a gradient, so at a rounding-level tie the backends may take other (equally
+valid) corrals to the same optimum: MGDA / CAGrad are compared where a comparison is exact: the
+first step (before any tie), the solution at a tight tolerance (unique there), and at the default
+tolerance through the solver's own certificate (both within ``residual`` of the optimum), with
+the same ``converged``.
 """
 from __future__ import annotations
 
