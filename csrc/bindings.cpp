@@ -305,24 +305,25 @@ SolverOut solver_outputs(const at::Tensor& G, const std::vector<double>& x,
   return {w, converged, iterations, residual};
 }
 
-// Pairwise Frank-Wolfe of gradops.weighting._pairwise_fw: MGDA (b = None) or CAGrad (b [T],
+// The active-set solver of gradops.weighting._simplex_qp: MGDA (b = None) or CAGrad (b [T],
 // k and delta2 0-dim); scale 0-dim. All of G's dtype.
-SolverOut pairwise_fw_cpu(const at::Tensor& G, const c10::optional<at::Tensor>& b,
+SolverOut simplex_qp_cpu(const at::Tensor& G, const c10::optional<at::Tensor>& b,
                           const at::Tensor& scale, const c10::optional<at::Tensor>& k,
                           const c10::optional<at::Tensor>& delta2, int64_t max_iter, double tol,
                           double tiny) {
-  auto g = solver_gram(G, "pairwise_fw_cpu");
+  (void)tiny;  // kept in the signature of the other backends; the kernel runs in double
+  auto g = solver_gram(G, "simplex_qp_cpu");
   const int64_t T = G.size(0);
-  TORCH_CHECK(max_iter >= 0, "gradops: pairwise_fw_cpu needs max_iter >= 0");
-  check_solver_tensor(scale, G, 1, "pairwise_fw_cpu scale");
+  TORCH_CHECK(max_iter >= 0, "gradops: simplex_qp_cpu needs max_iter >= 0");
+  check_solver_tensor(scale, G, 1, "simplex_qp_cpu scale");
   const bool cagrad = b.has_value();
   TORCH_CHECK(k.has_value() == cagrad && delta2.has_value() == cagrad,
-              "gradops: pairwise_fw_cpu takes b, k and delta2 together (CAGrad) or none (MGDA)");
+              "gradops: simplex_qp_cpu takes b, k and delta2 together (CAGrad) or none (MGDA)");
   std::vector<double> bv, kv{0.0}, dv{0.0};
   if (cagrad) {
-    check_solver_tensor(*b, G, T, "pairwise_fw_cpu b");
-    check_solver_tensor(*k, G, 1, "pairwise_fw_cpu k");
-    check_solver_tensor(*delta2, G, 1, "pairwise_fw_cpu delta2");
+    check_solver_tensor(*b, G, T, "simplex_qp_cpu b");
+    check_solver_tensor(*k, G, 1, "simplex_qp_cpu k");
+    check_solver_tensor(*delta2, G, 1, "simplex_qp_cpu delta2");
     bv = to_double(*b);
     kv = to_double(*k);
     dv = to_double(*delta2);
@@ -332,8 +333,8 @@ SolverOut pairwise_fw_cpu(const at::Tensor& G, const c10::optional<at::Tensor>& 
   gradops::SolverResult r;
   {
     pybind11::gil_scoped_release no_gil;
-    r = gradops::pairwise_fw_cpu(g.data(), T, cagrad ? bv.data() : nullptr, kv[0], dv[0], sc,
-                                 max_iter, tol, tiny, G.scalar_type() == at::kFloat, w.data());
+    r = gradops::simplex_qp_cpu(g.data(), T, cagrad ? bv.data() : nullptr, kv[0], dv[0], sc,
+                                max_iter, tol, G.scalar_type() == at::kFloat, w.data());
   }
   return solver_outputs(G, w, r);
 }
@@ -481,8 +482,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("seed"), pybind11::arg("offset"));
   m.def("pcgrad_coefficients_cpu", &pcgrad_coefficients_cpu, "PCGrad coefficient matrices on CPU",
         pybind11::arg("G"), pybind11::arg("perms"), pybind11::arg("eps"));
-  m.def("pairwise_fw_cpu", &pairwise_fw_cpu,
-        "Pairwise Frank-Wolfe of MGDA / CAGrad on CPU: (w, converged, iterations, residual)",
+  m.def("simplex_qp_cpu", &simplex_qp_cpu,
+        "Active-set solver of MGDA / CAGrad on CPU: (w, converged, iterations, residual)",
         pybind11::arg("G"), pybind11::arg("b"), pybind11::arg("scale"), pybind11::arg("k"),
         pybind11::arg("delta2"), pybind11::arg("max_iter"), pybind11::arg("tol"),
         pybind11::arg("tiny"));

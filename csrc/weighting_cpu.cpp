@@ -82,93 +82,179 @@ inline void matvec(const double* A, const double* x, double* y, int64_t n) {
 }  // namespace
 
 // ----------------------------------------------------------------------------------------------
-// Pairwise Frank-Wolfe (Lacoste-Julien & Jaggi, "On the Global Linear Convergence of Frank-Wolfe
-// Optimization Variants", NeurIPS 2015, Alg. 2) on the simplex, from w = 1/T. Each step:
-//   Gw = G w (fresh, so that the gap is a true certificate), gr = grad f(w),
-//   gap = (gr . w - min gr) / scale; stop when gap <= tol;
-//   s = argmin gr (Frank-Wolfe vertex), v = argmax_{w_v > 0} gr (away vertex), d = e_s - e_v;
-//   gamma in [0, w_v] minimising f(w + gamma d) exactly; w += gamma d (w_v clamped at 0: exact drop).
-// The line search works with A = d^T G d, B = w^T G d (= (Gw)_s - (Gw)_v):
-//   MGDA:   f(w + gamma d) - f(w) = A gamma^2 + 2 B gamma  ->  gamma* = -B / A;
-//   CAGrad: a gamma + k sqrt(A gamma^2 + 2 B gamma + C), a = b . d, C = w^T G w + delta2: convex in
-//           gamma; with r = (a / k)^2 a stationary point exists iff A > r (and k > 0), at
-//           gamma = u - B / A, |u| = sqrt(r (C - B^2 / A) / (A (A - r))), sign(u) = -sign(a);
-//           otherwise f is monotone along d: gamma = +inf (clipped to w_v) if a < 0, else 0.
+// Active-set solver of MGDA's and CAGrad's problems on the simplex (gradops.weighting._simplex_qp,
+// whose docstring has the method: Wolfe's min-norm-point iteration with a linear term t b, and for
+// CAGrad an outer update of t by the closed-form root on the corral or bisection). All in double
+// on Gs = G / scale, b / scale, k^2 / scale, delta2 / scale; iterate for iterate the torch loop.
 // ----------------------------------------------------------------------------------------------
-SolverResult pairwise_fw_cpu(const double* G, int64_t T, const double* b, double k, double delta2,
-                             double scale, int64_t max_iter, double tol, double tiny, bool f32,
-                             double* w) {
-  std::vector<double> Gw(T), gr(T), Gd(T), masked(T), d(T);
-  for (int64_t i = 0; i < T; ++i) w[i] = 1.0 / static_cast<double>(T);
-  // With finite G and b the products with d = e_s - e_v need only columns s and v (the other
-  // terms are exact zeros); otherwise they are formed in full, so that 0 * Inf = NaN as in torch.
-  const bool finite = all_finite(G, T * T) && (b == nullptr || all_finite(b, T));
+namespace {
 
-  // gr = grad f(w) from Gw; returns w^T G w clamped at 0 (CAGrad's C - delta2).
-  auto grad_of = [&]() {
-    const double q = clamp_min(dot(w, Gw.data(), T), 0.0);
-    if (b == nullptr) {
-      for (int64_t i = 0; i < T; ++i) gr[i] = 2.0 * Gw[i];
-    } else {
-      const double norm = std::sqrt(q + delta2);
-      for (int64_t i = 0; i < T; ++i) gr[i] = b[i] + k * Gw[i] / norm;
-    }
-    return q;
-  };
-  auto gap_of = [&]() { return (dot(gr.data(), w, T) - min_nan(gr.data(), T)) / scale; };
+constexpr double kF64Tiny = std::numeric_limits<double>::min();
+constexpr double kFloor = 1e-12;
+constexpr double kMargin = 1e-13;
+constexpr double kJitter = 4 * std::numeric_limits<double>::epsilon();
 
-  int64_t its = 0;
-  for (; its < max_iter; ++its) {
-    matvec(G, w, Gw.data(), T);
-    const double q = grad_of();
-    if (within(gap_of(), tol, f32)) break;  // converged: the reference freezes w from here on
-
-    const int64_t s = argmin_nan(gr.data(), T);
-    for (int64_t i = 0; i < T; ++i) masked[i] = w[i] > 0.0 ? gr[i] : -kInf;
-    const int64_t v = argmax_nan(masked.data(), T);
-    const double ds = s == v ? 0.0 : 1.0;   // d = e_s - e_v (0 when s == v: no move)
-    double A;                               // curvature d^T G d >= 0
-    if (finite) {                           // G d = G[:, s] - G[:, v], exactly
-      for (int64_t i = 0; i < T; ++i) Gd[i] = ds * (G[i * T + s] - G[i * T + v]);
-      A = Gd[s] - Gd[v];
-    } else {
-      for (int64_t i = 0; i < T; ++i) d[i] = (i == s ? 1.0 : 0.0) - (i == v ? 1.0 : 0.0);
-      matvec(G, d.data(), Gd.data(), T);
-      A = dot(d.data(), Gd.data(), T);
-    }
-    const double B = dot(w, Gd.data(), T);  // (G w)_s - (G w)_v
-    double wv = 0.0;                        // w_v, NaN if any w_i is (as sum(w * onehot))
-    for (int64_t i = 0; i < T; ++i) wv += i == v ? w[i] : 0.0 * w[i];
-
-    double gamma;
-    if (b == nullptr) {
-      gamma = -B / clamp_min(A, tiny);
-    } else {
-      const double a = finite ? ds * (b[s] - b[v]) : dot(b, d.data(), T);
-      const double C = q + delta2;
-      const double Ac = clamp_min(A, tiny);
-      const double ak = a / clamp_min(k, tiny);
-      const double r = ak * ak;
-      const double Dq = clamp_min(C - B * B / Ac, 0.0);
-      const bool interior = A > r && k > 0.0;
-      double u = std::sqrt(r * Dq / clamp_min(Ac * (A - r), tiny));
-      if (a > 0.0) u = -u;                  // sign(u) = -sign(a) at the stationary point
-      const double g_int = u - B / Ac;
-      const double g_mono = a < 0.0 ? kInf : 0.0;
-      gamma = interior ? g_int : g_mono;
-    }
-    if (std::isnan(gamma)) gamma = 0.0;
-    gamma = minimum_nan(clamp_min(gamma, 0.0), wv);
-    if (std::isnan(gamma)) {                // only from a NaN w: w + NaN * d is NaN everywhere
-      for (int64_t i = 0; i < T; ++i) w[i] = kNaN;
-    } else if (s != v) {
-      w[s] += gamma;
-      w[v] = clamp_min(w[v] - gamma, 0.0);  // exact drop of the away vertex
+// Solve on the corral S (mask) with pivot p: alpha (affine min-norm point of aff(S)) and beta
+// (alpha + t beta minimises 1/2 w^T G w + t b^T w on aff(S)) by a Cholesky factorisation of the
+// Gram of g_i - g_p, i in S \ {p}. Returns false when a pivot is not > 0 (or not finite).
+bool face_solve(const double* G, const double* b, int64_t T, const std::vector<char>& S, int64_t p,
+                double jitter, std::vector<double>& L, std::vector<int64_t>& ix,
+                double* alpha, double* beta) {
+  ix.clear();
+  for (int64_t i = 0; i < T; ++i)
+    if (S[i] && i != p) ix.push_back(i);
+  const int64_t n = static_cast<int64_t>(ix.size());
+  const double Gpp = G[p * T + p];
+  for (int64_t i = 0; i < T; ++i) alpha[i] = beta[i] = 0.0;
+  std::vector<double> y1(n), y2(n);
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t i = ix[r];
+    for (int64_t c = 0; c <= r; ++c) {
+      const int64_t j = ix[c];
+      double h = G[i * T + j] - G[i * T + p] - G[p * T + j] + Gpp;
+      if (r == c) h += jitter;
+      for (int64_t q = 0; q < c; ++q) h -= L[r * n + q] * L[c * n + q];
+      if (r == c) {
+        if (!(h > 0.0) || !std::isfinite(h)) return false;
+        L[r * n + r] = std::sqrt(h);
+      } else {
+        L[r * n + c] = h / L[c * n + c];
+      }
     }
   }
-  matvec(G, w, Gw.data(), T);
-  grad_of();
-  const double gap = gap_of();
+  for (int64_t r = 0; r < n; ++r) {           // L y = rhs
+    const int64_t i = ix[r];
+    double v1 = Gpp - G[i * T + p], v2 = (b ? b[p] - b[i] : 0.0);
+    for (int64_t q = 0; q < r; ++q) { v1 -= L[r * n + q] * y1[q]; v2 -= L[r * n + q] * y2[q]; }
+    y1[r] = v1 / L[r * n + r];
+    y2[r] = v2 / L[r * n + r];
+  }
+  for (int64_t r = n - 1; r >= 0; --r) {      // L^T x = y
+    double v1 = y1[r], v2 = y2[r];
+    for (int64_t q = r + 1; q < n; ++q) { v1 -= L[q * n + r] * y1[q]; v2 -= L[q * n + r] * y2[q]; }
+    y1[r] = v1 / L[r * n + r];
+    y2[r] = v2 / L[r * n + r];
+  }
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t r = 0; r < n; ++r) {
+    alpha[ix[r]] = y1[r];
+    beta[ix[r]] = y2[r];
+    s1 += y1[r];
+    s2 += y2[r];
+  }
+  alpha[p] = 1.0 - s1;
+  beta[p] = -s2;
+  return all_finite(alpha, T) && all_finite(beta, T);
+}
+
+double quad(const double* G, const double* x, int64_t T) {
+  double s = 0.0;
+  for (int64_t i = 0; i < T; ++i) s += x[i] * dot(G + i * T, x, T);
+  return s;
+}
+
+}  // namespace
+
+SolverResult simplex_qp_cpu(const double* G_in, int64_t T, const double* b_in, double k,
+                            double delta2, double scale, int64_t max_iter, double tol, bool f32,
+                            double* w) {
+  const bool cagrad = b_in != nullptr;
+  const bool finite = all_finite(G_in, T * T) && (!cagrad || all_finite(b_in, T)) &&
+                      std::isfinite(scale) && std::isfinite(k) && std::isfinite(delta2);
+  if (!finite) {                             // the torch loop never converges on these
+    for (int64_t i = 0; i < T; ++i) w[i] = kNaN;
+    return {max_iter, kNaN, false};
+  }
+  std::vector<double> G(T * T), b(T, 0.0), Gw(T), gr(T), grf(T), alpha(T), beta(T), a(T), L(T * T);
+  std::vector<int64_t> ix;
+  std::vector<char> S(T);
+  for (int64_t i = 0; i < T * T; ++i) G[i] = G_in[i] / scale;
+  double k2 = 0.0, d2 = 0.0, kk = 0.0, t_hi = 0.0;
+  if (cagrad) {
+    for (int64_t i = 0; i < T; ++i) b[i] = b_in[i] / scale;
+    k2 = k * k / scale;
+    d2 = delta2 / scale;
+    kk = std::sqrt(k2);
+    t_hi = 2.0 * std::sqrt(1.0 + d2) / clamp_min(kk, kF64Tiny);
+  }
+  const double jitter = kJitter * static_cast<double>(T);
+  const double freeze = std::min(kFloor * (1.0 + kk), tol);
+  int64_t i0 = 0;
+  for (int64_t i = 1; i < T; ++i)
+    if (G[i * T + i] < G[i0 * T + i0]) i0 = i;
+  for (int64_t i = 0; i < T; ++i) w[i] = i == i0 ? 1.0 : 0.0;
+  bool ok = true, stalled = false, settled = false;
+  double t = 0.0, t_lo = 0.0;
+
+  // gr = G w + t b; returns (gq, gap): the quadratic's and the objective's Frank-Wolfe gaps
+  auto gaps = [&](double& gq) {
+    matvec(G.data(), w, Gw.data(), T);
+    for (int64_t i = 0; i < T; ++i) gr[i] = Gw[i] + t * b[i];
+    gq = dot(gr.data(), w, T) - min_nan(gr.data(), T);
+    if (!cagrad) return 2.0 * gq;
+    const double rho = std::sqrt(clamp_min(dot(w, Gw.data(), T) + d2, kF64Tiny));
+    for (int64_t i = 0; i < T; ++i) grf[i] = b[i] + kk * Gw[i] / rho;
+    return dot(grf.data(), w, T) - min_nan(grf.data(), T);
+  };
+
+  int64_t its = 0;
+  double gq = 0.0, gap = 0.0;
+  for (; its < max_iter; ++its) {
+    gap = gaps(gq);
+    const int64_t s = argmin_nan(gr.data(), T);
+    const double gw = dot(gr.data(), w, T);
+    const bool can_add = gr[s] < gw - kMargin * (1.0 + t) && w[s] <= 0.0 && !stalled;
+    const bool inner_done = cagrad && ok && !can_add;
+    const bool done = cagrad ? (gap <= freeze || settled) : (gap <= freeze || (ok && !can_add));
+    if (done) break;
+    const bool add = ok && can_add && !inner_done;
+    int64_t p = argmax_nan(w, T);
+    for (int64_t i = 0; i < T; ++i) S[i] = w[i] > 0.0 || (add && i == s);
+    const bool fail = !face_solve(G.data(), cagrad ? b.data() : nullptr, T, S, p, jitter, L, ix,
+                                  alpha.data(), beta.data());
+    if (inner_done) {                        // outer step (CAGrad): a new t
+      const bool psi_pos = dot(w, Gw.data(), T) + d2 > k2 * t * t;
+      const double lo = psi_pos ? t : t_lo, hi = psi_pos ? t_hi : t;
+      const double den = k2 - quad(G.data(), beta.data(), T);
+      const double tS = std::sqrt(clamp_min(quad(G.data(), alpha.data(), T) + d2, kF64Tiny) /
+                                  clamp_min(den, kF64Tiny));
+      const bool newton = den > 0.0 && tS >= lo && tS <= hi && !fail;
+      const double t_new = newton ? tS : 0.5 * (lo + hi);
+      settled = std::fabs(t_new - t) <= kMargin * t;
+      t_lo = lo;
+      t_hi = hi;
+      t = t_new;
+      ok = false;
+      stalled = false;
+      continue;
+    }
+    if (fail) {                              // keep w; this corral cannot be extended
+      stalled = true;
+      continue;
+    }
+    bool full = true;
+    double theta = kInf;
+    int64_t j = 0;
+    for (int64_t i = 0; i < T; ++i) {
+      a[i] = alpha[i] + t * beta[i];
+      if (S[i] && a[i] < 0.0) {
+        full = false;
+        const double r = w[i] / clamp_min(w[i] - a[i], kF64Tiny);
+        if (r < theta) { theta = r; j = i; }
+      }
+    }
+    double sum = 0.0;
+    for (int64_t i = 0; i < T; ++i) {
+      double v;
+      if (full) v = S[i] ? clamp_min(a[i], 0.0) : 0.0;
+      else v = i == j ? 0.0 : clamp_min(w[i] + theta * (a[i] - w[i]), 0.0);
+      w[i] = v;
+      sum += v;
+    }
+    for (int64_t i = 0; i < T; ++i) w[i] /= sum;
+    ok = full;
+  }
+  gap = gaps(gq);
   return {its, gap, within(gap, tol, f32)};
 }
 

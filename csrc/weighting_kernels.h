@@ -23,15 +23,14 @@ struct SolverResult {
   bool converged;      // residual <= tol, compared in the working dtype
 };
 
-// Pairwise Frank-Wolfe on the simplex with exact line search (gradops.weighting._pairwise_fw).
-//   b == nullptr: MGDA,   f(w) = w^T G w;
-//   otherwise:    CAGrad, f(w) = b^T w + k sqrt(w^T G w + delta2)   (k >= 0, delta2 > 0).
-// G: [T, T] row-major, symmetric, T >= 1; b: [T] or nullptr. The residual is the Frank-Wolfe
-// gap divided by `scale`. `tiny`: the smallest normal number of the working dtype (the guards of
-// the torch reference). w: [T] out (the last iterate, on the simplex).
-SolverResult pairwise_fw_cpu(const double* G, int64_t T, const double* b, double k, double delta2,
-                             double scale, int64_t max_iter, double tol, double tiny, bool f32,
-                             double* w);
+// MGDA's and CAGrad's problems on the simplex by an active-set method (gradops.weighting._simplex_qp).
+//   b == nullptr: MGDA,   min w^T G w;
+//   otherwise:    CAGrad, min b^T w + k sqrt(w^T G w + delta2)   (k >= 0, delta2 > 0).
+// G: [T, T] row-major, symmetric, T >= 1; b: [T] or nullptr. Runs in double on G / scale; the
+// residual is the Frank-Wolfe gap divided by `scale`. Non-finite input: w NaN, max_iter
+// iterations, NaN residual (what the torch loop reports). w: [T] out (on the simplex).
+SolverResult simplex_qp_cpu(const double* G, int64_t T, const double* b, double k, double delta2,
+                            double scale, int64_t max_iter, double tol, bool f32, double* w);
 
 // Nash-MTL's damped Newton iteration for G a = 1 / a, a > 0 (the loop of gradops.weighting.nashmtl),
 // on the normalised Gram Gn ([T, T] row-major, symmetric, T >= 1), from a_i = c / sqrt(Gn_ii).

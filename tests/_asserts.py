@@ -259,3 +259,27 @@ def assert_gram_form_equals_vector_form(op: OpCase, J: torch.Tensor) -> None:
                      f"{op}.{spec.name} against its vector form")
         compared += 1
     assert compared, f"{op}: the reference compares no output"
+
+
+# -- properties of a weighting's update d = w^T J (tests/test_weighting_geometries.py) --------- #
+
+def assert_finite(y: torch.Tensor, what: str = "") -> None:
+    """Finite output (for a finite input)."""
+    assert bool(torch.isfinite(y).all()), f"{what}: non-finite output {y}"
+
+
+def assert_non_conflicting(J: torch.Tensor, d: torch.Tensor, rtol: float, what: str = "") -> None:
+    """``g_i . d >= -rtol m^2`` for every task (``m = max_i ||g_i||``): the update does not
+    conflict with any task gradient, within the tolerance."""
+    Jd, d = J.double(), d.double()
+    worst = float((Jd @ d).min())
+    m = problem_scale(J)
+    assert worst >= -rtol * m * m, f"{what}: min_i g_i . d = {worst:.3g} < -{rtol:g} m^2 ({m:.3g})"
+
+
+def assert_updates_close(d: torch.Tensor, expected: torch.Tensor, J: torch.Tensor, rtol: float,
+                         what: str = "") -> None:
+    """``max |d - expected| <= rtol m``: two updates of the same problem agree at its scale."""
+    err = float((d.double() - expected.double()).abs().max())
+    m = problem_scale(J)
+    assert err <= rtol * m, f"{what}: max |d - expected| = {err:.3g} > {rtol:g} m ({m:.3g})"

@@ -85,7 +85,7 @@ def solver_backend(request):
         yield request.param
 
 
-TIGHT = {"mgda": dict(max_iter=1500, tol=1e-14), "cagrad": dict(max_iter=1000, tol=1e-14),
+TIGHT = {"mgda": dict(max_iter=1500, tol=1e-12), "cagrad": dict(max_iter=1000, tol=1e-12),
          "nashmtl": dict(max_iter=40, tol=1e-12)}
 
 
@@ -128,7 +128,7 @@ def test_cagrad_matches_slsqp(T, c, rescale, solver_backend):
     J = make_jac(T)
     w, st = W.cagrad(gram(J), c, rescale, **TIGHT["cagrad"], return_status=True)
     assert bool(st.converged)
-    ref = R.cagrad_reference(J, c, rescale, smooth=math.sqrt(np.finfo(np.float64).eps))
+    ref = R.cagrad_reference(J, c, rescale, smooth=1e-6)   # gradops' fp64 default
     assert_update_close(update(w, J), ref, J, 1e-6, "fp64")
     w32, st32 = W.cagrad(gram(J, torch.float32), c, rescale, return_status=True)
     assert bool(st32.converged)
@@ -432,7 +432,7 @@ def test_cagrad_c0_is_mean():
 @pytest.mark.parametrize("method", sorted(W.ITERATIVE))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_status_reports_non_convergence(method, dtype, solver_backend):
-    G = gram(make_jac(8), dtype)
+    G = gram(make_jac(8, seed=1), dtype)    # (seed 0: CAGrad's optimum is its starting vertex)
     w, st = W.get(method)(G, max_iter=1, return_status=True)
     assert isinstance(st, W.SolverStatus)
     assert st.converged.dtype == torch.bool and st.converged.shape == ()

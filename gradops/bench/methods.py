@@ -1,13 +1,18 @@
 """``gradops bench --suite methods``: ``combine``, ``pcgrad`` and ``graddrop`` against ``w @ J``,
 the vector form of PCGrad with a host sync per pair (LibMTL, the paper), the torch formula of
-GradDrop and TorchJD's aggregators, beside the one-read floor."""
+GradDrop and TorchJD's aggregators, beside the one-read floor; and one row per ``T x T`` solver
+(MGDA, CAGrad at ``c`` = 0.4 and 2) on ``G = J J^T``: time per solve and the iterations it took
+(in the implementation column)."""
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
 
+import math
+
 import torch
 
+from .. import weighting as W
 from ..ops.combine import combine
 from ..ops.graddrop import graddrop
 from ..ops.pcgrad import pcgrad, random_orders
@@ -15,6 +20,7 @@ from ..reference import pcgrad_reference
 from .peers import FLOOR, column_sum, one_read, torch_graddrop, torchjd_aggregators
 from .gram import random_J
 from .report import Row, op_rows
+from .timing import device_name, time_side_by_side
 
 
 def contenders(J: torch.Tensor, w: torch.Tensor, perms: torch.Tensor, vector_form: bool = True
@@ -50,13 +56,36 @@ def method_inputs(J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             random_orders(T, generator=g, device=J.device))
 
 
+SOLVES: dict[str, Callable[[torch.Tensor], object]] = {
+    "mgda": lambda G: W.mgda(G, return_status=True),
+    "cagrad c=0.4": lambda G: W.cagrad(G, c=0.4, return_status=True),
+    "cagrad c=2": lambda G: W.cagrad(G, c=2.0, return_status=True),
+}
+"""The solver rows: name -> ``G -> (w, status)``."""
+
+
+def solver_rows(J: torch.Tensor, device: torch.device, rounds: int,
+                budget_s: float) -> list[Row]:
+    """One row per solver on ``G = J J^T`` (float32): time per solve (the default backend for
+    ``G``'s device: C++ on CPU, Triton on CUDA), iterations in the implementation column."""
+    G = (J.float() @ J.float().T).contiguous()
+    its = {name: int(fn(G)[1].iterations) for name, fn in SOLVES.items()}
+    secs = time_side_by_side({name: (lambda fn=fn: fn(G)) for name, fn in SOLVES.items()},
+                             device, rounds, budget_s)
+    return [Row(op="solve", impl=f"{name}: active set, {its[name]} iterations", T=J.shape[0],
+                P=J.shape[1], L=1, dtype="float32", device=device_name(device), ms=s * 1e3,
+                gbps=math.nan, x_read=math.nan) for name, s in secs.items()]
+
+
 def bench_methods_case(T: int, P: int, dtype: torch.dtype, device: torch.device,
                        rounds: int = 15, vector_form: bool = True,
                        budget_s: float = 20.0) -> list[Row]:
-    """Time combine, PCGrad and GradDrop against their peers for one shape."""
+    """Time combine, PCGrad and GradDrop against their peers for one shape, and the solvers on
+    its Gram."""
     J = random_J(T, P, dtype, device)
     w, perms = method_inputs(J)
-    return op_rows(contenders(J, w, perms, vector_form), J, 1, device, rounds, budget_s)
+    return (op_rows(contenders(J, w, perms, vector_form), J, 1, device, rounds, budget_s)
+            + solver_rows(J, device, rounds, budget_s))
 
 
 def main(args: argparse.Namespace) -> int:

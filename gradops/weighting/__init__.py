@@ -41,9 +41,10 @@ full budget, ``True`` forces the check).
 Solver backends (op ``weighting_solvers`` in :func:`gradops.info`): in eager mode the loops of
 ``mgda``, ``cagrad`` and ``nashmtl`` run in C++ on CPU tensors (``csrc/weighting_cpu.cpp``, when
 the extension is built: the same algorithms step for step, in double precision) and in one Triton
-program per solve on CUDA tensors with ``T <= 64`` (:mod:`gradops.weighting._triton_solvers`, in
-``G``'s
-dtype: one launch instead of ~30 per iteration), on the ``T x T`` inputs prepared here, stopping
+program per solve on CUDA tensors with ``T <= 64`` (:mod:`gradops.weighting._triton_solvers`:
+one launch instead of dozens per iteration; MGDA's and CAGrad's active-set solver runs in float64
+in every backend, Nash-MTL's Newton loop in ``G``'s dtype on the GPU), on the ``T x T`` inputs
+prepared here, stopping
 on the device once converged (whatever ``early_exit`` says: the result is the same). The torch
 loops below are the reference and serve ``torch.compile``, fake tensors, ``T > 64`` on CUDA and
 a ``G`` that requires grad; ``gradops.use_backend("torch")`` (or ``GRADOPS_BACKEND=torch``)

@@ -6,7 +6,7 @@ import math
 import torch
 
 from ._common import SolverStatus, _check_iter, _eps, _poison, _prep, _ret, _tiny
-from ._solvers import _pairwise_fw
+from ._solvers import _simplex_qp
 
 
 def cagrad(G: torch.Tensor, c: float = 0.4, rescale: int = 1, max_iter: int = 250,
@@ -24,21 +24,39 @@ def cagrad(G: torch.Tensor, c: float = 0.4, rescale: int = 1, max_iter: int = 25
     All quantities come from ``G`` (``||g0||^2 = 1^T G 1 / T^2``, ``||g_w||^2 = w^T G w``).
     Weights are invariant to ``J -> sJ``; ``d`` scales by ``s``.
 
-    Smoothing: ``||g_w||`` is replaced by ``sqrt(||g_w||^2 + delta^2)`` in the objective and in
-    ``lam``, ``delta = smooth * max_i ||g_i||`` (default ``smooth = sqrt(eps)`` of the working
-    dtype: 3.5e-4 in fp32, 1.5e-8 in fp64), the scale-free form of the authors' and LibMTL's
-    ``sqrt(. + 1e-8)`` and ``+ 1e-8``. It changes nothing measurable unless ``g_w`` nearly
-    vanishes at the optimum (``0`` in the hull of the gradients with mild conflict, e.g. a zero
-    task gradient or two opposite ones); there the unsmoothed problem is not differentiable and
-    its ``d`` not unique (LibMTL's absolute ``1e-8`` then picks an arbitrary one), while the
-    smoothed problem is differentiable and picks one ``d`` continuously, with bounded weights
-    (``lam <= c ||g0|| / delta``) and ``||d - g0|| <= c ||g0||`` before the rescale. A zero task
-    gradient then gives ``d = g0``. In fp32 the residual of such a problem may stay above
-    ``tol`` (the curvature is ``~ 1/delta``): the status says so.
+    The problem solved (their Eq. 3, primal): ``max_d min_i g_i . d`` subject to
+    ``||d - g0|| <= c ||g0||``; ``d`` (before the rescale) is its maximiser, up to the smoothing
+    below. When ``0`` is in the convex hull of the gradients and ``c >= 1``, ``d = 0`` is
+    feasible and the optimal value is ``0``: every maximiser is then non-conflicting
+    (``g_i . d >= 0`` for all ``i``), and this one is too, within ``smooth * c ||g0|| max_i
+    ||g_i||`` (the smoothing's bound, below).
 
-    Solver: pairwise Frank-Wolfe with an exact (closed-form) line search of the convex objective,
-    from ``w = 1/T``, ``max_iter`` iterations (the authors use scipy SLSQP on the CPU). Residual =
-    Frank-Wolfe gap / ``max_i G_ii``; ``converged`` when ``<= tol``. ``c = 0`` needs no solve.
+    Smoothing: ``||g_w||`` is replaced by ``sqrt(||g_w||^2 + delta^2)`` in the objective and in
+    ``lam``, ``delta = smooth * max_i ||g_i||`` (default ``smooth = max(sqrt(eps), 1e-6)`` of
+    the working dtype: 3.5e-4 in fp32, 1e-6 in fp64, where ``delta^2`` stays well above the
+    float64 solver's rounding of ``||g_w||^2``, ~``T eps max_i G_ii``; it was ``sqrt(eps)``
+    = 1.5e-8 in fp64, at that rounding level), the scale-free form of the authors' and LibMTL's
+    ``sqrt(. + 1e-8)`` and ``+ 1e-8``. The smoothed dual is CAGrad's dual for the gradients
+    ``(g_i, delta)`` lifted by one shared coordinate, so the ``d`` returned maximises
+    ``min_i g_i . d + delta c ||g0|| sqrt(1 - ||d - g0||^2 / (c ||g0||)^2)`` over the same
+    ball: it is feasible for the primal above and within ``delta c ||g0||`` of its optimal
+    value, and where the primal's maximiser is not unique (``g_w`` vanishes at the optimum:
+    ``0`` in the hull with mild conflict, a zero task gradient, two opposite ones) it picks the
+    one nearest ``g0`` (LibMTL's absolute ``1e-8`` picks an arbitrary one), with bounded weights
+    (``lam <= c ||g0|| / delta``). A zero task gradient then gives ``d = g0``.
+
+    Scale: every tolerance above is relative (``delta`` scales with the gradients), so the
+    answer does not depend on the gradients' scale: at ``J -> 1e-10 J`` or ``1e15 J`` the
+    weights are the same (TorchJD's absolute thresholds return 0 at ``1e-10``).
+
+    Solver: an exact active-set method on the simplex (see
+    :func:`gradops.weighting._solvers._simplex_qp`: Wolfe's min-norm-point iteration for the
+    quadratic ``1/2 w^T G w + t b^T w``, and an outer update of ``t`` by the closed-form root of
+    ``w^T G w + delta^2 = (c ||g0|| t)^2`` on the current corral, safeguarded by bisection), in
+    float64, at most ``max_iter`` steps in all (the authors use scipy SLSQP on the CPU).
+    Residual = Frank-Wolfe gap of the smoothed dual / ``max_i G_ii``; ``converged`` when
+    ``<= tol``: a problem that does not converge within ``max_iter`` says so. ``c = 0`` needs no
+    solve.
     """
     G = _prep(G, "cagrad")
     _check_iter("cagrad", max_iter, tol)
@@ -50,8 +68,8 @@ def cagrad(G: torch.Tensor, c: float = 0.4, rescale: int = 1, max_iter: int = 25
     b = G.sum(1) / T                                          # G 1 / T = J g0
     g0_norm = torch.sqrt(torch.clamp(b.sum() / T, min=0.0))   # ||g0||^2 = 1^T G 1 / T^2
     k = c * g0_norm
-    if smooth is None:
-        smooth = math.sqrt(_eps(G))
+    if smooth is None:                      # see the docstring: 3.5e-4 (fp32), 1e-6 (fp64)
+        smooth = max(math.sqrt(_eps(G)), 1e-6)
     if not isinstance(smooth, (int, float)) or not smooth >= 0:
         raise ValueError(f"gradops.weighting.cagrad: smooth must be a float >= 0, got {smooth!r}")
     scale = torch.clamp(G.diagonal().max(), min=_tiny(G))
@@ -62,9 +80,11 @@ def cagrad(G: torch.Tensor, c: float = 0.4, rescale: int = 1, max_iter: int = 25
                               torch.zeros((), dtype=torch.int64, device=G.device),
                               torch.zeros((), dtype=G.dtype, device=G.device))
     else:
-        w_star, status = _pairwise_fw(G, max_iter, tol, scale, b=b, k=k, delta2=delta2,
+        w_star, status = _simplex_qp(G, max_iter, tol, scale, b=b, k=k, delta2=delta2,
                                       early_exit=early_exit)
-    lam = k / torch.sqrt(torch.clamp(w_star @ G @ w_star, min=0.0) + delta2)
+    ws, Gd = w_star.double(), G.double()       # ||g_w||^2 ~ delta2 is a cancellation: in fp64
+    rho = torch.sqrt(torch.clamp(ws @ Gd @ ws + delta2.double(), min=1e-300))
+    lam = (k.double() / rho).to(G.dtype)
     w = 1.0 / T + lam * w_star
     w = w / (1.0, 1.0 + c * c, 1.0 + c)[rescale] + _poison(G)
     status = status._replace(converged=status.converged & torch.isfinite(w).all())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._common import _check_iter, _poison, _prep, _ret, _tiny
-from ._solvers import _pairwise_fw
+from ._solvers import _simplex_qp
 
 MGDA_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -23,11 +23,14 @@ def mgda(G: torch.Tensor, normalization: str = "none", losses: torch.Tensor | No
     weights **on the raw gradients**, ``w_i = w*_i / s_i``, so ``d = w^T J`` is the same update
     (``w_i = 0`` where ``s_i = 0``: a zero gradient makes the min-norm point 0 anyway).
 
-    Solver: pairwise Frank-Wolfe with the exact line search of their Alg. 2 (the 2-vector
-    min-norm step of their Alg. 1 along ``e_s - e_v``), from ``w = 1/T``, at most ``max_iter``
-    iterations (LibMTL's 250). ``T = 2`` is solved exactly in one step. Residual = Frank-Wolfe
-    gap / ``max_i Gn_ii`` (``||d - d*||^2 <= residual * max_i Gn_ii`` in the normalised space);
-    ``converged`` when it is ``<= tol``.
+    Solver: Wolfe's min-norm-point algorithm (Wolfe 1976; see
+    :func:`gradops.weighting._solvers._simplex_qp`), an exact active-set method: a corral of
+    affinely independent tasks whose affine min-norm point comes from a small Cholesky solve in
+    float64, a ratio test that drops a task, and the task of smallest ``(G w)_i`` added. It
+    terminates finitely (about ``T`` steps when every task is active), from the task of
+    smallest norm, at most ``max_iter`` steps. Residual = Frank-Wolfe gap / ``max_i Gn_ii``
+    (``||d - d*||^2 <= residual * max_i Gn_ii`` in the normalised space), at float64's rounding
+    level once converged; ``converged`` when it is ``<= tol``. ``T = 1`` needs no step.
 
     Scale: with ``"none"`` the weights are invariant to ``J -> sJ`` and ``d`` scales by ``s``;
     with ``"l2"``, ``d`` is invariant to scaling any task's gradient by ``c_i > 0``. ``d`` is
@@ -58,5 +61,5 @@ def mgda(G: torch.Tensor, normalization: str = "none", losses: torch.Tensor | No
                       torch.zeros_like(s))
     Gn = G * inv[:, None] * inv[None, :]
     scale = torch.clamp(Gn.diagonal().max(), min=_tiny(G))
-    w, status = _pairwise_fw(Gn, max_iter, tol, scale, early_exit=early_exit)
+    w, status = _simplex_qp(Gn, max_iter, tol, scale, early_exit=early_exit)
     return _ret(w * inv + _poison(G), status, return_status)
