@@ -6,6 +6,28 @@ import argparse
 import json
 import sys
 
+#: Recon's protocol as far as 2 CPU cores afford it (docs/recon.md): the default grid's model
+#: (``gradops compare``: the CNN at width 32, 8 epochs), the S of the authors' NYUv2 run,
+#: top-2 of the CNN's 7 layers, 3 seeds
+DEFAULT_S = -0.02
+DEFAULT_TOPK = 2
+DEFAULT_SEEDS = "0,1,2"
+_ITERS_HELP = ("training iterations (default: the default grid's training, --epochs 8 over "
+               "the training split: 312 on digits)")
+
+
+def _merge(args: argparse.Namespace):
+    """The configuration on the default grid's model (``gradops compare``'s budget)."""
+    from ..train import BUDGETS
+    from ..train.options import merge_config
+    cfg, _ = merge_config(args, base=dict(BUDGETS["default"]["config"]))
+    return cfg
+
+
+def _iters(args: argparse.Namespace, cfg) -> int:
+    from ..train.recon.search import default_iters
+    return default_iters(cfg.validate()) if args.iters is None else args.iters
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..train.options import add_config_options
@@ -15,9 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = cmds.add_parser("search", help="train the unbranched model and rank its layers by "
                         "S-conflict score (writes DIR/ranking.json and DIR/scores.png)")
-    s.add_argument("--iters", type=int, default=200, help="training iterations (default 200)")
-    s.add_argument("--S", type=float, default=-0.02, dest="S",
-                   help="severity threshold in (-1, 0] (default -0.02)")
+    s.add_argument("--iters", type=int, default=None, help=_ITERS_HELP)
+    s.add_argument("--S", type=float, default=DEFAULT_S, dest="S",
+                   help=f"severity threshold in (-1, 0] (default {DEFAULT_S})")
     s.add_argument("--out", required=True, metavar="DIR")
     s.add_argument("--overwrite", action="store_true", help="replace the files in --out")
     s.add_argument("--config", default=None, metavar="FILE", help="options from a TOML file")
@@ -26,11 +48,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(fn=run_search)
 
     c = cmds.add_parser("compare", help="distribution of pairwise cosines on the remaining "
-                        "shared layers before and after branching (Recon's Table 6)")
-    c.add_argument("--ranking", required=True, metavar="RANKING_JSON")
-    c.add_argument("--topk", type=int, required=True, metavar="K")
-    c.add_argument("--iters", type=int, default=200)
+                        "shared layers before and after branching (Recon's Table 6), per seed, "
+                        "with the paired change and a verdict on Recon's claim")
+    c.add_argument("--ranking", default=None, metavar="RANKING_JSON",
+                   help="a ranking of `recon search` used for every seed (default: a search "
+                   "on each seed, with --iters and --S)")
+    c.add_argument("--topk", type=int, default=DEFAULT_TOPK, metavar="K",
+                   help=f"layers to branch (default {DEFAULT_TOPK})")
+    c.add_argument("--seeds", default=DEFAULT_SEEDS,
+                   help=f"comma-separated seeds (default {DEFAULT_SEEDS})")
+    c.add_argument("--iters", type=int, default=None, help=_ITERS_HELP)
+    c.add_argument("--S", type=float, default=DEFAULT_S, dest="S",
+                   help=f"severity threshold of the per-seed search (default {DEFAULT_S})")
     c.add_argument("--init", default="reinit", choices=("reinit", "copy"))
+    c.add_argument("--no-progress", action="store_true")
     c.add_argument("--out", required=True, metavar="DIR")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--config", default=None, metavar="FILE")
@@ -65,12 +96,11 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 def run_search(args: argparse.Namespace) -> int:
     from ..train import ConfigError
-    from ..train.options import merge_config
     from ..train.recon import recon_search
     try:
         _check_paths(args)
-        cfg, _ = merge_config(args)
-        ranking = recon_search(cfg, args.iters, args.S, args.out, overwrite=args.overwrite,
+        cfg = _merge(args)
+        ranking = recon_search(cfg, _iters(args, cfg), args.S, args.out, overwrite=args.overwrite,
                                progress=not args.no_progress)
     except (ConfigError, OSError) as e:
         return _fail(e)
@@ -83,26 +113,50 @@ def run_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..train import ConfigError
-    from ..train.options import merge_config
-    from ..train.recon import conflict_table, conflict_table_markdown, read_ranking
     from ..train.checkpoint import atomic_write_text
-    from ..train.recon.search import check_empty_dir
+    from ..train.options import parse_list
+    from ..train.recon import read_ranking
+    from ..train.recon.search import check_empty_dir, encoder_layers
+    from ..train.recon.seeds import format_console_summary, format_recon_report, recon_seeds
     from ..train.rundir import DirLock
     try:
         _check_paths(args)
-        cfg, _ = merge_config(args)
+        seeds = parse_list(args.seeds, "--seeds", int)
+        if not seeds:
+            raise ConfigError("--seeds", f"no seed given in {args.seeds!r}")
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError("--seeds", f"duplicate seeds in {args.seeds!r}")
+        cfg = _merge(args).validate()
+        iters = _iters(args, cfg)
         out = Path(args.out)
         check_empty_dir(out, overwrite=args.overwrite)
-        ranking = read_ranking(args.ranking, "--ranking")
-        with DirLock(out, "--out"):          # one writer of --out until the tables are written
+        # the ranking and K are checked before anything is written
+        n_layers = len(read_ranking(args.ranking, "--ranking")) if args.ranking is not None \
+            else len(encoder_layers(cfg))
+        if not 1 <= args.topk <= n_layers:
+            raise ConfigError("--topk", f"must be an integer in [1, {n_layers}] (the ranked "
+                              f"layers), got {args.topk}")
+        with DirLock(out, "--out"):          # one writer of --out until the report is written
             check_empty_dir(out, overwrite=args.overwrite, probe=False)
-            table = conflict_table(cfg, ranking, args.topk, args.iters, init=args.init)
-            md = conflict_table_markdown(table)
-            atomic_write_text(out / "conflict_table.json", json.dumps(table, indent=1) + "\n")
-            atomic_write_text(out / "conflict_table.md", md)
+            tables = recon_seeds(cfg, seeds, args.topk, iters, args.S, out,
+                                 ranking=args.ranking, init=args.init,
+                                 progress=not args.no_progress)
+            header = [f"Model: {cfg.backbone} at width {cfg.width} on {cfg.data} (the default "
+                      f"grid's model of `gradops compare`), method {cfg.method}, lr {cfg.lr:g}, "
+                      f"batch {cfg.batch_size}; {iters} iterations per model; top-{args.topk} "
+                      f"layers branched (init {args.init}); seeds "
+                      f"{', '.join(map(str, seeds))}; ranking: "
+                      + ("given, " + args.ranking if args.ranking is not None else
+                         f"a search on each seed (S = {args.S:g}, {iters} iterations)") + "."]
+            md = format_recon_report(tables, header)
+            atomic_write_text(out / "report.md", md)
+            atomic_write_text(out / "recon_compare.json", json.dumps(
+                {"seeds": seeds, "iters": iters, "topk": args.topk, "tables": tables},
+                indent=1) + "\n")
     except (ConfigError, OSError) as e:
         return _fail(e)
     print(md, end="")
+    print(format_console_summary(tables))
     return 0
 
 

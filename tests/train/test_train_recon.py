@@ -214,8 +214,8 @@ def test_search_compare_and_branching_on_a_dense_model(tmp_path):
     ranking = json.loads((search / "ranking.json").read_text())
     assert len(ranking) > 10 and any(r["layer"].startswith("dec.") for r in ranking)
     assert main(["recon", "compare", "--ranking", str(search / "ranking.json"), "--topk", "2",
-                 "--iters", "2", "--out", str(tmp_path / "cmp")] + data) == 0
-    table = json.loads((tmp_path / "cmp" / "conflict_table.json").read_text())
+                 "--iters", "2", "--seeds", "0", "--out", str(tmp_path / "cmp")] + data) == 0
+    table = json.loads((tmp_path / "cmp" / "s0" / "conflict_table.json").read_text())
     for col in table["columns"].values():
         assert abs(sum(col.values()) - 100.0) < 1e-6
     out = tmp_path / "run"
@@ -225,3 +225,86 @@ def test_search_compare_and_branching_on_a_dense_model(tmp_path):
     rep = json.loads((out / "recon.json").read_text())
     assert rep["layers"] == [r["layer"] for r in ranking[:2]]
     assert rep["params_branched"] > rep["params_unbranched"] and rep["params_growth"] > 0
+
+
+def test_compare_over_seeds_writes_table6_per_seed_and_the_paired_change(tmp_path, capsys):
+    """``recon compare --seeds``: a search per seed (no --ranking) or a given ranking, Recon's
+    Table 6 per seed, the paired after - before change and the verdict of report_verdicts."""
+    from gradops.train.report_verdicts import verdict
+    out = tmp_path / "cmp"
+    assert main(["recon", "compare", "--seeds", "0,1", "--iters", "3", "--out", str(out)]
+                + SMALL) == 0
+    console = capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    summary = json.loads((out / "recon_compare.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["iters"] == 3 and summary["topk"] == 2
+    diffs = []
+    for t in summary["tables"]:
+        s = t["seed"]
+        assert f"## Seed {s}" in md and f"s{s}/search/" in t["ranking_source"]
+        assert (out / f"s{s}" / "search" / "ranking.json").is_file()
+        assert json.loads((out / f"s{s}" / "conflict_table.json").read_text())["seed"] == s
+        ranking = json.loads((out / f"s{s}" / "search" / "ranking.json").read_text())
+        assert t["branched"] == [r["layer"] for r in ranking[:2]]
+        for col in t["columns"].values():
+            assert abs(sum(col.values()) - 100.0) < 1e-6
+        b, a = t["severe_share"]["before_remaining"], t["severe_share"]["after_remaining"]
+        diffs.append(a - b)
+        row = f"| {s} | {', '.join(t['branched'])} | {b:.2f} | {a:.2f} |"
+        assert row in md
+    assert "| **cos < -0.02** |" in md and "## Does it reproduce?" in md
+    v = verdict(diffs, "<0")
+    assert f"verdict: **{v}**" in md and f"verdict on Recon's claim: {v}" in console
+    assert md in console
+    # a given ranking serves every seed
+    rank = tmp_path / "ranking.json"
+    rank.write_text(json.dumps([{"layer": "fc", "score": 9, "params": 0},
+                                {"layer": "conv1", "score": 5, "params": 0}]))
+    out2 = tmp_path / "cmp2"
+    assert main(["recon", "compare", "--ranking", str(rank), "--topk", "1", "--seeds", "3,4",
+                 "--iters", "2", "--out", str(out2)] + SMALL) == 0
+    tables = json.loads((out2 / "recon_compare.json").read_text())["tables"]
+    assert [t["seed"] for t in tables] == [3, 4]
+    assert all(t["branched"] == ["fc"] and t["ranking_source"] == f"given: {rank}"
+               for t in tables)
+    assert not (out2 / "s3" / "search").exists()
+
+
+def test_recon_verdict_is_report_verdicts_rule():
+    """The paired change's verdict is :func:`gradops.train.report_verdicts.verdict` on the
+    per-seed after - before differences (hand-made tables)."""
+    from gradops.train.recon.seeds import format_recon_report, paired_change
+    from gradops.train.report_verdicts import verdict
+    bins = ["(0, 1]", "[-0.01, 0]", "[-0.02, -0.01)", "[-0.03, -0.02)", "[-1, -0.03)"]
+
+    def table(seed, before, after):
+        col = {b: 0.0 for b in bins}
+        cols = {"before_all": dict(col, **{"(0, 1]": 100 - before, "[-1, -0.03)": before}),
+                "before_remaining": dict(col, **{"(0, 1]": 100 - before,
+                                                 "[-1, -0.03)": before}),
+                "after_remaining": dict(col, **{"(0, 1]": 100 - after, "[-1, -0.03)": after})}
+        return {"seed": seed, "bins": bins, "columns": cols, "branched": ["fc"],
+                "remaining_layers": ["conv1"], "ranking_source": "given", "iters": 1,
+                "time_s": 0.0, "severe_share": {"before_all": before,
+                                                "before_remaining": before,
+                                                "after_remaining": after}}
+
+    cases = {"holds": [(20, 10), (22, 11), (18, 10)],
+             "does not hold": [(17.4, 17.9), (17, 18), (16, 17.2)],
+             "inconclusive": [(20, 10), (20, 21), (20, 12)]}
+    for want, pairs in cases.items():
+        tables = [table(s, b, a) for s, (b, a) in enumerate(pairs)]
+        p = paired_change(tables)
+        assert p.diffs == {s: a - b for s, (b, a) in enumerate(pairs)}
+        assert p.verdict == verdict([a - b for b, a in pairs], "<0") == want
+        assert f"verdict: **{want}**" in format_recon_report(tables, [])
+    assert paired_change([table(0, 20, 1)]).verdict == "inconclusive"    # one seed
+
+
+@pytest.mark.parametrize("seeds", ["", ",", "0,0", "a"])
+def test_compare_bad_seeds_is_one_line_exit_2(tmp_path, capsys, seeds):
+    out = tmp_path / "cmp"
+    assert main(["recon", "compare", "--seeds", seeds, "--out", str(out)] + SMALL) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--seeds" in err
+    assert not out.exists()

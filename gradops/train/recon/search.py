@@ -33,7 +33,18 @@ from .branch import branch_model
 from .scores import TABLE6_BINS, CosineBins, LayerScores
 
 __all__ = ["recon_search", "read_ranking", "top_layers", "conflict_table",
-           "conflict_table_markdown", "check_empty_dir"]
+           "conflict_table_markdown", "check_empty_dir", "default_iters", "encoder_layers"]
+
+
+def default_iters(cfg: TrainConfig) -> int:
+    """The iterations of ``cfg.epochs`` epochs over the training split (``--train-limit``
+    applied) at ``cfg.batch_size``: Recon scores the layers over the whole training of the base
+    model, and its Table 6 counts the cosines over a whole training."""
+    data = load_dataset(cfg.data, cfg.data_root or None, cfg.data_seed)
+    n = len(data.splits["train"])
+    if cfg.train_limit:
+        n = min(n, cfg.train_limit)
+    return max(1, cfg.epochs * (n // cfg.batch_size))
 
 
 def check_empty_dir(out: Path, option: str = "--out", overwrite: bool = False,
@@ -47,6 +58,15 @@ def check_empty_dir(out: Path, option: str = "--out", overwrite: bool = False,
         probe_lock(out, option)
     if not overwrite and out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise ConfigError(option, f"{out} is not empty; pass --overwrite to replace its files")
+
+
+def encoder_layers(cfg: TrainConfig) -> list[str]:
+    """The layers of the trainer's encoder for ``cfg`` (those a search ranks)."""
+    data = load_dataset(cfg.data, cfg.data_root or None, cfg.data_seed)
+    model = build_model(cfg.backbone, data.input_shape, cfg.width, data.tasks,
+                        cfg.weights or None)
+    shared = [p for p in model.encoder.parameters() if p.requires_grad]
+    return layer_index(model.encoder, shared)[0]
 
 
 def _layer_params(module: torch.nn.Module, names: list[str]) -> dict[str, int]:
@@ -235,7 +255,11 @@ def conflict_table(cfg: TrainConfig, ranking: list[dict[str, Any]], topk: int, i
     from ..loop import resolve_device
     cfg = cfg.validate()
     branched = top_layers(ranking, topk)
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ConfigError("--iters", f"must be an integer >= 1, got {iters!r}")
     device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     data = load_dataset(cfg.data, cfg.data_root or None, cfg.data_seed)
     if cfg.train_limit:
         data.splits["train"] = data.splits["train"].subset(cfg.train_limit)
@@ -268,8 +292,8 @@ def conflict_table(cfg: TrainConfig, ranking: list[dict[str, Any]], topk: int, i
     def share(col: dict[str, float]) -> float:
         return sum(col[s] for s in severe)
 
-    def reduction(a: float, b: float) -> float:
-        return 100.0 * (a - b) / a if a else float("nan")
+    def reduction(a: float, b: float) -> float | None:     # None: no conflicting pair before
+        return 100.0 * (a - b) / a if a else None
 
     return {"bins": [label for label, _, _ in TABLE6_BINS], "columns": cols,
             "severe_share": {k: share(v) for k, v in cols.items()},
@@ -291,8 +315,11 @@ def conflict_table_markdown(table: dict[str, Any]) -> str:
     lines.append("| cos < -0.01 | " + " | ".join(f"{table['severe_share'][c]:.2f}"
                                                  for c in cols) + " |")
     lines.append("")
-    lines.append(f"Reduction of the share with cos < -0.01: {table['reduction_remaining']:.1f}% "
-                 f"against the same layers before branching, {table['reduction_all']:.1f}% "
+    def pct(x: float | None) -> str:
+        return "— (no such pair before)" if x is None else f"{x:.1f}%"
+
+    lines.append(f"Reduction of the share with cos < -0.01: {pct(table['reduction_remaining'])} "
+                 f"against the same layers before branching, {pct(table['reduction_all'])} "
                  "against all shared layers before branching (Recon's Table 6 compares the "
                  "latter).")
     return "\n".join(lines) + "\n"
