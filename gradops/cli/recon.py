@@ -141,8 +141,13 @@ def run_compare(args: argparse.Namespace) -> int:
             tables = recon_seeds(cfg, seeds, args.topk, iters, args.S, out,
                                  ranking=args.ranking, init=args.init,
                                  progress=not args.no_progress)
-            header = [f"Model: {cfg.backbone} at width {cfg.width} on {cfg.data} (the default "
-                      f"grid's model of `gradops compare`), method {cfg.method}, lr {cfg.lr:g}, "
+            from ..train import BUDGETS
+            grid = BUDGETS["default"]["config"]
+            same = (cfg.backbone, cfg.width, cfg.data) == ("cnn", grid["width"], "digits")
+            header = [f"Model: {cfg.backbone} at width {cfg.width} on {cfg.data} ("
+                      + ("the default grid's model of `gradops compare`" if same else
+                         f"not the default grid's: cnn at width {grid['width']} on digits")
+                      + f"), method {cfg.method}, lr {cfg.lr:g}, "
                       f"batch {cfg.batch_size}; {iters} iterations per model; top-{args.topk} "
                       f"layers branched (init {args.init}); seeds "
                       f"{', '.join(map(str, seeds))}; ranking: "

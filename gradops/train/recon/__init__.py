@@ -1,7 +1,8 @@
 """Recon (Shi et al., "Recon: Reducing Conflicting Gradients from the Root for Multi-Task
 Learning", ICLR 2023): the layer search (:func:`recon_search`), branching of any encoder
 (:class:`BranchedEncoder`, :func:`branch_model`, :func:`branch_report`), the before/after
-conflict table (:func:`conflict_table`) and the cost of the search against the published pair
+conflict table (:func:`conflict_table`; over seeds with the paired change and a verdict on
+Recon's claim: :mod:`.seeds`) and the cost of the search against the published pair
 loop (:func:`bench_search_cost`). See docs/recon.md.
 """
 from __future__ import annotations

@@ -99,8 +99,8 @@ def format_recon_report(tables: list[dict[str, Any]], header: list[str]) -> str:
         cols = list(t["columns"])
         lines += [f"## Seed {t['seed']}", "",
                   f"Branched: {', '.join(t['branched'])}. Ranking: {t['ranking_source']}. "
-                  f"Stay shared: {', '.join(t['remaining_layers'])}. {t['iters']} iterations "
-                  f"per model, {t['time_s']:.0f} s.", "",
+                  f"Stay shared: {', '.join(t['remaining_layers'])}. Each model trained "
+                  f"{t['iters']} iterations; both took {t['time_s']:.0f} s.", "",
                   "| cos(phi_ij) | " + " | ".join(cols) + " |",
                   "|---|" + "---:|" * len(cols)]
         for label in t["bins"]:
