@@ -36,6 +36,8 @@ _HELP = {
     "selective_warmup": "--method selective: batches with singleton groups",
     "probe": "gradient probes (Elich et al.): off or every=INT,samples=INT",
     "threads": "torch CPU threads (0: torch's default)",
+    "pcgrad_libmtl_self_visit": "--method pcgrad / pcgrad-layer: task i also visits itself "
+                                "(LibMTL's order; default: j != i, the paper's Alg. 1)",
 }
 
 
