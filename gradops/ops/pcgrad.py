@@ -194,12 +194,12 @@ def _nan_if_nonfinite(G: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("gradops::pcgrad_weights", mutates_args=())
 def _pcgrad_weights_op(G: torch.Tensor, perms: torch.Tensor, reduction: str, eps: float,
-                       self_visit: bool) -> torch.Tensor:
+                       self_visit: bool = False) -> torch.Tensor:
     return _pcgrad_weights_impl(G, perms, reduction, eps, self_visit)
 
 
 @_pcgrad_weights_op.register_fake
-def _(G, perms, reduction, eps, self_visit):
+def _(G, perms, reduction, eps, self_visit=False):
     _check_weights_args(G, perms, reduction, eps, self_visit)
     return G.new_empty(G.shape[:-1], dtype=acc_dtype(G.dtype))
 
