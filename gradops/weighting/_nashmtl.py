@@ -71,7 +71,7 @@ def nashmtl(G: torch.Tensor, max_norm: float = 1.0, max_iter: int = 20, tol: flo
     Gact = torch.where(act2, G / m, torch.zeros_like(G))        # the active tasks, normalised
     Gn = Gact + torch.diag((~active).to(dt))
     a, its, res = _nash_newton(Gn, max_iter, tol, early_exit)
-    none = _no_solution(Gact, active, a)
+    none = _no_solution(Gact, active, a, early_exit)
     alpha = torch.where(active & ~none, a / torch.sqrt(m), torch.zeros_like(a))
     if max_norm > 0:
         dnorm = torch.sqrt(torch.clamp(alpha @ G @ alpha, min=0.0))
@@ -83,7 +83,8 @@ def nashmtl(G: torch.Tensor, max_norm: float = 1.0, max_iter: int = 20, tol: flo
     return _ret(alpha, status, return_status)
 
 
-def _no_solution(Gact: torch.Tensor, active: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def _no_solution(Gact: torch.Tensor, active: torch.Tensor, a: torch.Tensor,
+                 early_exit: bool | None) -> torch.Tensor:
     """Whether ``0`` is (to the working precision) in the convex hull of the active gradients,
     i.e. ``delta^2 = min_{w in simplex} w^T Gact w <= T eps max_i Gact_ii`` (a 0-dim bool on the
     device; no host read), or the Newton iterate diverged (non-finite ``a``).
@@ -106,7 +107,7 @@ def _no_solution(Gact: torch.Tensor, active: torch.Tensor, a: torch.Tensor) -> t
 
     big = torch.clamp(T * dn.max(), min=1.0)
     Gm = Gact + torch.diag(torch.where(active, zero, big.expand_as(zero)))
-    wm = mgda(Gm, normalization="none")
+    wm = mgda(Gm, normalization="none", early_exit=early_exit)
     cert = torch.fmin(value(torch.where(torch.isfinite(a), a, zero)), value(wm))
     diverged = ~torch.isfinite(torch.where(active, a, zero)).all()
     return (active.sum() >= 2) & ((cert <= thr) | diverged)
