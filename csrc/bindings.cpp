@@ -223,7 +223,8 @@ int openmp_max_threads() {
 // PCGrad's coefficient matrices C [..., T, T] from Grams G [..., T, T] (f32) and orders (int64,
 // G's shape). Every row of perms must be a permutation of 0..T-1 (ValueError otherwise, with
 // gradops.pcgrad_weights' message: the Python wrapper leaves this check to this function).
-at::Tensor pcgrad_coefficients_cpu(const at::Tensor& G, const at::Tensor& perms, double eps) {
+at::Tensor pcgrad_coefficients_cpu(const at::Tensor& G, const at::Tensor& perms, double eps,
+                                   bool self_visit) {
   TORCH_CHECK(G.device().is_cpu() && perms.device().is_cpu(), "gradops: pcgrad_coefficients_cpu needs CPU tensors");
   TORCH_CHECK(G.scalar_type() == at::kFloat && G.dim() >= 2 && G.size(-1) == G.size(-2) && G.is_contiguous(),
               "gradops: pcgrad_coefficients_cpu G must be contiguous f32 [..., T, T]");
@@ -246,7 +247,7 @@ at::Tensor pcgrad_coefficients_cpu(const at::Tensor& G, const at::Tensor& perms,
                       T - 1);
   }
   gradops::pcgrad_coefficients_cpu(G.data_ptr<float>(), p, C.data_ptr<float>(), B, T,
-                                   static_cast<float>(eps));
+                                   static_cast<float>(eps), self_visit);
   return C;
 }
 
@@ -481,7 +482,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("philox_uniform", &gradops::philox_uniform, "GradDrop's uniform of column k (Philox4x32-10, word k % 4 of counter k / 4)",
         pybind11::arg("seed"), pybind11::arg("offset"));
   m.def("pcgrad_coefficients_cpu", &pcgrad_coefficients_cpu, "PCGrad coefficient matrices on CPU",
-        pybind11::arg("G"), pybind11::arg("perms"), pybind11::arg("eps"));
+        pybind11::arg("G"), pybind11::arg("perms"), pybind11::arg("eps"), pybind11::arg("self_visit"));
   m.def("simplex_qp_cpu", &simplex_qp_cpu,
         "Active-set solver of MGDA / CAGrad on CPU: (w, converged, iterations, residual)",
         pybind11::arg("G"), pybind11::arg("b"), pybind11::arg("scale"), pybind11::arg("k"),

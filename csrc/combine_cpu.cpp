@@ -5,7 +5,8 @@
 //       out[k] = sum_t w[l(k), t] * J[t, k]
 //   graddrop (docs/methods.md#graddrop; Z. Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with
 //       Gradient Sign Dropout", NeurIPS 2020; the parameter-gradient variant of TorchJD / CAGrad):
-//       S_k = sum_t J[t,k], A_k = sum_t |J[t,k]|, p_k = 0.5 (1 + S_k / (A_k + eps)), one uniform U_k
+//       S_k = sum_t J[t,k], A_k = sum_t |J[t,k]|, p_k = 0.5 (1 + S_k / ((1 + eps) A_k)) (0.5 where
+//       A_k = 0; eps relative, so p is scale-free), one uniform U_k
 //       per column, M[t,k] = [p_k > U_k][J[t,k] > 0] + [p_k < U_k][J[t,k] < 0],
 //       out[k] = sum_t (leak[t] + (1 - leak[t]) M[t,k]) J[t,k].
 //
@@ -256,12 +257,14 @@ GRADOPS_INLINE void sums_scalar(const char* p, int64_t rsb, int R, bool first, i
   }
 }
 
-// Per column: p = 0.5 (1 + S / (A + eps)), U = noise[k] or Philox (counter off0 + k), and the
-// kept sign sgn = +1 (p > U), -1 (p < U) or 0.
+// Per column: p = 0.5 (1 + S / ((1 + eps) A)) (eps relative: scale-free; p = 0.5 where A = 0,
+// a column of zeros), U = noise[k] or Philox (counter off0 + k), and the kept sign
+// sgn = +1 (p > U), -1 (p < U) or 0.
 GRADOPS_INLINE void sign_scalar(const float* S, const float* A, float eps, const float* noise,
                                 uint64_t seed, uint64_t off0, int64_t k0, int64_t k1, float* sgn) {
+  const float shrink = 1.0f / (1.0f + eps);
   for (int64_t k = k0; k < k1; ++k) {
-    const float p = 0.5f * (1.0f + S[k] / (A[k] + eps));
+    const float p = 0.5f * (1.0f + (A[k] == 0.0f ? 0.0f : S[k] / A[k]) * shrink);
     const float u = noise != nullptr ? noise[k] : philox_scalar(seed, off0 + k);
     sgn[k] = p > u ? 1.0f : (p < u ? -1.0f : 0.0f);
   }
@@ -621,15 +624,17 @@ struct Avx2 {
                                 bool l2) {
     constexpr int64_t line = 64 / esize<D>();
     const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
-    const __m256 minus_one = _mm256_set1_ps(-1.0f), epsv = _mm256_set1_ps(eps);
+    const __m256 minus_one = _mm256_set1_ps(-1.0f), shrink = _mm256_set1_ps(1.0f / (1.0f + eps));
+    const __m256 zero = _mm256_setzero_ps();
     auto sign8 = [&](int64_t k, __m256 u) GRADOPS_AVX2_LAMBDA {
       if (k % line == 0 && ((lines >> ((k / line) & 15)) & 1) != 0) {
         const char* r = next + k * esize<D>();
         for (int64_t t = 0; t < T; ++t, r += rsb) prefetch_line(r, l2);
       }
-      const __m256 q =
-          _mm256_div_ps(_mm256_load_ps(S + k), _mm256_add_ps(_mm256_load_ps(A + k), epsv));
-      const __m256 p = _mm256_mul_ps(half, _mm256_add_ps(one, q));
+      const __m256 a = _mm256_load_ps(A + k);
+      const __m256 q = _mm256_andnot_ps(_mm256_cmp_ps(a, zero, _CMP_EQ_OQ),  // 0 / 0 -> 0
+                                        _mm256_div_ps(_mm256_load_ps(S + k), a));
+      const __m256 p = _mm256_mul_ps(half, _mm256_add_ps(one, _mm256_mul_ps(q, shrink)));
       _mm256_store_ps(sgn + k,
                       _mm256_or_ps(_mm256_and_ps(_mm256_cmp_ps(p, u, _CMP_GT_OQ), one),
                                    _mm256_and_ps(_mm256_cmp_ps(p, u, _CMP_LT_OQ), minus_one)));
@@ -891,15 +896,16 @@ struct Avx512 : Avx2 {
                                   bool l2) {
     constexpr int64_t line = 64 / esize<D>();
     const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
-    const __m512 minus_one = _mm512_set1_ps(-1.0f), epsv = _mm512_set1_ps(eps);
+    const __m512 minus_one = _mm512_set1_ps(-1.0f), shrink = _mm512_set1_ps(1.0f / (1.0f + eps));
     auto sign16 = [&](int64_t k, __m512 u) GRADOPS_AVX512_LAMBDA {
       if (k % line == 0 && ((lines >> ((k / line) & 15)) & 1) != 0) {
         const char* r = next + k * esize<D>();
         for (int64_t t = 0; t < T; ++t, r += rsb) prefetch_line(r, l2);
       }
-      const __m512 q =
-          _mm512_div_ps(_mm512_load_ps(S + k), _mm512_add_ps(_mm512_load_ps(A + k), epsv));
-      const __m512 p = _mm512_mul_ps(half, _mm512_add_ps(one, q));
+      const __m512 a = _mm512_load_ps(A + k);
+      const __m512 q = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_UQ),
+                                           _mm512_load_ps(S + k), a);  // 0 / 0 -> 0
+      const __m512 p = _mm512_mul_ps(half, _mm512_add_ps(one, _mm512_mul_ps(q, shrink)));
       const __mmask16 gt = _mm512_cmp_ps_mask(p, u, _CMP_GT_OQ);
       const __mmask16 lt = _mm512_cmp_ps_mask(p, u, _CMP_LT_OQ);
       _mm512_store_ps(sgn + k, _mm512_mask_mov_ps(_mm512_maskz_mov_ps(lt, minus_one), gt, one));

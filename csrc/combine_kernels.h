@@ -4,7 +4,8 @@
 //   combine  (docs/methods.md#combine, second pass of every Gram-weighted method):
 //       out[k] = sum_t w[l(k), t] * J[t, k]        (l(k): the segment of column k; L = 1: one w)
 //   graddrop (docs/methods.md#graddrop, Chen et al. "Just Pick a Sign", parameter-gradient variant, TorchJD's):
-//       S_k = sum_t J[t,k],  A_k = sum_t |J[t,k]|,  p_k = 0.5 * (1 + S_k / (A_k + eps)),
+//       S_k = sum_t J[t,k],  A_k = sum_t |J[t,k]|,  p_k = 0.5 * (1 + S_k / ((1 + eps) A_k))
+//       (p_k = 0.5 where A_k = 0: a column of zeros; eps is relative, so p is scale-free),
 //       U_k ~ U(0,1),  M[t,k] = [p_k > U_k][J[t,k] > 0] + [p_k < U_k][J[t,k] < 0],
 //       out[k] = sum_t (leak[t] + (1 - leak[t]) * M[t,k]) * J[t,k]
 // Both read J once and write out once; fp32 math whatever the input dtype. Every term is
@@ -39,7 +40,7 @@ struct GradDropArgs {
   const float* leak;        // [T] fp32, each in [0, 1]
   const float* noise;       // [P] fp32 U_k given by the caller, or nullptr: use Philox below
   uint64_t seed;            // Philox key
-  float eps;                // in the purity denominator
+  float eps;                // relative: the purity's S / A is divided by 1 + eps
   void* out;                // [P], element type out_dtype
   DType out_dtype;
   bool* mask;               // [T, P] row-major (the M above), or nullptr

@@ -81,12 +81,13 @@ def combine_reference(J: torch.Tensor, weights: torch.Tensor,
 
 
 def pcgrad_reference(J: torch.Tensor, perms: torch.Tensor, reduction: str = "sum",
-                     eps: float = 0.0) -> torch.Tensor:
+                     eps: float = 0.0, libmtl_self_visit: bool = False) -> torch.Tensor:
     """PCGrad in its vector form (Yu et al., "Gradient Surgery for Multi-Task Learning", Alg. 1),
     projecting vectors pair by pair as the paper and LibMTL do.
 
-    For each task ``i``: ``g_i' = g_i``; for ``j`` in ``perms[i]`` (a permutation of all tasks, as
-    LibMTL's shuffle): if ``g_i' . g_j < 0``, ``g_i' -= (g_i' . g_j) / (||g_j||^2 + eps) g_j``.
+    For each task ``i``: ``g_i' = g_i``; for ``j`` in ``perms[i]`` (a permutation of all tasks),
+    ``j != i`` (the paper's; ``libmtl_self_visit=True``: ``j = i`` too, as LibMTL's shuffle of all
+    tasks): if ``g_i' . g_j < 0``, ``g_i' -= (g_i' . g_j) / (||g_j||^2 + eps) g_j``.
     Returns ``sum_i g_i'`` (``reduction="sum"``) or the mean. Math in ``J``'s dtype (use fp64 for
     ground truth). A zero ``g_j`` never projects (its dot products are exactly 0).
     """
@@ -95,6 +96,8 @@ def pcgrad_reference(J: torch.Tensor, perms: torch.Tensor, reduction: str = "sum
     for i in range(T):
         g = J[i].clone()
         for j in perms[i].tolist():
+            if j == i and not libmtl_self_visit:
+                continue
             d = torch.dot(g, J[j])
             if d < 0:
                 g = g - d / (torch.dot(J[j], J[j]) + eps) * J[j]
@@ -144,18 +147,21 @@ def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def graddrop_reference(J: torch.Tensor, leak: torch.Tensor, noise: torch.Tensor,
-                       eps: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor]:
+                       eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """GradDrop on parameter gradients (Chen et al., "Just Pick a Sign", NeurIPS 2020, Eq. 1-3;
     docs/methods.md#graddrop), given the uniform numbers ``noise`` ``[P]``.
 
-    ``p_k = 0.5 (1 + S_k / (A_k + eps))`` with ``S_k = sum_t J_tk``, ``A_k = sum_t |J_tk|``;
+    ``p_k = 0.5 (1 + S_k / ((1 + eps) A_k))`` with ``S_k = sum_t J_tk``, ``A_k = sum_t |J_tk|``
+    (``eps`` is relative, so ``p`` does not depend on the gradients' scale), and ``p_k = 0.5``
+    where ``A_k = 0`` (a column of zeros: ``0 / 0``);
     ``M_tk = [p_k > U_k][J_tk > 0] + [p_k < U_k][J_tk < 0]``;
     ``g_k = sum_t (leak_t + (1 - leak_t) M_tk) J_tk``. Returns ``(g, M)``; math in fp32.
     """
     X = J.to(_acc_dtype(J))
     S = X.sum(0)
     A = X.abs().sum(0)
-    p = 0.5 * (1 + S / (A + eps))
+    q = torch.where(A == 0, torch.zeros_like(S), S / A)   # NaN / Inf in A stay NaN
+    p = 0.5 * (1 + q * (1.0 / (1.0 + eps)))
     U = noise.to(X.dtype)
     M = ((p > U) & (X > 0)) | ((p < U) & (X < 0))
     lk = leak.to(X.dtype)[:, None]

@@ -280,12 +280,13 @@ def gradvac_reference(J, offsets, perms, targets, beta, eps=1e-8):
                 if j == i:
                     continue
                 gj = gl[j]
-                phi = torch.dot(gi, gj) / (gi.norm() * gj.norm() + eps)
-                ph = tgt[l, i, j]
+                # gradops' guards: cosines clamped to [-1, 1], 1 - ph^2 floored at the dtype's eps
+                phi = torch.clamp(torch.dot(gi, gj) / (gi.norm() * gj.norm() + eps), -1.0, 1.0)
+                ph = min(max(float(tgt[l, i, j]), -1.0), 1.0)
                 if phi < ph:
-                    coef = gi.norm() * (ph * math.sqrt(1 - phi ** 2)
-                                        - phi * math.sqrt(1 - ph ** 2)) \
-                        / (gj.norm() * math.sqrt(1 - ph ** 2) + eps)
+                    root_t = math.sqrt(max(1 - ph ** 2, torch.finfo(J.dtype).eps))
+                    coef = gi.norm() * (ph * math.sqrt(1 - phi ** 2) - phi * root_t) \
+                        / (gj.norm() * root_t + eps)
                     gi = gi + coef * gj
                 tgt[l, i, j] = (1 - beta) * ph + beta * phi
             out[a:b] += gi

@@ -122,6 +122,8 @@ def test_opcheck_pcgrad_weights(cpu_backend):
         Gl = gradops.segment_gram(J, torch.tensor([0, 20, 50]))
         perms_l = gradops.random_orders(T, (2,), generator=torch.Generator().manual_seed(T))
         torch.library.opcheck(torch.ops.gradops.pcgrad_weights.default, (Gl, perms_l, "sum", 0.0))
+        torch.library.opcheck(torch.ops.gradops.pcgrad_weights.default,
+                              (Gl, perms_l, "sum", 0.0, True))   # LibMTL's self-visit
 
 
 def test_torch_compile_methods_fullgraph():
@@ -199,3 +201,5 @@ def test_opcheck_float64_methods():
         Gl = gradops.segment_gram(J, offsets)
         perms_l = gradops.random_orders(T, (4,), generator=torch.Generator().manual_seed(T))
         torch.library.opcheck(torch.ops.gradops.pcgrad_weights.default, (Gl, perms_l, "sum", 0.0))
+        torch.library.opcheck(torch.ops.gradops.pcgrad_weights.default,
+                              (Gl, perms_l, "sum", 0.0, True))   # LibMTL's self-visit

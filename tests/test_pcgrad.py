@@ -37,12 +37,14 @@ def test_matches_vector_form_fp64_weights(T, reduction):
     torch.testing.assert_close(w.double(), Gd_w, rtol=2e-4, atol=2e-4 * Gd_w.abs().max().item())
 
 
-def _weights_fp64(G, perms, reduction):
+def _weights_fp64(G, perms, reduction, self_visit=False):
     """The Gram-form recurrence in fp64 (the same algorithm as the op, for the fp64 check)."""
     T = G.shape[0]
     C = torch.eye(T, dtype=torch.float64)
     for i in range(T):
         for j in perms[i].tolist():
+            if j == i and not self_visit:
+                continue
             d = C[i] @ G[:, j]
             if d < 0:
                 C[i, j] -= d / G[j, j]
@@ -163,3 +165,73 @@ def test_property_vector_form_and_scale_invariance(backend, T, P, seed, scale):
     # for T = 2 the PCGrad direction never conflicts with either task (Yu et al., §3)
     if T == 2:
         assert bool((J @ got >= -1e-6 * (J.norm() ** 2)).all())
+
+
+def _self_visit_case():
+    """A 20 x 10 problem (random orders) on which LibMTL's self-visit changes the result: a
+    projection makes ``g_i' . g_i < 0`` and the self-visit projects again."""
+    g = torch.Generator().manual_seed(161)
+    J = torch.randn(20, 10, generator=g)
+    return J, gradops.random_orders(20, generator=g)
+
+
+@pytest.mark.parametrize("self_visit", [False, True])
+def test_self_visit_option_matches_its_vector_form(cpu_backend, self_visit):
+    """Default ``j != i`` (the paper's Alg. 1) and ``libmtl_self_visit=True`` (LibMTL's), each
+    against the vector form with the same convention, on every backend; and they differ."""
+    J, perms = _self_visit_case()
+    g = gradops.pcgrad(J, perms=perms, libmtl_self_visit=self_visit)
+    ref = pcgrad_reference(J.double(), perms, libmtl_self_visit=self_visit)
+    _assert_close(g, ref, J, rtol=1e-5)
+    other = pcgrad_reference(J.double(), perms, libmtl_self_visit=not self_visit)
+    assert (ref - other).abs().max() > 1e-2 * J.norm(dim=1).max()
+    Gd = J.double() @ J.double().T
+    torch.testing.assert_close(_weights_fp64(Gd, perms, "sum", self_visit) @ J.double(), ref,
+                               rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_self_visit_option_reaches_the_weighting_and_the_optimizer(per_layer):
+    """``weighting.pcgrad`` and ``MTLOptimizer`` (whole-model and per layer) pass
+    ``libmtl_self_visit`` through: the same orders give the op's weights of that convention."""
+    from gradops.optim import MTLOptimizer
+    J, perms = _self_visit_case()
+    G = J @ J.T
+    for sv in (False, True):
+        torch.testing.assert_close(gradops.weighting.pcgrad(G, perms=perms, libmtl_self_visit=sv),
+                                   gradops.pcgrad_weights(G, perms=perms, libmtl_self_visit=sv))
+    # one shared 10-vector, task t's loss = J_t . x: the per-task gradients are the rows of J
+    x = torch.nn.Parameter(torch.zeros(10))
+    for sv in (False, True):
+        opt = MTLOptimizer(torch.optim.SGD([x], lr=0.0), method="pcgrad", shared=[x],
+                           per_layer=per_layer, libmtl_self_visit=sv,
+                           generator=torch.Generator().manual_seed(3))
+        gen = torch.Generator().set_state(opt._generator.get_state())
+        opt.zero_grad()
+        opt.backward([J[t] @ x for t in range(20)])
+        orders = gradops.random_orders(20, generator=gen)
+        ref = pcgrad_reference(J.double(), orders, libmtl_self_visit=sv)
+        _assert_close(x.grad, ref, J, rtol=1e-5)
+
+
+def test_equals_torchjd_pcgrad_with_the_same_orders(cpu_backend):
+    """With TorchJD's random orders (``torch.randperm`` per task from the global RNG) gradops'
+    default (``j != i``, the paper's Alg. 1) gives TorchJD's ``PCGrad`` weights."""
+    pytest.importorskip("torchjd")
+    from torchjd.aggregation._pcgrad import PCGradWeighting
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        T = (20, 8, 3, 13, 40)[seed]
+        J = torch.randn(T, 10, generator=g, dtype=torch.float64)
+        G = J @ J.T
+        torch.manual_seed(seed)
+        w_jd = PCGradWeighting()(G)
+        torch.manual_seed(seed)
+        perms = torch.stack([torch.randperm(T) for _ in range(T)])
+        w = gradops.pcgrad_weights(G.float(), perms=perms)
+        m = J.norm(dim=1).max()
+        err = ((w.double() - w_jd) @ J).abs().max() / m
+        assert err < 2e-6, (seed, float(err))
+        if cpu_backend == "torch":   # float64 takes the torch path (fp64 math)
+            w64 = gradops.pcgrad_weights(G, perms=perms)
+            assert ((w64 - w_jd) @ J).abs().max() / m < 1e-12

@@ -108,8 +108,13 @@ VALUES = [
     Pinned("pcgrad",
            lambda J: gradops.pcgrad(J, perms=PERMS.to(J.device), return_weights=True),
            ([1.384210526, 0.931578947, 3.142105263, 3.952631579], [1.084210526, 2.2, 1.8])),
+    # the paper's j != i (segment 0 changed from the self-visiting values below, gradops < 0.1)
     Pinned("pcgrad_per_layer",
            lambda J: (gradops.pcgrad(J, perms=PERMS_L.to(J.device), offsets=OFFSETS),),
+           ([1.285972851, 0.674660633, 1.661764706, 4.397058824],)),
+    Pinned("pcgrad_per_layer_libmtl_self_visit",
+           lambda J: (gradops.pcgrad(J, perms=PERMS_L.to(J.device), offsets=OFFSETS,
+                                     libmtl_self_visit=True),),
            ([1.166515837, 0.754298643, 1.661764706, 4.397058824],)),
     Pinned("graddrop",
            lambda J: gradops.graddrop(J, noise=on(NOISE, J.device), leak=on(LEAK, J.device),

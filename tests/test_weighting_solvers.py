@@ -174,8 +174,9 @@ def test_default_backend_on_cpu_is_cpp(spy, monkeypatch):
     G = _gram(CASES["random_T5"], torch.float32)
     assert WS._solver_backend(G) == "cpp"
     _call_all(G)
+    # nashmtl: its Newton loop, then MGDA's min-norm point (the no-solution certificate)
     assert spy.calls == ["simplex_qp_cpu", "simplex_qp_cpu", "simplex_qp_cpu",
-                         "nash_newton_cpu"]
+                         "nash_newton_cpu", "simplex_qp_cpu"]
     spy.calls.clear()
     with gradops.use_backend("torch"):
         assert WS._solver_backend(G) == "torch"
@@ -185,7 +186,7 @@ def test_default_backend_on_cpu_is_cpp(spy, monkeypatch):
     assert spy.calls == []
     with gradops.use_backend("cpp"):          # forcing cpp beats the environment
         W.nashmtl(G)
-    assert spy.calls == ["nash_newton_cpu"]
+    assert spy.calls == ["nash_newton_cpu", "simplex_qp_cpu"]
 
 
 def test_forced_triton_runs_the_triton_solvers_or_says_why(monkeypatch):
@@ -236,7 +237,7 @@ def test_compile_and_grad_keep_the_torch_loop(spy):
     assert w.requires_grad and spy.calls == []
     with torch.no_grad():                     # ... unless grad mode is off
         W.nashmtl(Gr)
-    assert spy.calls == ["nash_newton_cpu"]
+    assert spy.calls == ["nash_newton_cpu", "simplex_qp_cpu"]   # Newton, then the certificate
     with gradops.use_backend("cpp"), pytest.raises(RuntimeError, match="differentiable"):
         W.mgda(Gr)
 

@@ -3,7 +3,9 @@ Dropout", NeurIPS 2020), parameter-gradient variant as in TorchJD and CAGrad's c
 (docs/methods.md#graddrop).
 
 Per column ``k`` of ``J`` (``[T, P]``): ``S_k = sum_t J_tk``, ``A_k = sum_t |J_tk|``, purity
-``p_k = 0.5 (1 + S_k / (A_k + eps))`` (Eq. 1), one uniform ``U_k``; keep the positive entries if
+``p_k = 0.5 (1 + S_k / A_k)`` (Eq. 1; ``0.5`` for a column of zeros, and ``S_k / ((1 + eps) A_k)``
+with the optional relative ``eps``: the purity, hence the result, does not depend on the
+gradients' scale), one uniform ``U_k``; keep the positive entries if
 ``p_k > U_k`` and the negative ones if ``p_k < U_k`` (Eq. 2), and
 ``g_k = sum_t (leak_t + (1 - leak_t) M_tk) J_tk`` (Eq. 3, with the leak of §3.2).
 
@@ -30,7 +32,7 @@ __all__ = ["graddrop"]
 # the kernels accumulate in float32: float64 J takes the torch path (float64 math)
 register_op("graddrop", ("triton", "cpp", "torch"),
             dtypes={"triton": _backend.KERNEL_DTYPES, "cpp": _backend.KERNEL_DTYPES})
-DEFAULT_EPS = 1e-7
+DEFAULT_EPS = 0.0   # relative (p = 0.5 (1 + S / ((1 + eps) A))): scale-free
 
 if _backend.triton_importable()[0]:
     import triton
@@ -38,7 +40,7 @@ if _backend.triton_importable()[0]:
 
     @triton.jit
     def _graddrop_kernel(J_ptr, leak_ptr, seed_ptr, noise_ptr, out_ptr, mask_ptr,
-                         T, P, row_stride, eps,
+                         T, P, row_stride, shrink,
                          BLOCK: tl.constexpr, HAS_NOISE: tl.constexpr, WITH_MASK: tl.constexpr):
         """Program ``b`` handles columns ``[b*BLOCK, (b+1)*BLOCK)``: a first loop over the rows
         accumulates S and A, a second applies the mask (the block's rows stay in cache)."""
@@ -50,7 +52,8 @@ if _backend.triton_importable()[0]:
             x = tl.load(J_ptr + t * row_stride + cols, mask=ok, other=0.0).to(tl.float32)
             S += x
             A += tl.abs(x)
-        purity = 0.5 * (1.0 + S / (A + eps))
+        # eps is relative (shrink = 1 / (1 + eps)); a column of zeros (0 / 0) has purity 0.5
+        purity = 0.5 * (1.0 + tl.where(A == 0.0, 0.0, S / A) * shrink)
         if HAS_NOISE:
             u = tl.load(noise_ptr + cols, mask=ok, other=0.5)
         else:
@@ -82,7 +85,7 @@ def _graddrop_triton(J, leak, seed, noise, out, mask, eps):
     dst = _backend.interpreter_output(out)
     _graddrop_kernel[(triton.cdiv(P, block),)](
         J, leak, seed, noise if noise is not None else leak, dst,
-        mask if mask is not None else dst, T, P, row_stride, eps,
+        mask if mask is not None else dst, T, P, row_stride, 1.0 / (1.0 + eps),
         BLOCK=block, HAS_NOISE=noise is not None, WITH_MASK=mask is not None, num_warps=4)
     if dst is not out:
         out.copy_(dst)
@@ -178,7 +181,9 @@ def graddrop(J: torch.Tensor, *, leak: float | Sequence[float] | torch.Tensor = 
             same result, on every backend); default: the global generator of ``J``'s device.
         noise: ``[P]`` uniform numbers ``U_k`` to use instead (tests, external RNG).
         return_mask: also return the ``[T, P]`` bool masks ``M``.
-        eps: added to ``A_k`` in the purity denominator (columns of zeros get purity 0.5).
+        eps: relative: ``p_k = 0.5 (1 + S_k / ((1 + eps) A_k))`` (default 0, the paper's purity;
+            columns of zeros get purity 0.5 without it). Scaling ``J`` by ``s > 0`` scales
+            ``g`` by ``s`` for any ``eps`` (an absolute ``eps``, before 0.1, did not).
 
     Returns:
         ``g`` (``[P]``, ``J``'s dtype), or ``(g, mask)``.

@@ -69,7 +69,8 @@ def resolve_method(method: str | Callable, per_layer: bool, options: dict[str, A
         raise ValueError(f"MTLOptimizer: unknown method {method!r}; valid: "
                          f"{', '.join(METHOD_NAMES)}, or a callable G [T, T] -> w [T]")
     if key == "gradvac" or (key == "pcgrad" and per_layer):
-        allowed = {"beta", "eps"} if key == "gradvac" else {"reduction", "eps"}
+        allowed = {"beta", "eps"} if key == "gradvac" else {"reduction", "eps",
+                                                             "libmtl_self_visit"}
         _check_options(key, options, allowed)
         opts = dict(options)
         if key == "gradvac":

@@ -59,20 +59,34 @@ class StepStats:
             self._nonconverged_total + f
         self._acc["nonconverged"] = self._acc.get("nonconverged", torch.zeros_like(f)) + f
 
+    def count_no_solution(self, none: torch.Tensor) -> None:
+        """Count a step whose solver reported that no solution exists (a 0-dim bool device
+        tensor: Nash-MTL's ``residual = inf`` at a Pareto-stationary point), without a host
+        sync. Such a step is a failure too (:meth:`count_failure`)."""
+        f = none.to(torch.int64)
+        self._acc["no_solution"] = self._acc.get("no_solution", torch.zeros_like(f)) + f
+
     def summary(self, method: str, reset: bool = True) -> dict[str, Any]:
         """The means since the last reset, ``steps`` and ``nonconverged``; warns (naming
         ``method``) when a solver failed. Synchronises with the device."""
         out: dict[str, Any] = {"steps": self._steps}
         for key, v in self._acc.items():
-            if key.endswith("_n") or key == "nonconverged":
+            if key.endswith("_n") or key in ("nonconverged", "no_solution"):
                 continue
             out[key] = v / self._acc[key + "_n"]
         failures = int(self._acc["nonconverged"].item()) if "nonconverged" in self._acc else 0
         out["nonconverged"] = failures
-        if failures:
+        none = int(self._acc["no_solution"].item()) if "no_solution" in self._acc else 0
+        out["no_solution"] = none
+        if failures > none:
             warnings.warn(f"MTLOptimizer: the {method} solver did not converge on "
-                          f"{failures} of {self._steps} steps (weights used: its last "
+                          f"{failures - none} of {self._steps} steps (weights used: its last "
                           "iterate); raise max_iter or check the gradients", RuntimeWarning,
+                          stacklevel=3)
+        if none:
+            warnings.warn(f"MTLOptimizer: the {method} problem had no solution on {none} of "
+                          f"{self._steps} steps (0 in the convex hull of the task gradients: a "
+                          "Pareto-stationary point; update used: 0)", RuntimeWarning,
                           stacklevel=3)
         if reset:
             self._acc = {}

@@ -42,6 +42,7 @@ from torch.autograd.graph import GradientEdge
 from .. import metrics
 from .._backend import _C
 from ..ops.combine import combine
+from ..ops.graddrop import DEFAULT_EPS as GRADDROP_EPS
 from ..ops.graddrop import _draw_seed, _graddrop_raw
 from ..ops.gram import gram, segment_gram
 from ..ops.pcgrad import pcgrad_weights, random_orders
@@ -198,7 +199,8 @@ class MTLOptimizer(OptimizerWrapper):
             there) or with GradDrop. Same results up to float32 rounding.
         **options: the method's options, e.g. ``c=0.4`` (CAGrad), ``leak=0.2`` (GradDrop),
             ``max_norm=1.0`` (Nash-MTL), ``normalization="l2"`` (MGDA), ``beta=0.5`` (GradVac),
-            ``reduction="mean"``.
+            ``reduction="mean"``, ``libmtl_self_visit=True`` (PCGrad, whole-model or per layer:
+            task ``i`` also visits itself, LibMTL's convention; default ``j != i``, the paper's).
 
     AMP: pass ``scaler.scale(losses)`` to :meth:`backward`; ``scaler.unscale_(opt)`` /
     ``scaler.step(opt)`` work as for a plain optimizer (an overflow makes the combined gradient
@@ -563,7 +565,7 @@ class MTLOptimizer(OptimizerWrapper):
         if spec.kind == "graddrop":
             seed = _draw_seed(self._generator, J.device)
             g = _graddrop_raw(J, self._leak_t, seed, None, False,
-                             float(spec.options.get("eps", 1e-7)))[0]
+                             float(spec.options.get("eps", GRADDROP_EPS)))[0]
             views = [g[a:b].view_as(p) for p, a, b in zip(self._shared, self._bounds[:-1],
                                                           self._bounds[1:])]
         else:
@@ -678,7 +680,8 @@ class MTLOptimizer(OptimizerWrapper):
             if spec.name == "pcgrad":
                 Lp = perms.expand(Gl.shape[0], T, T).contiguous()
                 w = pcgrad_weights(Gl, perms=Lp, reduction=spec.options.get("reduction", "sum"),
-                                   eps=spec.options.get("eps", 0.0))
+                                   eps=spec.options.get("eps", 0.0),
+                                   libmtl_self_visit=spec.options.get("libmtl_self_visit", False))
                 return w, None
             tgt = self._method_state.get("gradvac_targets")
             if tgt is None:
@@ -698,8 +701,11 @@ class MTLOptimizer(OptimizerWrapper):
         if spec.has_status:
             w, status = spec.fn(Gs, **kwargs, return_status=True)
             converged = status.converged
-            failed = (~converged) & torch.isfinite(G).all()
-            self._stats.count_failure(failed)
+            finite = torch.isfinite(G).all()
+            self._stats.count_failure((~converged) & finite)
+            # residual = inf: the solver says no solution exists (Nash-MTL at a Pareto-stationary
+            # point), counted apart as well
+            self._stats.count_no_solution(torch.isinf(status.residual) & finite)
         else:
             w = spec.fn(Gs, **kwargs)
             if not isinstance(w, torch.Tensor) or w.shape != (T,):
@@ -714,8 +720,10 @@ class MTLOptimizer(OptimizerWrapper):
     def stats(self, reset: bool = True) -> dict[str, Any]:
         """Means over the steps since the last reset: ``weights``, ``conflict_incidence`` and,
         with ``stats=True``, ``layer_conflicts`` / ``layer_gms``; plus ``steps`` and
-        ``nonconverged`` (solver failures), and ``factored_layers`` (how many ``nn.Linear``
-        layers the last step took in factored form, :attr:`factored_layers`). Reading this
+        ``nonconverged`` (solver failures), ``no_solution`` (of those, the steps whose solver
+        found that no solution exists: Nash-MTL at a Pareto-stationary point, update 0), and
+        ``factored_layers`` (how many ``nn.Linear`` layers the last step took in factored form,
+        :attr:`factored_layers`). Reading this
         synchronises with the device (meant for logging once per epoch); a non-zero failure
         count also raises a ``RuntimeWarning``."""
         out = self._stats.summary(self.spec.name, reset)

@@ -129,6 +129,7 @@ class TrainConfig:
     stats: bool = True              # per-task gradients for the statistics also for ew/uw/dwa/famo
     cagrad_c: float = 0.4
     graddrop_leak: float = 0.0
+    pcgrad_libmtl_self_visit: bool = False  # pcgrad(-layer): also visit j = i (LibMTL's order)
     dwa_temperature: float = 2.0
     famo_lr: float = 0.025
     famo_gamma: float = 0.001

@@ -170,6 +170,8 @@ class Trainer:
             method, per_layer, options = cfg.method, False, {}
             if method == "pcgrad-layer":
                 method, per_layer = "pcgrad", True
+            if method == "pcgrad":
+                options["libmtl_self_visit"] = cfg.pcgrad_libmtl_self_visit
             elif method in LOSS_METHODS:
                 method = "ew"
             elif method == "cagrad":

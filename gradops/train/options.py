@@ -38,6 +38,8 @@ _HELP = {
     "threads": "torch CPU threads (0: torch's default)",
     "memory_format": "layout of the model's 4-D weights and activations: auto (channels_last "
                      "for --backbone cnn on CPU, else contiguous), contiguous or channels_last",
+    "pcgrad_libmtl_self_visit": "--method pcgrad / pcgrad-layer: task i also visits itself "
+                                "(LibMTL's order; default: j != i, the paper's Alg. 1)",
 }
 
 

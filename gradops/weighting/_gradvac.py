@@ -14,6 +14,14 @@ def gradvac_weights(G: torch.Tensor, targets: torch.Tensor, perms: torch.Tensor,
     (||g_j|| sqrt(1 - phi^^2))`` (Eq. 8); then ``phi^ <- (1 - beta) phi^ + beta phi`` (Eq. 9,
     LibMTL's placement: every visited pair). The update is ``sum_i g_i'``.
 
+    Numerical guards (not in the paper or LibMTL, whose loops blow up on them): ``phi`` is clamped
+    to ``[-1, 1]`` (after a correction cancels ``g_i'``, ``||g_i'|| ~ 0`` and the rounded ratio
+    leaves the range, which the EMA would carry into the targets), the targets read are clamped
+    the same way, and ``1 - phi^^2`` is floored at the dtype's ``eps`` (a target of exactly
+    ``+-1``, reached by the EMA of parallel tasks, would need an infinite correction; the floor
+    is the value at the representable cosine next to ``+-1``). Hence ``|phi^| <= 1`` always and
+    each correction is finite: ``||g_i''|| = ||g_i'|| sqrt(1 - phi^2) / sqrt(1 - phi^^2)``.
+
     With ``g_i' = sum_k C[l, i, k] g_k`` every quantity is a function of ``G``: all rows and layers
     advance together, ``T`` steps of batched ``[L, T, T]`` arithmetic on ``G``'s device.
 
@@ -30,6 +38,7 @@ def gradvac_weights(G: torch.Tensor, targets: torch.Tensor, perms: torch.Tensor,
     tgt = targets.to(G.dtype, copy=True)
     rows = torch.arange(T, device=G.device)
     diag = G.diagonal(dim1=-2, dim2=-1)                       # [L, T]
+    feps = torch.finfo(G.dtype).eps
     for s in range(T):
         j = perms[:, s]                                       # [T]: the task row i visits now
         active = (j != rows)[None, :]                         # [1, T]
@@ -37,9 +46,10 @@ def gradvac_weights(G: torch.Tensor, targets: torch.Tensor, perms: torch.Tensor,
         dot = CG[:, rows, j]                                  # (C G)_{i j}
         ni = torch.sqrt(torch.clamp((CG * C).sum(-1), min=0))  # ||g_i'||
         nj = torch.sqrt(torch.clamp(diag[:, j], min=0))       # ||g_j||
-        phi = dot / (ni * nj + eps)
-        phi_t = tgt[:, rows, j]
-        root_t = torch.sqrt(torch.clamp(1 - phi_t * phi_t, min=0))
+        phi = torch.clamp(dot / (ni * nj + eps), -1.0, 1.0)      # a cosine, also when g_i' ~ 0
+        phi_t = torch.clamp(tgt[:, rows, j], -1.0, 1.0)
+        # a target of exactly +-1 would need an infinite correction (see the docstring)
+        root_t = torch.sqrt(torch.clamp(1 - phi_t * phi_t, min=feps))
         root = torch.sqrt(torch.clamp(1 - phi * phi, min=0))
         coef = ni * (phi_t * root - phi * root_t) / (nj * root_t + eps)
         coef = torch.where(active & (phi < phi_t), coef, torch.zeros_like(coef))

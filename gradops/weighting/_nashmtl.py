@@ -1,10 +1,12 @@
 """Nash-MTL (Navon et al. 2022)."""
 from __future__ import annotations
 
+import math
 
 import torch
 
 from ._common import SolverStatus, _check_iter, _eps, _poison, _prep, _ret, _tiny
+from ._mgda import mgda
 from ._solvers import _nash_newton
 
 
@@ -34,10 +36,24 @@ def nashmtl(G: torch.Tensor, max_norm: float = 1.0, max_iter: int = 20, tol: flo
     ``alpha_i = c / n_i``, ``max_iter`` iterations. Residual = ``max_i |alpha_i (G alpha)_i - 1|``
     (dimensionless);
     ``converged`` when ``<= tol``. Tasks with a zero gradient (``G_ii <= eps^2 max G_ii``) get
-    weight 0 and the others are solved without them. When ``0`` is in the convex hull of the
-    non-zero
-    gradients (typically when ``T > P``), ``F`` is unbounded below and there is no solution: the
-    status then says not converged and ``w`` is the last iterate (clipped).
+    weight 0 and the others are solved without them.
+
+    No solution (Pareto-stationary ``J``): when ``0`` is in the convex hull of the non-zero
+    gradients (typically when ``T > P``), no ``d`` has ``g_i . d > 0`` for every task (Gordan's
+    theorem), ``F`` is unbounded below and the Newton iterate runs off to infinity (before this
+    check: weights of 1e19, or NaN). This is detected on the device, without a host read: the
+    squared distance of the hull to 0, ``delta^2 = min_{w in simplex} w^T Gn w``, is bounded
+    above by two points of the simplex, the normalised Newton iterate and MGDA's min-norm point
+    (:func:`gradops.weighting.mgda`, its default budget), and ``delta^2 <= T eps max_i Gn_ii``
+    (0 to the working precision) counts as no solution, as does a non-finite Newton iterate from
+    a finite ``G``. The answer is then ``w = 0``, a zero update: the bargaining game's
+    disagreement point, which the paper's solution must improve on for every player, is
+    ``d = 0``, and no ``d`` improves every task (MGDA's answer at such a point is ``d = 0``
+    too). The status says so: ``converged`` False and ``residual = inf`` (the documented flag;
+    a NaN/Inf ``G`` gives NaN instead), counted by ``MTLOptimizer`` in ``opt.stats()``
+    (``nonconverged`` and ``no_solution``). Near such a point (small ``delta > 0``) the solution
+    exists but ``alpha`` grows as ``1 / delta``; the clip then bounds ``d``, and an unconverged
+    solve returns the clipped last iterate.
     """
     G = _prep(G, "nashmtl")
     _check_iter("nashmtl", max_iter, tol)
@@ -52,12 +68,46 @@ def nashmtl(G: torch.Tensor, max_norm: float = 1.0, max_iter: int = 20, tol: flo
     m = torch.clamp(torch.where(active, diag, torch.zeros_like(diag)).sum()
                     / torch.clamp(active.sum(), min=1), min=tiny)
     act2 = active[:, None] & active[None, :]
-    Gn = torch.where(act2, G / m, torch.zeros_like(G)) + torch.diag((~active).to(dt))
+    Gact = torch.where(act2, G / m, torch.zeros_like(G))        # the active tasks, normalised
+    Gn = Gact + torch.diag((~active).to(dt))
     a, its, res = _nash_newton(Gn, max_iter, tol, early_exit)
-    alpha = torch.where(active, a / torch.sqrt(m), torch.zeros_like(a))
+    none = _no_solution(Gact, active, a, early_exit)
+    alpha = torch.where(active & ~none, a / torch.sqrt(m), torch.zeros_like(a))
     if max_norm > 0:
         dnorm = torch.sqrt(torch.clamp(alpha @ G @ alpha, min=0.0))
         alpha = alpha * torch.clamp(max_norm / torch.clamp(dnorm, min=tiny), max=1.0)
+    finite = torch.isfinite(G).all()
     alpha = alpha + _poison(G)
+    res = torch.where(none & finite, torch.full_like(res, math.inf), res)
     status = SolverStatus((res <= tol) & torch.isfinite(alpha).all(), its, res)
     return _ret(alpha, status, return_status)
+
+
+def _no_solution(Gact: torch.Tensor, active: torch.Tensor, a: torch.Tensor,
+                 early_exit: bool | None) -> torch.Tensor:
+    """Whether ``0`` is (to the working precision) in the convex hull of the active gradients,
+    i.e. ``delta^2 = min_{w in simplex} w^T Gact w <= T eps max_i Gact_ii`` (a 0-dim bool on the
+    device; no host read), or the Newton iterate diverged (non-finite ``a``).
+
+    Two upper bounds on ``delta^2``, each a point of the simplex: the Newton iterate normalised
+    (``w = a / sum a``: when ``F`` is unbounded below, ``a`` runs off along a direction ``v >= 0``
+    with ``J^T v = 0``, so ``w^T Gact w -> 0``; at a solution it is within ``T^4`` of
+    ``delta^2``) and MGDA's min-norm point (:func:`gradops.weighting.mgda`). Either being below
+    the threshold certifies ``delta^2`` below it."""
+    T = Gact.shape[0]
+    zero = torch.zeros_like(a)
+    dn = torch.where(active, Gact.diagonal(), zero)
+    thr = T * _eps(Gact) * dn.max()
+
+    def value(w):   # w^T Gact w / (sum w)^2, scaled first (a diverged a may be ~1e19)
+        w = torch.where(active, w, zero)
+        w = w / torch.clamp(w.abs().max(), min=_tiny(Gact))
+        s = w.sum()
+        return (w @ Gact @ w) / torch.clamp(s * s, min=_tiny(Gact))
+
+    big = torch.clamp(T * dn.max(), min=1.0)
+    Gm = Gact + torch.diag(torch.where(active, zero, big.expand_as(zero)))
+    wm = mgda(Gm, normalization="none", early_exit=early_exit)
+    cert = torch.fmin(value(torch.where(torch.isfinite(a), a, zero)), value(wm))
+    diverged = ~torch.isfinite(torch.where(active, a, zero)).all()
+    return (active.sum() >= 2) & ((cert <= thr) | diverged)

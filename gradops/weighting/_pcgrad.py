@@ -9,14 +9,16 @@ from ._common import _closed_status, _ret
 
 
 def pcgrad(G: torch.Tensor, generator: torch.Generator | None = None,
-           perms: torch.Tensor | None = None, reduction: str = "sum", *,
-           return_status: bool = False):
+           perms: torch.Tensor | None = None, reduction: str = "sum",
+           libmtl_self_visit: bool = False, *, return_status: bool = False):
     """PCGrad (Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020, Alg. 1) in
-    Gram form: :func:`gradops.pcgrad_weights` (docs/methods.md#pcgrad). Weights are float32
-    (float64 for a float64 ``G``: the recurrence then runs in float64); invariant to
-    ``J -> sJ``."""
+    Gram form: :func:`gradops.pcgrad_weights` (docs/methods.md#pcgrad). Task ``i`` visits the
+    tasks ``j != i`` (the paper's Alg. 1, TorchJD's); ``libmtl_self_visit=True`` also visits
+    ``j = i``, LibMTL's convention. Weights are float32 (float64 for a float64 ``G``: the
+    recurrence then runs in float64); invariant to ``J -> sJ``."""
     if not isinstance(G, torch.Tensor) or G.dim() != 2:
         raise ValueError(f"gradops.weighting.pcgrad: G must be a square Gram [T, T], got "
                          f"{tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__}")
-    w = pcgrad_weights(G, generator=generator, perms=perms, reduction=reduction)
+    w = pcgrad_weights(G, generator=generator, perms=perms, reduction=reduction,
+                       libmtl_self_visit=libmtl_self_visit)
     return _ret(w, _closed_status(w), return_status)

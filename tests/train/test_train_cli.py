@@ -178,3 +178,24 @@ def test_compare_acceptance_form(tmp_path):
                  "--no-progress", "--threads", "1", "--train-limit", "64", "--width", "4",
                  "--batch-size", "32", "--resume"]) == 0
     assert (out / "runs" / "ew__off__s0" / "result.json").read_text() == before
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "pcgrad-layer"])
+def test_pcgrad_libmtl_self_visit_option_reaches_the_optimizer(method):
+    """``--pcgrad-libmtl-self-visit`` (config ``pcgrad_libmtl_self_visit``) is passed to
+    MTLOptimizer as ``libmtl_self_visit`` for pcgrad and pcgrad-layer; default False (j != i)."""
+    from gradops.train.data import load_dataset
+    from gradops.train.distributed import Dist
+    from gradops.train.loop import Trainer
+    from gradops.train.options import add_config_options, given_options
+    import argparse
+    p = argparse.ArgumentParser()
+    add_config_options(p)
+    assert given_options(p.parse_args(["--pcgrad-libmtl-self-visit"])) == \
+        {"pcgrad_libmtl_self_visit": True}
+    data = load_dataset("digits")
+    for flag in (False, True):
+        cfg = TrainConfig(method=method, width=4, pcgrad_libmtl_self_visit=flag).validate()
+        t = Trainer(cfg, data, torch.device("cpu"), Dist())
+        assert t.opt.spec.options["libmtl_self_visit"] is flag
+        assert t.opt.spec.kind == ("layer" if method == "pcgrad-layer" else "gram")
