@@ -5,7 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gradops.train.rundir import TEMP_PATTERN
+
+pytest.importorskip("sklearn", reason="the trainer's data sets need scikit-learn")
 
 ROOT = Path(__file__).resolve().parents[2]
 #: A tiny run (about a second of training on a busy 2-core machine).
@@ -46,3 +50,20 @@ def snapshot(d: Path) -> dict[str, bytes]:
     """Every file under ``d`` and its bytes."""
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob("*"))
             if p.is_file()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """One data-set cache for the fault suite, filled once (the subprocesses inherit it through
+    ``GRADOPS_DATA_CACHE``). Each test module imports it (no conftest.py here: a second
+    ``conftest`` module would shadow tests/conftest.py for the modules collected after it)."""
+    old = os.environ.get("GRADOPS_DATA_CACHE")
+    d = tmp_path_factory.mktemp("fault_data")
+    os.environ["GRADOPS_DATA_CACHE"] = str(d)
+    from gradops.train.data import load_dataset
+    load_dataset("digits", None, 0)
+    yield d
+    if old is None:
+        os.environ.pop("GRADOPS_DATA_CACHE", None)
+    else:
+        os.environ["GRADOPS_DATA_CACHE"] = old

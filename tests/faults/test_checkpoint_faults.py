@@ -9,6 +9,7 @@ import zipfile
 import pytest
 import torch
 from fault_helpers import TINY, one_line_error, snapshot
+from fault_helpers import data_cache  # noqa: F401 (the suite's autouse fixture)
 
 from gradops.cli import main
 from gradops.train.checkpoint import load_checkpoint, save_checkpoint

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from fault_helpers import TINY, one_line_error
+from fault_helpers import data_cache  # noqa: F401 (the suite's autouse fixture)
 
 from gradops.cli import main
 

@@ -5,6 +5,7 @@ import json
 import os
 
 from fault_helpers import TINY, one_line_error, popen, snapshot
+from fault_helpers import data_cache  # noqa: F401 (the suite's autouse fixture)
 
 from gradops.cli import main
 from gradops.train.rundir import LOCK_FILE, DirLock

@@ -9,6 +9,7 @@ import time
 
 import torch
 from fault_helpers import popen, temporaries
+from fault_helpers import data_cache  # noqa: F401 (the suite's autouse fixture)
 
 from gradops.cli import main
 

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 from fault_helpers import TINY, env, one_line_error, snapshot
+from fault_helpers import data_cache  # noqa: F401 (the suite's autouse fixture)
 
 from gradops.cli import main
 
