@@ -17,9 +17,14 @@ Tolerances (``m = max_i ||g_i||``): updates agree within ``RTOL[dtype] m`` (fp64
 non-conflict margin is ``NC_RTOL[dtype] m^2`` for MGDA, and for CAGrad its smoothing's bound
 ``2 smooth c`` (see ``gradops.weighting.cagrad``) plus that.
 
-Nash-MTL diverges on Pareto-stationary inputs (issue 27, case 3, fixed elsewhere): only its
-finite output on the families without 0 in the hull is checked here; PCGrad's random orders are
-fixed (its task order is its orders' business, tests/test_pcgrad.py).
+Nash-MTL has no solution where 0 is in the hull of the non-zero gradients: there it must give
+finite weights, ``w = 0`` and ``converged=False``. PCGrad's random orders are fixed (its task order
+is its orders' business, tests/test_pcgrad.py).
+
+The methods that are not ``G -> w`` functions run on the same families and scales in
+:func:`test_elementwise_and_per_layer_methods_on_geometries`: the PCGrad op (``J`` and fixed
+orders), GradDrop (``J`` and fixed noise) and GradVac (per-layer Grams and EMA targets over
+several calls): finite output, and ``d(sJ) = s d(J)``.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from gradops.ops.pcgrad import random_orders
 
 import geometries as GEO
 from _asserts import (assert_finite, assert_non_conflicting, assert_updates_close,
-                      task_permutation)
+                      problem_scale, task_permutation)
 from conftest import cpu_backends
 
 RTOL = {torch.float64: 1e-6, torch.float32: 2e-3}
@@ -237,3 +242,59 @@ def test_issue27_cagrad_reaches_the_primal_optimum(backend, c, seed):
     m2 = float(J.norm(dim=1).max()) ** 2
     opt = _cagrad_primal(J, c)
     assert abs(float((J @ d).min()) - opt) <= 1e-7 * m2, (float((J @ d).min()), opt)
+
+
+def _gradvac_updates(J: torch.Tensor, calls: int = 5) -> list[torch.Tensor]:
+    """GradVac's update on ``J`` split into two layers, over ``calls`` steps of the same ``J``
+    (the EMA targets carried from one call to the next, as an optimizer carries them)."""
+    T, P = J.shape
+    half = max(P // 2, 1)
+    layers = [J[:, :half], J[:, half:]] if P > 1 else [J]
+    G = torch.stack([X @ X.T for X in layers])
+    targets = torch.zeros_like(G)
+    perms = random_orders(T, generator=torch.Generator().manual_seed(5))
+    eps = torch.finfo(J.dtype).eps
+    out = []
+    for _ in range(calls):
+        w, targets = W.gradvac_weights(G, targets, perms, 0.5, eps)
+        assert bool(((targets >= -1) & (targets <= 1)).all()), targets
+        out.append(torch.cat([w[l].to(J.dtype) @ X for l, X in enumerate(layers)]))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("fam", list(GEO.FAMILIES))
+def test_elementwise_and_per_layer_methods_on_geometries(backend, fam, dtype):
+    T, P = (5, 30) if backend != "triton" else (3, 10)
+    J = GEO.FAMILIES[fam](T, P).to(dtype)
+    orders = random_orders(T, generator=torch.Generator().manual_seed(3))
+    noise = torch.rand(P, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    rtol = RTOL[dtype]
+    with gradops.use_backend(backend):
+        def pc(X):
+            return gradops.pcgrad(X, perms=orders)
+
+        def gd(X):
+            return gradops.graddrop(X, noise=noise.to(X.dtype))
+        for name, fn in (("pcgrad", pc), ("graddrop", gd)):
+            if name == "graddrop" and dtype == torch.float64 and backend != "torch":
+                continue                      # float64 GradDrop runs on the torch path only
+            what = f"{name} {fam} T={T} P={P} {dtype} {backend}"
+            d = fn(J)
+            assert_finite(d, what)
+            for s in (1e-10, 1e15):
+                d_s = fn(s * J)
+                assert_finite(d_s, f"{what} x{s:g}")
+                assert_updates_close(d_s.double() / s, d, J, rtol, f"{what} x{s:g}")
+    what = f"gradvac {fam} T={T} P={P} {dtype}"
+    ds = _gradvac_updates(J)
+    for k, d in enumerate(ds):
+        assert_finite(d, f"{what} call {k}")
+        # bounded: each correction keeps ||g_i''|| = ||g_i'|| sqrt(1 - phi^2) / sqrt(1 - phi^^2)
+        assert float(d.double().norm()) <= 1e4 * max(problem_scale(J), 1e-300) * T, (what, k)
+    for s in (1e-10, 1e15):
+        for k, (d, d_s) in enumerate(zip(ds, _gradvac_updates(s * J))):
+            assert_finite(d_s, f"{what} x{s:g} call {k}")
+            assert_updates_close(d_s.double() / s, d, J, max(rtol, 1e-5),
+                                 f"{what} x{s:g} call {k}")

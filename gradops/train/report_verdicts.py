@@ -40,8 +40,8 @@ from collections.abc import Callable, Sequence
 
 from .report_data import Run, display_name, method_key, sparse_key
 
-__all__ = ["CLAIMS", "GRADIENT_MANIPULATION", "MIN_SEEDS", "T_MIN", "Paired",
-           "format_reproduction", "paired_claims", "verdict"]
+__all__ = ["CLAIMS", "GRADIENT_MANIPULATION", "MIN_SEEDS", "T_MIN", "Paired", "format_mean_std",
+           "format_number", "format_reproduction", "paired_claims", "verdict"]
 
 #: The least paired seeds a verdict other than "inconclusive" needs.
 MIN_SEEDS = 2
@@ -191,11 +191,17 @@ def paired_claims(runs: Sequence[Run], dm: Callable[[Run], float | None], *,
     return out
 
 
-def _num(x: float | None) -> str:
+def format_number(x: float | None) -> str:
+    """Two decimals, "—" for a missing value, never "-0.00"."""
     if x is None:
         return "—"
     text = f"{x:.2f}"
     return text[1:] if text.startswith("-") and float(text) == 0.0 else text
+
+
+def format_mean_std(mean: float | None, std: float | None) -> str:
+    """``mean ± std`` (the mean alone when there is no std)."""
+    return format_number(mean) if std is None else f"{format_number(mean)} ± {format_number(std)}"
 
 
 def _rule_text() -> str:
@@ -234,10 +240,10 @@ def format_reproduction(runs: Sequence[Run], dm: Callable[[Run], float | None], 
                   "| Method | ST | per-seed difference | mean ± std | seeds agreeing | verdict |",
                   "|---|---|---|---:|---:|---|"]
         for p in rows:
-            per_seed = ", ".join(f"s{s}: {_num(d)}" for s, d in p.diffs.items()) or \
+            per_seed = ", ".join(f"s{s}: {format_number(d)}" for s, d in p.diffs.items()) or \
                 "no paired seed"
             mean, std = p.mean_std()
-            ms = _num(mean) if std is None else f"{_num(mean)} ± {_num(std)}"
+            ms = format_mean_std(mean, std)
             lines.append(f"| {display_name(p.method)} | {p.setting} | {per_seed} | {ms} | "
                          f"{p.agree}/{p.n} | {p.verdict} |")
         lines.append("")

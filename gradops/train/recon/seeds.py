@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
-from ..report_verdicts import MIN_SEEDS, T_MIN, Paired
+from ..report_verdicts import MIN_SEEDS, T_MIN, Paired, format_mean_std, format_number
 from .search import conflict_table, read_ranking, recon_search
 
 __all__ = ["CLAIM", "recon_seeds", "paired_change", "format_recon_report",
@@ -76,13 +76,6 @@ def _share(col: dict[str, float], bins: tuple[str, ...]) -> float:
     return sum(col[b] for b in bins)
 
 
-def _num(x: float | None) -> str:
-    if x is None:
-        return "—"
-    text = f"{x:.2f}"
-    return text[1:] if text.startswith("-") and float(text) == 0.0 else text
-
-
 def rule_text() -> str:
     return (f"Verdict rule (`gradops.train.report_verdicts.verdict`, n seeds, t = mean / "
             f"(std / √n)): fewer than {MIN_SEEDS} seeds → inconclusive; **holds** when every "
@@ -112,7 +105,7 @@ def format_recon_report(tables: list[dict[str, Any]], header: list[str]) -> str:
         lines.append("")
     p = paired_change(tables)
     mean, std = p.mean_std()
-    ms = _num(mean) if std is None else f"{_num(mean)} ± {_num(std)}"
+    ms = format_mean_std(mean, std)
     lines += ["## Does it reproduce?", "",
               f"Recon's claim: {CLAIM}. Paired difference per seed: share with cos < -0.01 on "
               "the layers that stay shared, after minus before branching (same seed, points; "
@@ -122,7 +115,7 @@ def format_recon_report(tables: list[dict[str, Any]], header: list[str]) -> str:
     for t in tables:
         b, a = (t["severe_share"][k] for k in ("before_remaining", "after_remaining"))
         lines.append(f"| {t['seed']} | {', '.join(t['branched'])} | {b:.2f} | {a:.2f} | "
-                     f"{_num(a - b)} |")
+                     f"{format_number(a - b)} |")
     lines += ["", f"Mean ± std: {ms} points; seeds agreeing with the claim (negative): "
               f"{p.agree}/{p.n}; verdict: **{p.verdict}**.", ""]
     return "\n".join(lines)
@@ -132,8 +125,8 @@ def format_console_summary(tables: list[dict[str, Any]]) -> str:
     """The paired section's lines for the console."""
     p = paired_change(tables)
     mean, std = p.mean_std()
-    ms = _num(mean) if std is None else f"{_num(mean)} ± {_num(std)}"
-    per = ", ".join(f"s{s}: {_num(d)}" for s, d in p.diffs.items())
+    ms = format_mean_std(mean, std)
+    per = ", ".join(f"s{s}: {format_number(d)}" for s, d in p.diffs.items())
     return (f"share with cos < -0.01 on the layers that stay shared, after - before (points): "
             f"{per}; mean ± std {ms}; agreeing {p.agree}/{p.n}; verdict on Recon's claim: "
             f"{p.verdict}")
