@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "is its pretrained one)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--budget", default=None, choices=("default", "quick"),
-                   help="default: the full grid (about 10 min on 2 idle CPU cores); quick: "
+                   help="default: the full grid (about 12 min on 2 idle CPU cores); quick: "
                         "a seconds-long smoke grid")
     p.add_argument("--resume", action="store_true",
                    help="continue the comparison in --out (finished runs are kept)")
