@@ -87,5 +87,8 @@ def cagrad(G: torch.Tensor, c: float = 0.4, rescale: int = 1, max_iter: int = 25
     lam = (k.double() / rho).to(G.dtype)
     w = 1.0 / T + lam * w_star
     w = w / (1.0, 1.0 + c * c, 1.0 + c)[rescale] + _poison(G)
-    status = status._replace(converged=status.converged & torch.isfinite(w).all())
+    # a new tuple, not status._replace: torch 2.11's dynamo cannot rebuild a NamedTuple that
+    # _replace made inside a fullgraph trace
+    status = SolverStatus(status.converged & torch.isfinite(w).all(), status.iterations,
+                          status.residual)
     return _ret(w, status, return_status)
