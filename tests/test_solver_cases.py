@@ -1,4 +1,4 @@
-"""The reproductions of issue 27's cases 3-5 and 7 (Nash-MTL without a solution, GradVac's
+"""The reported solver failures, reproduced (Nash-MTL without a solution, GradVac's
 cosines, GradDrop's scale, IMTL-G's float32 tail), each on every backend the method has. Case 6
 (PCGrad's self-visit) is in ``tests/test_pcgrad.py``."""
 from __future__ import annotations

@@ -149,7 +149,7 @@ def test_weighting_properties_on_geometries(backend, T, P, fam, dtype):
                 assert_updates_close(w_s.double() @ J, d, J, rtol, f"{what} x{s:g}")
 
 
-# -- issue 27's reproductions (cases 1 and 2), pinned ------------------------------------------ #
+# -- the reported MGDA and CAGrad failures, reproduced and pinned ------------------------------ #
 
 def _cagrad_primal(J: torch.Tensor, c: float) -> float:
     """``max_d min_i g_i . d`` s.t. ``||d - g0|| <= c ||g0||`` (CAGrad's primal, their Eq. 3), an

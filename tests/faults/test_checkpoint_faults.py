@@ -1,6 +1,6 @@
 """Checkpoints verify themselves: a flipped byte in any tensor (or anywhere else in the file), a
 truncated file, a checkpoint without its keys or of another model is a one-line error naming the
-file that suggests --overwrite, and the run directory stays as it was (issue 22, case 2)."""
+file that suggests --overwrite, and the run directory stays as it was."""
 import io
 import shutil
 import struct

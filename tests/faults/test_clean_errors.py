@@ -1,5 +1,5 @@
-"""One line, exit 2, nothing written, where tracebacks or silent defaults were (issue 22, cases
-5-8): --weights of the wrong shapes, a ranking naming an unknown layer, bad bench options,
+"""One line, exit 2, nothing written, where tracebacks or silent defaults were: --weights of
+the wrong shapes, a ranking naming an unknown layer, bad bench options,
 empty values, --overwrite and the previous run's add-on files, the messages of --resume."""
 import json
 

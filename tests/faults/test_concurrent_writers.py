@@ -1,6 +1,6 @@
 """One owner per run directory: a second writer (train, train --resume, --overwrite, compare,
 recon) is refused with the holder's PID, exit 2, and writes nothing; two runs started at once on
-one directory never mix (issue 22, case 1)."""
+one directory never mix."""
 import json
 import os
 

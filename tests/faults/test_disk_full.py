@@ -2,7 +2,7 @@
 every write past the limit fail with EFBIG (Python ignores SIGXFSZ). At each limit the run stops
 with one line naming the file and the cause (exit 2), leaves no temporary file, keeps what it
 had (the checkpoint is whole or absent), and starting it again gives the uninterrupted run's
-result (issue 22, case 3)."""
+result."""
 import json
 import resource
 

@@ -1,7 +1,7 @@
 """Kills at random points (SIGKILL: mid-epoch, inside a checkpoint's write, fsync or rename, at
 start-up), then the way back (``--resume``, or ``--overwrite`` when no checkpoint was written):
-the same metrics and weights as an uninterrupted run, and no temporary file left (issue 22,
-case 3). Temporaries of killed writers are removed at start-up, foreign files never."""
+the same metrics and weights as an uninterrupted run, and no temporary file left. Temporaries
+of killed writers are removed at start-up, foreign files never."""
 import json
 import random
 import signal

@@ -1,6 +1,6 @@
 """Read-only directories: ``--out`` on a read-only file system, ``--resume`` of a run there and a
 read-only data cache give one line naming the path and the cause (exit 2), or, for the cache, a
-warning and training from memory (issue 22, cases 3 and 4).
+warning and training from memory.
 
 Permissions do not stop root, so as root the directory is made read-only by a read-only bind
 mount in a private mount namespace (``unshare --mount``; needs CAP_SYS_ADMIN or unprivileged

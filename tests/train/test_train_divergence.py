@@ -1,4 +1,4 @@
-"""Failed runs are named, never averaged (issue 21, item 5): a diverged ``gradops train`` stops
+"""Failed runs are named, never averaged: a diverged ``gradops train`` stops
 with one line naming the epoch and the task, exits with EXIT_DIVERGED and writes strict JSON;
 ``gradops compare`` keeps going, leaves it out of every mean and counts it in each row."""
 from __future__ import annotations

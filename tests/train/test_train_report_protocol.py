@@ -1,4 +1,4 @@
-"""The report's protocol (issue 21, items 3, 6, 8): the learning rate chosen on validation (never
+"""The report's protocol: the learning rate chosen on validation (never
 test), the "Does it reproduce?" verdicts on hand-made paired seeds, and the last-10 column only
 for runs long enough for it."""
 from __future__ import annotations
