@@ -71,13 +71,8 @@ def run_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: l
     """:func:`_run_grid` holding ``out_dir``'s lock (:class:`.rundir.DirLock`) from before its
     first write until it returns: a second ``compare`` on the same directory is refused."""
     lock = DirLock(out_dir, "--out")
-    try:
-        results = _run_grid(base, methods, sparses, seeds, out_dir, _lock=lock, **kw)
-    except BaseException:
-        lock.release(keep=False)
-        raise
-    lock.release()
-    return results
+    with lock.holding():
+        return _run_grid(base, methods, sparses, seeds, out_dir, _lock=lock, **kw)
 
 
 def _run_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: list[int],

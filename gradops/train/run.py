@@ -10,6 +10,7 @@ run writes (what ``--overwrite`` removes).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -130,16 +131,9 @@ def run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: boo
     """
     main = dist.main if dist is not None else int(os.environ.get("RANK", "0")) == 0
     lock = DirLock(out_dir, "--resume" if resume else "--out") if main else None
-    try:
-        result = _run_training(config, out_dir, resume=resume, overwrite=overwrite,
-                               progress=progress, quiet=quiet, dist=dist, lock=lock)
-    except BaseException:
-        if lock is not None:
-            lock.release(keep=False)
-        raise
-    if lock is not None:
-        lock.release()
-    return result
+    with lock.holding() if lock is not None else contextlib.nullcontext():
+        return _run_training(config, out_dir, resume=resume, overwrite=overwrite,
+                             progress=progress, quiet=quiet, dist=dist, lock=lock)
 
 
 def _run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = False,

@@ -14,13 +14,14 @@ file the run did not write).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import ConfigError
@@ -161,6 +162,18 @@ class DirLock:
         finally:
             os.close(self.fd)
             self.fd = None
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[DirLock]:
+        """Release the lock when the block ends, wherever inside it the lock was taken: on
+        success the directory is kept; on an exception ``release(keep=False)`` removes a
+        directory that :meth:`acquire` created and nothing else wrote to."""
+        try:
+            yield self
+        except BaseException:
+            self.release(keep=False)
+            raise
+        self.release()
 
     def __enter__(self) -> DirLock:
         return self.acquire()

@@ -82,14 +82,9 @@ def recon_search(cfg: TrainConfig, iters: int, S: float, out_dir: str | Path, *,
     while it writes there."""
     from ..rundir import DirLock
     lock = DirLock(out_dir, "--out")
-    try:
-        ranking = _recon_search(cfg, iters, S, out_dir, overwrite=overwrite, progress=progress,
-                                lock=lock)
-    except BaseException:
-        lock.release(keep=False)
-        raise
-    lock.release()
-    return ranking
+    with lock.holding():
+        return _recon_search(cfg, iters, S, out_dir, overwrite=overwrite, progress=progress,
+                             lock=lock)
 
 
 def _recon_search(cfg: TrainConfig, iters: int, S: float, out_dir: str | Path, *,
