@@ -74,26 +74,20 @@ def copy_bandwidth(device, nbytes: int, rounds: int = 20) -> dict:
             "gbps_best": moved / secs[0] / 1e9, "gbps_median": moved / secs[len(secs) // 2] / 1e9}
 
 
-def read_csv(path: str) -> list[dict]:
+def read_csv(path: str, delimiter: str = ",") -> list[dict]:
+    """The rows of a CSV (or, with ``delimiter="\\t"``, TSV) file; none when it is missing."""
     if not os.path.exists(path):
         return []
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        return list(csv.DictReader(f, delimiter=delimiter))
 
 
 def steps_table(work: str) -> list[str]:
-    rows = _read_tsv(os.path.join(work, "steps.tsv"))
+    rows = read_csv(os.path.join(work, "steps.tsv"), delimiter="\t")
     out = ["| step | status | seconds | limit (s) |", "|---|---|---:|---:|"]
     for r in rows:
         out.append(f"| {r['step']} | {r['status']} | {r['seconds']} | {r['limit']} |")
     return out
-
-
-def _read_tsv(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
 
 
 def pytest_section(work: str) -> list[str]:
@@ -148,32 +142,37 @@ def ops_section(work: str) -> list[str]:
     return lines
 
 
-def mtl_section(work: str) -> list[str]:
-    rows = read_csv(os.path.join(work, "mtl.csv"))
+def _csv_table(work: str, name: str, missing: str, head: str, cells) -> list[str]:
+    """A Markdown table of ``work/name``'s rows (``cells(row)``: the row's cells after the
+    encoder / T / method / implementation columns), or ``missing`` when there is none."""
+    rows = read_csv(os.path.join(work, name))
     if not rows:
-        return ["No mtl.csv: the mtl steps did not finish (see their logs)."]
-    lines = ["| encoder | T | method | implementation | ms | x floor | x floor (paired) |",
-             "|---|---:|---|---|---:|---:|---:|"]
+        return [missing]
+    lines = [f"| encoder | T | method | implementation | {head} |",
+             "|---|---:|---|---|" + "---:|" * (head.count("|") + 1)]
     for r in rows:
-        paired = r.get("x_floor_paired") or "-"
-        if paired != "-":
-            paired = f"{float(paired):.2f}"
         lines.append(f"| {r.get('encoder', '-')} | {r['T']} | {r['method']} | {r['impl']} | "
-                     f"{float(r['ms']):.2f} | {float(r['x_floor']):.2f} | {paired} |")
+                     + " | ".join(cells(r)) + " |")
     return lines
+
+
+def mtl_section(work: str) -> list[str]:
+    def cells(r):
+        paired = r.get("x_floor_paired")
+        return [f"{float(r['ms']):.2f}", f"{float(r['x_floor']):.2f}",
+                f"{float(paired):.2f}" if paired else "-"]
+    return _csv_table(work, "mtl.csv",
+                      "No mtl.csv: the mtl steps did not finish (see their logs).",
+                      "ms | x floor | x floor (paired)", cells)
 
 
 def memory_section(work: str) -> list[str]:
-    rows = read_csv(os.path.join(work, "mtl_memory.csv"))
-    if not rows:
-        return ["No mtl_memory.csv: the mtl_memory step did not finish (see its log)."]
-    lines = ["| encoder | T | method | implementation | peak MB | copies of J | extra over floor |",
-             "|---|---:|---|---|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['encoder']} | {r['T']} | {r['method']} | {r['impl']} | "
-                     f"{float(r['peak_mb']):.1f} | {float(r['copies_of_J']):.2f} | "
-                     f"{float(r['extra_over_floor']):.2f} |")
-    return lines
+    def cells(r):
+        return [f"{float(r['peak_mb']):.1f}", f"{float(r['copies_of_J']):.2f}",
+                f"{float(r['extra_over_floor']):.2f}"]
+    return _csv_table(work, "mtl_memory.csv",
+                      "No mtl_memory.csv: the mtl_memory step did not finish (see its log).",
+                      "peak MB | copies of J | extra over floor", cells)
 
 
 def env_lines(work: str) -> list[str]:
