@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from .checkpoint import atomic_write_text
 from .errors import ConfigError
 from .io_errors import annotate
 
@@ -206,7 +207,6 @@ class Manifest:
         if not new and self.exists:
             return
         self.names |= new
-        from .checkpoint import atomic_write_text
         atomic_write_text(self.path, json.dumps(sorted(self.names)) + "\n")
 
     def remove_files(self, fallback: Iterable[str] = ()) -> list[str]:

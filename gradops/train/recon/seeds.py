@@ -17,9 +17,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import atomic_write_text
 from ..config import TrainConfig
 from ..report_verdicts import MIN_SEEDS, T_MIN, Paired, format_mean_std, format_number
-from .search import conflict_table, read_ranking, recon_search
+from .search import conflict_table, conflict_table_markdown, read_ranking, recon_search
 
 __all__ = ["CLAIM", "recon_seeds", "paired_change", "format_recon_report",
            "format_console_summary", "rule_text", "seed_dir"]
@@ -42,8 +43,6 @@ def recon_seeds(cfg: TrainConfig, seeds: list[int], topk: int, iters: int, S: fl
     """One before/after table per seed (``out/s<seed>/conflict_table.json``); without
     ``ranking``, the search of that seed first (``out/s<seed>/search/``). The caller holds
     ``out``'s lock. Returns the tables, each with ``seed`` and ``ranking_source``."""
-    from ..checkpoint import atomic_write_text
-    from .search import conflict_table_markdown
     fixed = read_ranking(ranking, "--ranking") if ranking is not None else None
     tables = []
     for seed in seeds:
