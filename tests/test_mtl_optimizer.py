@@ -106,7 +106,7 @@ def test_gradvac_targets_evolve_like_the_reference_over_steps(linear_gram):
         perms = random_orders(T, generator=gen)
         ref, tgt = gradvac_reference(J.double(), opt._offsets_cpu, perms, tgt, 0.3)
         torch.testing.assert_close(shared_grad(model), ref.float(), rtol=2e-4, atol=2e-5)
-    torch.testing.assert_close(opt._method_state["gradvac_targets"], tgt.float(), rtol=1e-4,
+    torch.testing.assert_close(opt.method.targets, tgt.float(), rtol=1e-4,
                                atol=1e-5)
 
 

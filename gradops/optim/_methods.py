@@ -1,109 +1,86 @@
-"""The gradient methods :class:`gradops.optim.MTLOptimizer` runs, resolved from a name or a
-callable into one small spec: what the method needs (per-task gradients? per-layer Grams?) and
-how it turns them into the combined gradient.
-
-Kinds:
-
-- ``"sum"``: EW / Joint Train, ``w = 1`` (or ``1/T``): one backward of the summed loss, unless
-  statistics are asked for.
-- ``"gram"``: weights ``[T]`` from the Gram (``gradops.weighting``: MGDA, CAGrad, IMTL-G,
-  Nash-MTL, Aligned-MTL, PCGrad), or from a user callable ``f(G) -> w`` (a TorchJD
-  ``Weighting`` is such a callable), then ``combine``.
-- ``"layer"``: weights ``[L, T]`` from the per-layer Grams (per-layer PCGrad, GradVac), then a
-  segmented ``combine``.
-- ``"graddrop"``: GradDrop's fused pass over ``J``.
-
-GradVac's Gram-form recurrence is :func:`gradops.weighting.gradvac_weights` (its state, the EMA
-targets, lives in the optimizer).
-"""
+"""What :class:`gradops.optim.MTLOptimizer`'s ``method`` argument becomes: a method object of the
+registry (:mod:`gradops.weighting._registry`), built from a name and its options, given as an
+object, or wrapped around a user callable ``f(G) -> w`` (a TorchJD ``Weighting`` is such a
+callable)."""
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, field
+import warnings
 from typing import Any, Callable
 
+import torch
 
-from .. import weighting
+from ..weighting import GramMethod, Method, Options, StepContext, canonical_name, create_method
 
-__all__ = ["MethodSpec", "resolve_method", "METHOD_NAMES"]
+__all__ = ["CallableWeighting", "resolve_method"]
 
-# weightings whose weights do not change when every task gradient is scaled by the same s > 0,
-# so that GradScaler's scaled gradients give the scaled update (the others get the unscaled Gram)
-SCALE_INVARIANT = frozenset({"ew", "pcgrad", "graddrop", "cagrad", "imtlg", "alignedmtl",
-                             "gradvac"})
-
-METHOD_NAMES = ("ew", "pcgrad", "graddrop", "mgda", "cagrad", "imtlg", "nashmtl", "alignedmtl",
-                "gradvac")
+_WHO = "MTLOptimizer"
 
 
-@dataclass
-class MethodSpec:
-    name: str
-    kind: str                              # "sum" | "gram" | "layer" | "graddrop"
-    fn: Callable[..., Any] | None = None   # Gram -> weights (kind "gram")
-    options: dict[str, Any] = field(default_factory=dict)
-    has_status: bool = False               # fn accepts return_status=True
-    takes_losses: bool = False             # fn accepts losses= (MGDA's loss normalisation)
-    random: bool = False                   # draws from the optimizer's generator
+class CallableWeighting(GramMethod):
+    """A user callable ``f(G [T, T]) -> w [T]`` as a Gram-weighted method (not registered;
+    assumed not scale-invariant, so under AMP it sees the unscaled Gram)."""
+
+    name = "callable"
+    display = "callable"
+    paper = "a user function of the Gram"
+    scale_invariant = False
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.fn = fn
+        self.label = getattr(fn, "__name__", type(fn).__name__)
+
+    def __repr__(self) -> str:
+        return f"CallableWeighting({self.label})"
+
+    def weights(self, G: torch.Tensor, ctx: StepContext):
+        w = self.fn(G)
+        T = G.shape[-1]
+        if not isinstance(w, torch.Tensor) or w.shape != (T,):
+            raise ValueError(f"MTLOptimizer: method {self.label!r} returned "
+                             f"{getattr(w, 'shape', type(w).__name__)}, expected weights [T]")
+        return w, None
 
 
-def _key(name: str) -> str:
-    return name.lower().replace("-", "").replace("_", "")
-
-
-def resolve_method(method: str | Callable, per_layer: bool, options: dict[str, Any]) -> MethodSpec:
-    """The :class:`MethodSpec` of ``method`` with its keyword ``options`` validated."""
+def resolve_method(method: str | Method | Callable, per_layer: bool,
+                   method_options: dict[str, Any] | Options | None,
+                   legacy_options: dict[str, Any]) -> Method:
+    """The method object of ``method``: a registered name with ``method_options`` (a dict or the
+    method's Options), a method object, or a callable ``G -> w``. ``per_layer=True`` with
+    ``"pcgrad"`` is the deprecated spelling of ``"pcgrad-layer"``; ``legacy_options`` are the
+    deprecated ``**options`` keywords."""
+    if legacy_options:
+        if method_options:
+            raise TypeError(f"{_WHO}: pass the method's options as method_options= (not also as "
+                            f"keywords {sorted(legacy_options)})")
+        warnings.warn(f"MTLOptimizer: method options as keywords ({sorted(legacy_options)}) are "
+                      "deprecated; pass method_options={...} or a method object, e.g. "
+                      "gradops.weighting.CAGrad(c=0.4)", DeprecationWarning, stacklevel=3)
+        method_options = dict(legacy_options)
+    if isinstance(method, Method):
+        if per_layer:
+            raise ValueError(f"{_WHO}: per_layer=True is not supported with a method object; "
+                             "use the per-layer method (e.g. 'pcgrad-layer')")
+        return create_method(method, method_options, _WHO)
     if callable(method) and not isinstance(method, str):
         if per_layer:
-            raise ValueError("MTLOptimizer: per_layer=True is not supported for a callable method")
-        if options:
-            raise ValueError(f"MTLOptimizer: options {sorted(options)} given with a callable "
-                             "method; bind them into the callable instead")
-        name = getattr(method, "__name__", type(method).__name__)
-        return MethodSpec(name=name, kind="gram", fn=method)
+            raise ValueError(f"{_WHO}: per_layer=True is not supported for a callable method")
+        if method_options:
+            raise ValueError(f"{_WHO}: options {sorted(dict(method_options))} given with a "
+                             "callable method; bind them into the callable instead")
+        return CallableWeighting(method)
     if not isinstance(method, str):
-        raise TypeError(f"MTLOptimizer: method must be a name or a callable G -> w, got "
-                        f"{type(method).__name__}")
-    key = _key(method)
-    if key not in METHOD_NAMES:
-        raise ValueError(f"MTLOptimizer: unknown method {method!r}; valid: "
-                         f"{', '.join(METHOD_NAMES)}, or a callable G [T, T] -> w [T]")
-    if key == "gradvac" or (key == "pcgrad" and per_layer):
-        allowed = {"beta", "eps"} if key == "gradvac" else {"reduction", "eps",
-                                                             "libmtl_self_visit"}
-        _check_options(key, options, allowed)
-        opts = dict(options)
-        if key == "gradvac":
-            opts.setdefault("beta", 0.5)
-            opts.setdefault("eps", 1e-8)
-            if not 0.0 <= opts["beta"] <= 1.0:
-                raise ValueError(f"MTLOptimizer: gradvac beta must be in [0, 1], got "
-                                 f"{opts['beta']}")
-        return MethodSpec(name=key, kind="layer", options=opts, random=True)
+        raise TypeError(f"{_WHO}: method must be a name, a method object or a callable G -> w, "
+                        f"got {type(method).__name__}")
     if per_layer:
-        raise ValueError(f"MTLOptimizer: per_layer=True is available for 'pcgrad' and 'gradvac' "
-                         f"(always per layer), not {method!r}")
-    if key == "graddrop":
-        _check_options(key, options, {"leak", "eps"})
-        return MethodSpec(name=key, kind="graddrop", options=dict(options), random=True)
-    if key == "ew":
-        _check_options(key, options, {"reduction"})
-        red = options.get("reduction", "sum")
-        if red not in ("sum", "mean"):
-            raise ValueError(f"MTLOptimizer: ew reduction must be 'sum' or 'mean', got {red!r}")
-        return MethodSpec(name=key, kind="sum", fn=weighting.ew, options=dict(options))
-    fn = weighting.get(key)
-    params = inspect.signature(fn).parameters
-    allowed = {n for n in params if n not in ("G", "return_status", "losses", "generator",
-                                              "perms")}
-    _check_options(key, options, allowed)
-    return MethodSpec(name=key, kind="gram", fn=fn, options=dict(options),
-                      has_status="return_status" in params, takes_losses="losses" in params,
-                      random=key == "pcgrad")
-
-
-def _check_options(name: str, options: dict[str, Any], allowed: set[str]) -> None:
-    bad = sorted(set(options) - allowed)
-    if bad:
-        raise TypeError(f"MTLOptimizer: method {name!r} takes no option(s) {bad}; its options: "
-                        f"{sorted(allowed) or 'none'}")
+        if canonical_name(method, _WHO) != "pcgrad":
+            raise ValueError(f"{_WHO}: per_layer=True is available for 'pcgrad' (the method "
+                             f"'pcgrad-layer'), not {method!r}")
+        warnings.warn("MTLOptimizer: per_layer=True is deprecated; use method='pcgrad-layer'",
+                      DeprecationWarning, stacklevel=3)
+        method = "pcgrad-layer"
+    m = create_method(method, method_options, _WHO)
+    if m.kind == "trainer":
+        raise ValueError(f"{_WHO}: {m.name!r} is a mode of the bundled trainer (gradops train "
+                         "--method), not an optimizer method")
+    return m

@@ -42,16 +42,13 @@ from torch.autograd.graph import GradientEdge
 from .. import metrics
 from .._backend import _C
 from ..ops.combine import combine
-from ..ops.graddrop import DEFAULT_EPS as GRADDROP_EPS
-from ..ops.graddrop import _draw_seed, _graddrop_raw
 from ..ops.gram import gram, segment_gram
-from ..ops.pcgrad import pcgrad_weights, random_orders
 from ..segments import offsets_from_numels
 from ._distributed import GradientSync, process_group_of
 from ._graph import leaf_uses
 from ._linear_engine import MODES as LINEAR_MODES, LinearEngine, describe as describe_layer
-from ..weighting import gradvac_weights
-from ._methods import SCALE_INVARIANT, MethodSpec, resolve_method
+from ..weighting import LossMethod, Method, Options, StepContext
+from ._methods import resolve_method
 from ._stats import StepStats, mean_pairs
 from ._wrapper import OptimizerWrapper
 from .sparse_training import SparseTraining
@@ -152,12 +149,20 @@ class MTLOptimizer(OptimizerWrapper):
 
     Args:
         optimizer: any :class:`torch.optim.Optimizer` over all the model's parameters.
-        method: ``"ew"``, ``"pcgrad"``, ``"graddrop"``, ``"mgda"``, ``"cagrad"``, ``"imtlg"``,
-            ``"nashmtl"``, ``"alignedmtl"``, ``"gradvac"`` (per layer), or a callable
-            ``f(G [T, T]) -> w [T]`` (e.g. a TorchJD ``Weighting``).
+        method: a registered method's name (``gradops.weighting.method_names()``: ``"ew"``,
+            ``"pcgrad"``, ``"pcgrad-layer"``, ``"graddrop"``, ``"mgda"``, ``"cagrad"``,
+            ``"imtlg"``, ``"nashmtl"``, ``"alignedmtl"``, ``"gradvac"``, the loss-level
+            ``"uw"``, ``"dwa"``, ``"famo"``, ...), a method object (e.g.
+            ``gradops.weighting.CAGrad(c=0.4)``), or a callable ``f(G [T, T]) -> w [T]`` (e.g.
+            a TorchJD ``Weighting``).
+        method_options: the named method's options, a dict (``{"c": 0.4}``) or its Options
+            dataclass (``gradops.weighting.get_method("cagrad").Options``); checked here.
         shared: the parameters (or modules) shared by all tasks, or ``"auto"`` (default): on the
             first step, the parameters that more than one task's loss reaches.
-        per_layer: per-layer PCGrad (one PCGrad per parameter tensor: weights ``[L, T]``).
+        per_layer: deprecated: ``method="pcgrad", per_layer=True`` is ``method="pcgrad-layer"``.
+        num_tasks: the number of tasks, needed at construction by loss-level methods with
+            parameters (UW's log-variances, added to ``optimizer`` as a parameter group with its
+            defaults); otherwise taken from the first :meth:`backward`.
         update_every: recompute the weights every N steps (Gram-weighted methods; the Nash-MTL
             paper's option); in between, one backward of ``sum_t w_t L_t`` with the last weights.
         sparse: masks for sparse training (``{param: bool mask}``, or a
@@ -197,18 +202,27 @@ class MTLOptimizer(OptimizerWrapper):
             :mod:`gradops.optim._linear_engine`), ``"on"`` for every eligible layer on any
             device. Not used with a process group, with sparse masks (``"on"`` is refused
             there) or with GradDrop. Same results up to float32 rounding.
-        **options: the method's options, e.g. ``c=0.4`` (CAGrad), ``leak=0.2`` (GradDrop),
-            ``max_norm=1.0`` (Nash-MTL), ``normalization="l2"`` (MGDA), ``beta=0.5`` (GradVac),
-            ``reduction="mean"``, ``libmtl_self_visit=True`` (PCGrad, whole-model or per layer:
-            task ``i`` also visits itself, LibMTL's convention; default ``j != i``, the paper's).
+        **options: deprecated: the method's options as keywords (``c=0.4``); use
+            ``method_options=`` or a method object. Each method's options are its Options
+            dataclass (docs/methods.md), e.g. ``c`` (CAGrad), ``leak`` (GradDrop), ``max_norm``
+            (Nash-MTL), ``normalization`` (MGDA), ``beta`` (GradVac), ``reduction``,
+            ``libmtl_self_visit`` (PCGrad: task ``i`` also visits itself, LibMTL's convention;
+            default ``j != i``, the paper's).
+
+    Loss-level methods (``kind == "loss"``: UW, DWA, FAMO, ...) turn the losses given to
+    :meth:`backward` into per-task terms, whose gradients are combined as EW's; a method that
+    re-evaluates the losses after the step (FAMO) needs ``opt.step(closure)``, the closure
+    returning the T losses of the same batch (torch's convention, as for ``LBFGS``; it runs
+    under ``torch.no_grad()``); DWA needs :meth:`end_epoch` once per epoch.
 
     AMP: pass ``scaler.scale(losses)`` to :meth:`backward`; ``scaler.unscale_(opt)`` /
     ``scaler.step(opt)`` work as for a plain optimizer (an overflow makes the combined gradient
     non-finite and the step is skipped; method state is not updated from non-finite values).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, method: str | Callable = "ew",
-                 shared: Any = "auto", *, per_layer: bool = False, update_every: int = 1,
+    def __init__(self, optimizer: torch.optim.Optimizer, method: str | Method | Callable = "ew",
+                 shared: Any = "auto", *, method_options: dict[str, Any] | Options | None = None,
+                 num_tasks: int | None = None, per_layer: bool = False, update_every: int = 1,
                  sparse: Any = None, module: nn.Module | None = None, stats: bool = False,
                  generator: torch.Generator | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None,
@@ -222,14 +236,14 @@ class MTLOptimizer(OptimizerWrapper):
                 raise ValueError("MTLOptimizer: pass sparse= or an inner SparseTraining, not both")
             optimizer = SparseTraining(optimizer, sparse, module)
         super().__init__(optimizer, "MTLOptimizer")
-        self.spec: MethodSpec = resolve_method(method, per_layer, options)
+        self.method: Method = resolve_method(method, per_layer, method_options, options)
         if not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"MTLOptimizer: update_every must be an int >= 1, got "
                              f"{update_every!r}")
-        if update_every > 1 and (self.spec.kind != "gram" or self.spec.random):
+        if update_every > 1 and (self.method.kind != "gram" or self.method.random):
             raise ValueError("MTLOptimizer: update_every > 1 needs a Gram-weighted method with "
                              f"weights [T] (mgda, cagrad, imtlg, nashmtl, alignedmtl, a callable),"
-                             f" not {self.spec.name!r}")
+                             f" not {self.method.name!r}")
         if sync not in ("global", "local"):
             raise ValueError(f"MTLOptimizer: sync must be 'global' or 'local', got {sync!r}")
         if linear_gram not in LINEAR_MODES:
@@ -255,7 +269,7 @@ class MTLOptimizer(OptimizerWrapper):
         self._linear_modules = _modules_of(shared) + ([module] if module is not None else [])
         self._engine: LinearEngine | None = None
         if (linear_gram != "off" and process_group is None and
-                not isinstance(optimizer, SparseTraining) and self.spec.kind != "graddrop"):
+                not isinstance(optimizer, SparseTraining) and self.method.kind != "elementwise"):
             # no modules given: the engine finds the layers on the first step's forward
             self._engine = LinearEngine(self._linear_modules, linear_gram,
                                         [p for p in self._params() if p.requires_grad])
@@ -268,11 +282,13 @@ class MTLOptimizer(OptimizerWrapper):
         self._layout_ready = False
         self._step = 0
         self._weights: torch.Tensor | None = None           # last weights (update_every, state)
-        self._method_state: dict[str, torch.Tensor] = {}     # e.g. GradVac targets
         self._stats = StepStats()
+        self._loss_sum: torch.Tensor | None = None           # loss methods: the epoch's losses
+        self._loss_steps = 0
+        self._setup_loss_method(num_tasks)
 
     def __repr__(self) -> str:
-        return (f"MTLOptimizer(method={self.spec.name!r}, linear_gram={self._linear_mode!r}, "
+        return (f"MTLOptimizer(method={self.method!r}, linear_gram={self._linear_mode!r}, "
                 f"factored_layers={self._describe_factored()}, {self.optimizer!r})")
 
     @property
@@ -341,18 +357,15 @@ class MTLOptimizer(OptimizerWrapper):
         bounds = self._bounds = self._offsets_cpu.tolist()
         # the combined gradient [P], whose views are the shared parameters' .grad; GradDrop's
         # fused pass returns a fresh one each step, so it gets none (no idle second copy)
-        self._g = None if self.spec.kind == "graddrop" else torch.zeros(P, dtype=dt, device=dev)
+        self._g = (None if self.method.kind == "elementwise" else
+                   torch.zeros(P, dtype=dt, device=dev))
         self._g_views = [] if self._g is None else [
             self._g[a:b].view_as(p) for p, a, b in zip(shared, bounds[:-1], bounds[1:])]
         self._keep = self._sparse_keep(dev, dt)
         if self._engine is not None:
             self._engine.bind(shared)
-        leak = torch.as_tensor(self.spec.options.get("leak", 0.0), dtype=torch.float32)
-        if leak.dim() > 1 or (leak.dim() == 1 and leak.shape != (T,)):
-            raise ValueError(f"MTLOptimizer: graddrop leak must be a float or [T] = [{T}] values")
         # Grams and weights: float32 (fp32 accumulation of low-precision J), float64 for fp64
         self._wdtype = torch.float64 if dt == torch.float64 else torch.float32
-        self._leak_t = leak.expand(T).contiguous().to(dev, self._wdtype)
         self._layout_ready = True
 
     def _buffer(self) -> torch.Tensor:
@@ -513,6 +526,8 @@ class MTLOptimizer(OptimizerWrapper):
         Returns:
             :class:`MTLStepInfo` (device tensors).
         """
+        if self.method.kind == "loss":
+            losses = self._loss_terms(losses)
         roots, seeds, values, separate = self._task_roots(losses)
         T = len(roots)
         if not self._layout_ready:
@@ -524,11 +539,11 @@ class MTLOptimizer(OptimizerWrapper):
         elif T != self.T:
             raise ValueError(f"MTLOptimizer.backward: got {T} losses, but this optimizer was set "
                              f"up with T = {self.T} on its first step")
-        spec = self.spec
+        kind = self.method.kind
         self._step += 1
         recompute = self._weights is None or (self._step - 1) % self.update_every == 0
-        if (spec.kind == "sum" and not self.stats_enabled) or (spec.kind == "gram" and
-                                                                not recompute):
+        if (kind in ("sum", "loss") and not self.stats_enabled) or (kind == "gram" and
+                                                                     not recompute):
             return self._weighted_backward(roots, seeds, values, retain_graph)
 
         engine = self._engine
@@ -546,15 +561,15 @@ class MTLOptimizer(OptimizerWrapper):
         if self._keep is not None:
             J.mul_(self._keep)
         info = MTLStepInfo()
-        need_layers = self.stats_enabled or spec.kind == "layer"
+        need_layers = self.stats_enabled or kind == "layer"
         if need_layers:
             Gl = self._layer_grams(J, engine, runs) if use_engine else \
                 segment_gram(J, self._offsets)
             G = Gl.sum(0)
             info.layer_gram = Gl
-        elif spec.kind != "graddrop":      # GradDrop needs no Gram (computed with stats=True)
+        elif kind != "elementwise":    # GradDrop needs no Gram (computed with stats=True)
             G = self._gram(J, engine, runs) if use_engine else gram(J)
-        if spec.kind != "graddrop" or need_layers:
+        if kind != "elementwise" or need_layers:
             info.gram = G
             info.conflict_incidence = metrics.conflict_incidence(G)
         if self.stats_enabled:
@@ -562,10 +577,8 @@ class MTLOptimizer(OptimizerWrapper):
             info.layer_gms = mean_pairs(metrics.gms(Gl))
 
         g, views = self._g, self._g_views
-        if spec.kind == "graddrop":
-            seed = _draw_seed(self._generator, J.device)
-            g = _graddrop_raw(J, self._leak_t, seed, None, False,
-                             float(spec.options.get("eps", GRADDROP_EPS)))[0]
+        if kind == "elementwise":
+            g = self.method.combine(J, self._context(values))
             views = [g[a:b].view_as(p) for p, a, b in zip(self._shared, self._bounds[:-1],
                                                           self._bounds[1:])]
         else:
@@ -646,15 +659,14 @@ class MTLOptimizer(OptimizerWrapper):
                 combine(J[:, b[i0]:b[i1]], w, out=g[b[i0]:b[i1]])
 
     def _weighted_backward(self, roots, seeds, values, retain_graph) -> MTLStepInfo:
-        """One backward of ``sum_t w_t L_t`` (EW, or the steps between weight updates)."""
+        """One backward of ``sum_t w_t L_t`` (EW, a loss-level method's terms, or the steps
+        between weight updates)."""
         if self._engine is not None:     # the Linear engine has nothing to do this step
             self._engine.idle()
-        if self.spec.kind == "sum":
-            w = torch.ones(len(roots), dtype=torch.float32, device=values.device)
-            if self.spec.options.get("reduction", "sum") == "mean":
-                w = w / len(roots)
-        else:
+        if self.method.kind == "gram":
             w = self._weights
+        else:
+            w = self._sum_weights(len(roots), values.device, torch.float32)
         for p in self._shared:            # fresh gradients, as with a plain backward
             p.grad = None
         torch.autograd.backward(roots, grad_tensors=[s * w[t].to(s.dtype).to(s.device)
@@ -666,55 +678,113 @@ class MTLOptimizer(OptimizerWrapper):
         self._stats.accumulate(info)
         return info
 
+    def _sum_weights(self, T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """EW's weights; a loss-level method's terms are summed (weights 1)."""
+        if self.method.kind == "sum":
+            return self.method.weights(T, device, dtype)
+        return torch.ones(T, dtype=dtype, device=device)
+
+    def _context(self, values: torch.Tensor | None) -> StepContext:
+        """The step's :class:`~gradops.weighting.StepContext` (``values``: the losses as given
+        to :meth:`backward`, unscaled here)."""
+        scale = self._scale()
+        if values is not None and scale is not None:
+            values = values / scale
+        return StepContext(generator=self._generator, losses=values, scale=scale,
+                           dtype=self._wdtype)
+
     def _weights_from(self, G: torch.Tensor, Gl: torch.Tensor | None, values: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        spec = self.spec
+        method, kind = self.method, self.method.kind
         T = G.shape[-1]
-        if spec.kind == "sum":
-            w = torch.ones(T, dtype=self._wdtype, device=G.device)
-            if spec.options.get("reduction", "sum") == "mean":
-                w = w / T
-            return w, None
-        if spec.kind == "layer":
-            perms = random_orders(T, generator=self._generator, device=G.device)
-            if spec.name == "pcgrad":
-                Lp = perms.expand(Gl.shape[0], T, T).contiguous()
-                w = pcgrad_weights(Gl, perms=Lp, reduction=spec.options.get("reduction", "sum"),
-                                   eps=spec.options.get("eps", 0.0),
-                                   libmtl_self_visit=spec.options.get("libmtl_self_visit", False))
-                return w, None
-            tgt = self._method_state.get("gradvac_targets")
-            if tgt is None:
-                tgt = torch.zeros_like(Gl, dtype=self._wdtype)
-            w, new_tgt = gradvac_weights(Gl, tgt, perms, spec.options["beta"], spec.options["eps"])
-            self._method_state["gradvac_targets"] = new_tgt
-            return w, None
-        scale = self._scale()
-        name_inv = spec.name in SCALE_INVARIANT and not spec.takes_losses
-        Gs = G if scale is None or name_inv else G / (scale * scale)
-        kwargs = dict(spec.options)
-        if spec.takes_losses:
-            kwargs["losses"] = values if scale is None else values / scale
-        if spec.name == "pcgrad":
-            kwargs["generator"] = self._generator
+        if kind in ("sum", "loss"):
+            return self._sum_weights(T, G.device, self._wdtype), None
+        ctx = self._context(values)
+        if kind == "layer":
+            return method.weights(Gl, ctx), None
+        scale = ctx.scale
+        Gs = G if scale is None or method.scale_invariant else G / (scale * scale)
+        w, status = method.weights(Gs, ctx)
         converged = None
-        if spec.has_status:
-            w, status = spec.fn(Gs, **kwargs, return_status=True)
+        if status is not None:
             converged = status.converged
             finite = torch.isfinite(G).all()
             self._stats.count_failure((~converged) & finite)
             # residual = inf: the solver says no solution exists (Nash-MTL at a Pareto-stationary
             # point), counted apart as well
             self._stats.count_no_solution(torch.isinf(status.residual) & finite)
-        else:
-            w = spec.fn(Gs, **kwargs)
-            if not isinstance(w, torch.Tensor) or w.shape != (T,):
-                raise ValueError(f"MTLOptimizer: method {spec.name!r} returned "
-                                 f"{getattr(w, 'shape', type(w).__name__)}, expected weights [T]")
         w = w.to(device=G.device, dtype=self._wdtype)
         prev = self._weights
         self._weights = w if prev is None else torch.where(torch.isfinite(w), w, prev)
         return w, converged
+
+    # --- loss-level methods ---------------------------------------------------------------------
+    def _setup_loss_method(self, num_tasks: int | None) -> None:
+        """Set a loss-level method up for ``num_tasks`` now (its parameters join the inner
+        optimizer as a parameter group), or on the first :meth:`backward`."""
+        m = self.method
+        self._method_ready = not isinstance(m, LossMethod)
+        if num_tasks is not None and (isinstance(num_tasks, bool) or
+                                      not isinstance(num_tasks, int) or num_tasks < 1):
+            raise ValueError(f"MTLOptimizer: num_tasks must be an int >= 1, got {num_tasks!r}")
+        if self._method_ready:
+            return
+        if num_tasks is None:
+            if m.has_parameters:
+                raise ValueError(f"MTLOptimizer: method {m.name!r} learns per-task parameters "
+                                 "that the optimizer must hold from the start: pass num_tasks=T")
+            return
+        params = self._params()
+        m.setup(num_tasks, params[0].device if params else torch.device("cpu"))
+        if m.parameters():
+            self.optimizer.add_param_group({"params": m.parameters()})
+        self._method_ready = True
+
+    def _loss_values(self, losses: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """The detached losses ``[T]`` in float32, averaged over the process group."""
+        values = torch.stack([l.detach().float().reshape(()) for l in losses])
+        if self.process_group is not None:
+            world = torch.distributed.get_world_size(self.process_group)
+            torch.distributed.all_reduce(values, group=self.process_group)
+            values = values / world
+        return values
+
+    def _loss_terms(self, losses: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+        """A loss-level method's per-task terms of ``losses``."""
+        items = list(losses.unbind(0)) if isinstance(losses, torch.Tensor) else list(losses)
+        if not items:
+            raise ValueError("MTLOptimizer.backward: losses is empty")
+        m = self.method
+        if not self._method_ready:
+            m.setup(len(items), items[0].device)
+            self._method_ready = True
+        elif len(items) != m.T:
+            raise ValueError(f"MTLOptimizer.backward: got {len(items)} losses, but method "
+                             f"{m.name!r} was set up for {m.T} tasks")
+        ctx = self._context(None)
+        values = self._loss_values(items)
+        if ctx.scale is not None:
+            values = values / ctx.scale
+        ctx.losses = values
+        self._loss_sum = values if self._loss_sum is None else self._loss_sum + values
+        self._loss_steps += 1
+        return m.terms(items, values, ctx)
+
+    def end_epoch(self, mean_losses: torch.Tensor | None = None) -> None:
+        """Tell a loss-level method that an epoch ended (DWA reweights from the epoch's mean
+        losses): ``mean_losses`` ``[T]``, or the mean of the losses :meth:`backward` saw since the
+        last call. Does nothing for the other methods."""
+        m = self.method
+        if not isinstance(m, LossMethod):
+            return
+        if mean_losses is None:
+            if self._loss_sum is None:
+                raise ValueError("MTLOptimizer.end_epoch: no backward since the last call; pass "
+                                 "mean_losses")
+            mean_losses = self._loss_sum / self._loss_steps
+        if self._method_ready:
+            m.end_epoch(mean_losses.detach().float())
+        self._loss_sum, self._loss_steps = None, 0
 
     # --- statistics ----------------------------------------------------------------------------
     def stats(self, reset: bool = True) -> dict[str, Any]:
@@ -726,7 +796,7 @@ class MTLOptimizer(OptimizerWrapper):
         :attr:`factored_layers`). Reading this
         synchronises with the device (meant for logging once per epoch); a non-zero failure
         count also raises a ``RuntimeWarning``."""
-        out = self._stats.summary(self.spec.name, reset)
+        out = self._stats.summary(self.method.name, reset)
         out["factored_layers"] = len(self.factored_layers)
         return out
 
@@ -737,9 +807,27 @@ class MTLOptimizer(OptimizerWrapper):
 
     # --- optimizer interface -------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """The inner optimizer's step on the combined gradients (a closure must call
-        :meth:`backward` itself)."""
-        return self.optimizer.step(closure)
+        """The inner optimizer's step on the combined gradients.
+
+        For a loss-level method that re-evaluates the losses after the step (FAMO), ``closure``
+        is required: it returns the T losses of the same batch (a list or a 1-D tensor) and runs
+        under ``torch.no_grad()`` after the inner step; the method then updates its state from
+        them. With ``GradScaler``, pass it positionally: ``scaler.step(opt, closure)`` (a step
+        the scaler skips runs no closure). For every other method, ``closure`` goes to the inner
+        optimizer as usual (it must call :meth:`backward` itself)."""
+        m = self.method
+        if not (isinstance(m, LossMethod) and m.needs_closure):
+            return self.optimizer.step(closure)
+        if closure is None:
+            raise ValueError(f"MTLOptimizer.step: method {m.name!r} re-evaluates the losses "
+                             "after the step: call opt.step(closure), closure() returning the T "
+                             "losses of the same batch")
+        out = self.optimizer.step()
+        with torch.no_grad():
+            new = closure()
+        if self._method_ready:
+            m.after_step(self._loss_values(new))
+        return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the parameters' gradients (each :meth:`backward` overwrites the per-task buffer
@@ -750,12 +838,13 @@ class MTLOptimizer(OptimizerWrapper):
         """The inner optimizer's state dict plus ``"mtl"``: the method's name and state (GradVac
         targets, last weights), the step count and the generator state."""
         sd = dict(self.optimizer.state_dict())
-        mtl: dict[str, Any] = {"method": self.spec.name, "step": self._step,
-                               "method_state": {k: v.clone() for k, v in
-                                                self._method_state.items()},
+        mtl: dict[str, Any] = {"method": self.method.name, "step": self._step,
+                               "method_state": _clone(self.method.state_dict()),
                                "weights": None if self._weights is None else self._weights.clone()}
         if self._own_generator:
             mtl["generator"] = self._generator.get_state()
+        if isinstance(self.method, LossMethod) and self._method_ready:
+            mtl["num_tasks"] = self.method.T
         sd["mtl"] = mtl
         return sd
 
@@ -767,15 +856,33 @@ class MTLOptimizer(OptimizerWrapper):
         self.optimizer.load_state_dict(sd)
         if mtl is None:
             return
-        if mtl["method"] != self.spec.name:
+        name = self.method.name
+        # before the registry, per-layer PCGrad saved its state as "pcgrad"
+        if mtl["method"] != name and (mtl["method"], name) != ("pcgrad", "pcgrad-layer"):
             raise ValueError(f"MTLOptimizer.load_state_dict: state of method {mtl['method']!r}, "
-                             f"this optimizer runs {self.spec.name!r}")
+                             f"this optimizer runs {name!r}")
         self._step = int(mtl["step"])
-        self._method_state = {k: v.clone() for k, v in mtl["method_state"].items()}
         self._weights = None if mtl["weights"] is None else mtl["weights"].clone()
         if "generator" in mtl and self._own_generator:
             self._generator.set_state(mtl["generator"])
         dev = self._generator.device
-        self._method_state = {k: v.to(dev) for k, v in self._method_state.items()}
+        state = mtl["method_state"]
+        if state and not self._method_ready:       # a loss-level method not set up yet
+            if "num_tasks" not in mtl:
+                raise ValueError("MTLOptimizer.load_state_dict: the state holds no num_tasks "
+                                 f"for method {name!r}; construct with num_tasks=T")
+            self._setup_loss_method(int(mtl["num_tasks"]))
+        self.method.load_state_dict(_clone(state))
         if self._weights is not None:
             self._weights = self._weights.to(dev)
+
+
+def _clone(state: Any) -> Any:
+    """A deep copy of a method's state: tensors cloned, containers copied."""
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {k: _clone(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_clone(v) for v in state)
+    return state

@@ -59,19 +59,33 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ._alignedmtl import ALIGNED_SCALE_MODES, alignedmtl
-from ._cagrad import cagrad
+from ._alignedmtl import ALIGNED_SCALE_MODES, AlignedMTL, alignedmtl
+from ._cagrad import CAGrad, cagrad
 from ._common import SolverStatus
-from ._ew import ew
-from ._gradvac import gradvac_weights
-from ._imtlg import imtlg
-from ._mgda import MGDA_NORMALIZATIONS, mgda
-from ._nashmtl import nashmtl
-from ._pcgrad import pcgrad
+from ._dwa import DWA
+from ._ew import EW, ew
+from ._famo import FAMO
+from ._graddrop import GradDrop
+from ._gradvac import GradVac, gradvac_weights
+from ._imtlg import IMTLG, imtlg
+from ._mgda import MGDA, MGDA_NORMALIZATIONS, mgda
+from ._nashmtl import NashMTL, nashmtl
+from ._pcgrad import PCGrad, pcgrad
+from ._pcgrad_layer import PCGradLayer
+from ._registry import (KINDS, ElementwiseMethod, GramMethod, LayerMethod, LossMethod, Method,
+                        NoOptions, Options, StepContext, SumMethod, TrainerMode, all_methods,
+                        canonical_name, create_method, get_method, method_names, register)
+from ._uw import UW
 
-__all__ = ["ALIGNED_SCALE_MODES", "ITERATIVE", "MGDA_NORMALIZATIONS", "METHODS", "SolverStatus",
-           "alignedmtl", "cagrad", "ew", "get", "gradvac_weights", "imtlg", "mgda", "nashmtl",
-           "pcgrad"]
+__all__ = ["ALIGNED_SCALE_MODES", "ITERATIVE", "KINDS", "MGDA_NORMALIZATIONS", "METHODS",
+           "SolverStatus", "alignedmtl", "cagrad", "ew", "get", "gradvac_weights", "imtlg",
+           "mgda", "nashmtl", "pcgrad",
+           # the method registry (docs/adding-a-method.md)
+           "Method", "SumMethod", "GramMethod", "LayerMethod", "ElementwiseMethod", "LossMethod",
+           "TrainerMode", "Options", "NoOptions", "StepContext", "register", "get_method",
+           "create_method", "method_names", "all_methods", "canonical_name",
+           "AlignedMTL", "CAGrad", "DWA", "EW", "FAMO", "GradDrop", "GradVac", "IMTLG", "MGDA",
+           "NashMTL", "PCGrad", "PCGradLayer", "UW"]
 
 METHODS: dict[str, Callable] = {
     "ew": ew,
@@ -82,7 +96,9 @@ METHODS: dict[str, Callable] = {
     "alignedmtl": alignedmtl,
     "pcgrad": pcgrad,
 }
-"""Name -> weighting function. Every function: ``f(G, ..., return_status=False)``."""
+"""Name -> weighting function of the Gram-weighted methods (plain functions, for direct calls).
+Every function: ``f(G, ..., return_status=False)``. The registry (:func:`get_method`,
+:func:`method_names`) lists every method of every kind."""
 
 
 ITERATIVE = frozenset({"mgda", "cagrad", "nashmtl"})
@@ -90,10 +106,11 @@ ITERATIVE = frozenset({"mgda", "cagrad", "nashmtl"})
 
 
 def get(name: str) -> Callable:
-    """The weighting function called ``name`` (case, ``-`` and ``_`` ignored: ``"IMTL-G"``,
-    ``"nash_mtl"``, ``"Aligned-MTL"`` work)."""
-    key = name.lower().replace("-", "").replace("_", "") if isinstance(name, str) else name
+    """The weighting function ``G -> w`` called ``name`` (case, ``-`` and ``_`` ignored:
+    ``"IMTL-G"``, ``"nash_mtl"``, ``"Aligned-MTL"`` work); Gram-weighted methods with a plain
+    function only (see :data:`METHODS`; :func:`get_method` for every registered method)."""
+    key = canonical_name(name, "gradops.weighting.get") if isinstance(name, str) else name
     if key not in METHODS:
-        raise ValueError(f"gradops.weighting.get: unknown method {name!r}; valid names: "
-                         f"{', '.join(sorted(METHODS))}")
+        raise ValueError(f"gradops.weighting.get: {name!r} has no weighting function G -> w; "
+                         f"valid names: {', '.join(sorted(METHODS))}")
     return METHODS[key]

@@ -6,6 +6,9 @@ import math
 import torch
 
 from ._common import _closed_status, _eigh_psd, _prep, _ret
+from dataclasses import dataclass
+
+from ._registry import GramMethod, Options, StepContext, register
 
 ALIGNED_SCALE_MODES = ("min", "median", "rmse")
 
@@ -47,3 +50,31 @@ def alignedmtl(G: torch.Tensor, scale_mode: str = "min", rcond: float | None = N
     w = torch.sqrt(ls) * (V @ (isq * (V.T @ ones)))
     w = torch.where(r > 0, w, ones) + poison
     return _ret(w, _closed_status(w), return_status)
+
+
+@dataclass(frozen=True)
+class AlignedMTLOptions(Options):
+    scale_mode: str = "min"         # one of ALIGNED_SCALE_MODES
+    rcond: float | None = None
+
+    def check(self) -> None:
+        if self.scale_mode not in ALIGNED_SCALE_MODES:
+            self.fail("scale_mode", f"must be one of {ALIGNED_SCALE_MODES}, got "
+                      f"{self.scale_mode!r}")
+        if self.rcond is not None and not self.rcond >= 0:
+            self.fail("rcond", f"must be >= 0 or None, got {self.rcond}")
+
+
+@register
+class AlignedMTL(GramMethod):
+    """Aligned-MTL's balance transformation (:func:`alignedmtl`)."""
+
+    name = "alignedmtl"
+    display = "Aligned-MTL"
+    paper = ("Senushkin et al., Independent Component Alignment for Multi-Task Learning, "
+             "CVPR 2023")
+    Options = AlignedMTLOptions
+    order = 80
+
+    def weights(self, G: torch.Tensor, ctx: StepContext):
+        return alignedmtl(G, **self.options.as_dict(), return_status=True)

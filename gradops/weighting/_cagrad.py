@@ -7,6 +7,9 @@ import torch
 
 from ._common import SolverStatus, _check_iter, _eps, _poison, _prep, _ret, _tiny
 from ._solvers import _simplex_qp
+from dataclasses import dataclass
+
+from ._registry import GramMethod, Options, StepContext, register
 
 
 def cagrad(G: torch.Tensor, c: float = 0.4, rescale: int = 1, max_iter: int = 250,
@@ -92,3 +95,40 @@ def cagrad(G: torch.Tensor, c: float = 0.4, rescale: int = 1, max_iter: int = 25
     status = SolverStatus(status.converged & torch.isfinite(w).all(), status.iterations,
                           status.residual)
     return _ret(w, status, return_status)
+
+
+@dataclass(frozen=True)
+class CAGradOptions(Options):
+    c: float = 0.4                  # the radius of the ball around the mean gradient
+    rescale: int = 1                # 0, 1 (divide by 1 + c^2, LibMTL) or 2 (by 1 + c)
+    max_iter: int = 250
+    tol: float = 1e-6
+    smooth: float | None = None
+    early_exit: bool | None = None
+
+    def check(self) -> None:
+        if self.max_iter < 0:
+            self.fail("max_iter", f"must be >= 0, got {self.max_iter}")
+        if not self.tol >= 0:
+            self.fail("tol", f"must be >= 0, got {self.tol}")
+        if not self.c >= 0:
+            self.fail("c", f"must be >= 0, got {self.c}")
+        if self.rescale not in (0, 1, 2):
+            self.fail("rescale", f"must be 0, 1 or 2, got {self.rescale}")
+        if self.smooth is not None and not self.smooth >= 0:
+            self.fail("smooth", f"must be >= 0 or None, got {self.smooth}")
+
+
+@register
+class CAGrad(GramMethod):
+    """Conflict-averse gradient descent (:func:`cagrad`)."""
+
+    name = "cagrad"
+    display = "CAGrad"
+    paper = "Liu et al., Conflict-Averse Gradient Descent for Multi-task Learning, NeurIPS 2021"
+    Options = CAGradOptions
+    iterative = True
+    order = 50
+
+    def weights(self, G: torch.Tensor, ctx: StepContext):
+        return cagrad(G, **self.options.as_dict(), return_status=True)

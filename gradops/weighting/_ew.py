@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 
 from ._common import _closed_status, _poison, _prep, _ret
+from dataclasses import dataclass
+
+from ._registry import Options, SumMethod, register
 
 
 def ew(G: torch.Tensor, reduction: str = "sum", *, return_status: bool = False):
@@ -20,3 +23,27 @@ def ew(G: torch.Tensor, reduction: str = "sum", *, return_status: bool = False):
     w = torch.full((T,), 1.0 if reduction == "sum" else 1.0 / T, dtype=G.dtype, device=G.device)
     w = w + _poison(G)                       # NaN/Inf in G propagate, as in every other method
     return _ret(w, _closed_status(w), return_status)
+
+
+@dataclass(frozen=True)
+class EWOptions(Options):
+    reduction: str = "sum"          # "sum": w = 1; "mean": w = 1/T
+
+    def check(self) -> None:
+        if self.reduction not in ("sum", "mean"):
+            self.fail("reduction", f"must be 'sum' or 'mean', got {self.reduction!r}")
+
+
+@register
+class EW(SumMethod):
+    """Equal weighting: one backward of ``sum_t L_t`` (or their mean): :func:`ew`."""
+
+    name = "ew"
+    display = "EW"
+    paper = "equal weighting (Joint Train), the baseline of every MTL paper"
+    Options = EWOptions
+    order = 0
+
+    def weights(self, T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        w = torch.ones(T, dtype=dtype, device=device)
+        return w / T if self.options.reduction == "mean" else w

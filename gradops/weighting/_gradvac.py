@@ -1,7 +1,13 @@
 """GradVac (Wang et al. 2021), per layer, in Gram form."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+
+from ..ops.pcgrad import random_orders
+from ._registry import LayerMethod, Options, StepContext, register
 
 
 def gradvac_weights(G: torch.Tensor, targets: torch.Tensor, perms: torch.Tensor, beta: float,
@@ -61,3 +67,48 @@ def gradvac_weights(G: torch.Tensor, targets: torch.Tensor, perms: torch.Tensor,
     # which would otherwise leave the plain sum), as every op propagates non-finite values
     bad = ~torch.isfinite(G).all(-1).all(-1)
     return C.sum(1).masked_fill(bad[:, None], float("nan")), tgt
+
+
+@dataclass(frozen=True)
+class GradVacOptions(Options):
+    beta: float = 0.5               # EMA weight of a new cosine (Eq. 9)
+    eps: float = 1e-8               # added to the norms' products
+
+    def check(self) -> None:
+        if not 0.0 <= self.beta <= 1.0:
+            self.fail("beta", f"must be in [0, 1], got {self.beta}")
+        if not self.eps >= 0:
+            self.fail("eps", f"must be >= 0, got {self.eps}")
+
+
+@register
+class GradVac(LayerMethod):
+    """GradVac per layer (:func:`gradvac_weights`); its state, the EMA targets ``[L, T, T]``,
+    is saved in the optimizer's state dict (``gradvac_targets``)."""
+
+    name = "gradvac"
+    display = "GradVac"
+    paper = ("Wang et al., Gradient Vaccine: Investigating and Improving Multi-task "
+             "Optimization in Massively Multilingual Models, ICLR 2021")
+    Options = GradVacOptions
+    random = True
+    order = 30
+
+    def __init__(self, options: GradVacOptions | None = None, **kwargs: Any):
+        super().__init__(options, **kwargs)
+        self.targets: torch.Tensor | None = None
+
+    def weights(self, G: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        perms = random_orders(G.shape[-1], generator=ctx.generator, device=G.device)
+        tgt = self.targets
+        tgt = torch.zeros_like(G, dtype=ctx.dtype) if tgt is None else \
+            tgt.to(device=G.device, dtype=ctx.dtype)
+        w, self.targets = gradvac_weights(G, tgt, perms, self.options.beta, self.options.eps)
+        return w
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.targets is None else {"gradvac_targets": self.targets.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        t = state.get("gradvac_targets")
+        self.targets = None if t is None else t.clone()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 
 from ._common import _closed_status, _eigh_psd, _eps, _prep, _ret
+from dataclasses import dataclass
+
+from ._registry import GramMethod, Options, StepContext, register
 
 
 def imtlg(G: torch.Tensor, ridge: float = 0.0, rcond: float | None = None, *,
@@ -62,3 +65,29 @@ def imtlg(G: torch.Tensor, ridge: float = 0.0, rcond: float | None = None, *,
     w = torch.where(ok, v / torch.where(ok, s, torch.ones_like(s)), torch.zeros_like(v))
     w = (w + poison).to(dt)                 # NaN / Inf in G propagate
     return _ret(w, _closed_status(w), return_status)
+
+
+@dataclass(frozen=True)
+class IMTLGOptions(Options):
+    ridge: float = 0.0
+    rcond: float | None = None
+
+    def check(self) -> None:
+        if not self.ridge >= 0:
+            self.fail("ridge", f"must be >= 0, got {self.ridge}")
+        if self.rcond is not None and not self.rcond >= 0:
+            self.fail("rcond", f"must be >= 0 or None, got {self.rcond}")
+
+
+@register
+class IMTLG(GramMethod):
+    """IMTL's gradient balance (:func:`imtlg`)."""
+
+    name = "imtlg"
+    display = "IMTL-G"
+    paper = "Liu et al., Towards Impartial Multi-task Learning, ICLR 2021"
+    Options = IMTLGOptions
+    order = 60
+
+    def weights(self, G: torch.Tensor, ctx: StepContext):
+        return imtlg(G, **self.options.as_dict(), return_status=True)

@@ -6,6 +6,9 @@ import torch
 
 from ._common import _check_iter, _poison, _prep, _ret, _tiny
 from ._solvers import _simplex_qp
+from dataclasses import dataclass
+
+from ._registry import GramMethod, Options, StepContext, register
 
 MGDA_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -63,3 +66,37 @@ def mgda(G: torch.Tensor, normalization: str = "none", losses: torch.Tensor | No
     scale = torch.clamp(Gn.diagonal().max(), min=_tiny(G))
     w, status = _simplex_qp(Gn, max_iter, tol, scale, early_exit=early_exit)
     return _ret(w * inv + _poison(G), status, return_status)
+
+
+@dataclass(frozen=True)
+class MGDAOptions(Options):
+    normalization: str = "none"     # one of MGDA_NORMALIZATIONS
+    max_iter: int = 250
+    tol: float = 1e-5
+    early_exit: bool | None = None
+
+    def check(self) -> None:
+        if self.max_iter < 0:
+            self.fail("max_iter", f"must be >= 0, got {self.max_iter}")
+        if not self.tol >= 0:
+            self.fail("tol", f"must be >= 0, got {self.tol}")
+        if self.normalization not in MGDA_NORMALIZATIONS:
+            self.fail("normalization", f"must be one of {MGDA_NORMALIZATIONS}, got "
+                      f"{self.normalization!r}")
+
+
+@register
+class MGDA(GramMethod):
+    """MGDA-UB's min-norm point (:func:`mgda`); the ``loss`` normalisations read the step's
+    losses."""
+
+    name = "mgda"
+    display = "MGDA"
+    paper = "Sener & Koltun, Multi-Task Learning as Multi-Objective Optimization, NeurIPS 2018"
+    Options = MGDAOptions
+    scale_invariant = False     # d scales with J (w does not; 'loss' normalisations read losses)
+    iterative = True
+    order = 40
+
+    def weights(self, G: torch.Tensor, ctx: StepContext):
+        return mgda(G, **self.options.as_dict(), losses=ctx.losses, return_status=True)

@@ -8,6 +8,9 @@ import torch
 from ._common import SolverStatus, _check_iter, _eps, _poison, _prep, _ret, _tiny
 from ._mgda import mgda
 from ._solvers import _nash_newton
+from dataclasses import dataclass
+
+from ._registry import GramMethod, Options, StepContext, register
 
 
 def nashmtl(G: torch.Tensor, max_norm: float = 1.0, max_iter: int = 20, tol: float = 1e-5, *,
@@ -102,3 +105,35 @@ def _no_solution(Gact: torch.Tensor, active: torch.Tensor, a: torch.Tensor,
     cert = wm @ Gact @ wm
     diverged = ~torch.isfinite(torch.where(active, a, zero)).all()
     return (active.sum() >= 2) & ((cert <= thr) | diverged)
+
+
+@dataclass(frozen=True)
+class NashMTLOptions(Options):
+    max_norm: float = 1.0           # clip ||d|| to this (0: no clip)
+    max_iter: int = 20
+    tol: float = 1e-5
+    early_exit: bool | None = None
+
+    def check(self) -> None:
+        if self.max_iter < 0:
+            self.fail("max_iter", f"must be >= 0, got {self.max_iter}")
+        if not self.tol >= 0:
+            self.fail("tol", f"must be >= 0, got {self.tol}")
+        if not self.max_norm >= 0:
+            self.fail("max_norm", f"must be >= 0, got {self.max_norm}")
+
+
+@register
+class NashMTL(GramMethod):
+    """The Nash bargaining solution (:func:`nashmtl`)."""
+
+    name = "nashmtl"
+    display = "Nash-MTL"
+    paper = "Navon et al., Multi-Task Learning as a Bargaining Game, ICML 2022"
+    Options = NashMTLOptions
+    scale_invariant = False     # alpha -> alpha / s under J -> sJ
+    iterative = True
+    order = 70
+
+    def weights(self, G: torch.Tensor, ctx: StepContext):
+        return nashmtl(G, **self.options.as_dict(), return_status=True)

@@ -6,6 +6,9 @@ import torch
 
 from ..ops.pcgrad import pcgrad_weights
 from ._common import _closed_status, _ret
+from dataclasses import dataclass
+
+from ._registry import GramMethod, Options, StepContext, register
 
 
 def pcgrad(G: torch.Tensor, generator: torch.Generator | None = None,
@@ -22,3 +25,29 @@ def pcgrad(G: torch.Tensor, generator: torch.Generator | None = None,
     w = pcgrad_weights(G, generator=generator, perms=perms, reduction=reduction,
                        libmtl_self_visit=libmtl_self_visit)
     return _ret(w, _closed_status(w), return_status)
+
+
+@dataclass(frozen=True)
+class PCGradOptions(Options):
+    reduction: str = "sum"          # "sum" or "mean" of the projected gradients
+    libmtl_self_visit: bool = False  # task i also visits j = i (LibMTL's order)
+
+    def check(self) -> None:
+        if self.reduction not in ("sum", "mean"):
+            self.fail("reduction", f"must be 'sum' or 'mean', got {self.reduction!r}")
+
+
+@register
+class PCGrad(GramMethod):
+    """PCGrad over the whole model (:func:`pcgrad`): random orders from the optimizer's
+    generator."""
+
+    name = "pcgrad"
+    display = "PCGrad"
+    paper = "Yu et al., Gradient Surgery for Multi-Task Learning, NeurIPS 2020"
+    Options = PCGradOptions
+    random = True
+    order = 10
+
+    def weights(self, G: torch.Tensor, ctx: StepContext):
+        return pcgrad(G, generator=ctx.generator, **self.options.as_dict(), return_status=True)

@@ -197,5 +197,5 @@ def test_pcgrad_libmtl_self_visit_option_reaches_the_optimizer(method):
     for flag in (False, True):
         cfg = TrainConfig(method=method, width=4, pcgrad_libmtl_self_visit=flag).validate()
         t = Trainer(cfg, data, torch.device("cpu"), Dist())
-        assert t.opt.spec.options["libmtl_self_visit"] is flag
-        assert t.opt.spec.kind == ("layer" if method == "pcgrad-layer" else "gram")
+        assert t.opt.method.options.libmtl_self_visit is flag
+        assert t.opt.method.kind == ("layer" if method == "pcgrad-layer" else "gram")
