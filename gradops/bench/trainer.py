@@ -1,13 +1,13 @@
 """Suite ``trainer``: the bundled trainer's epoch time per method over ``ew``'s, on the default
 CNN and the ``digits`` data set, and where an epoch's time goes.
 
-For each method one :class:`gradops.train.loop.Trainer` is built; epochs are timed interleaved,
-round by round (medians over ``--rounds``, after one warm-up epoch each). Each epoch is split
-into: forward + backward (the model's forwards, the losses, ``MTLOptimizer.backward`` with the
+For each method one :class:`gradops.train.engine.trainer.Trainer` is built; epochs are timed
+interleaved, round by round (medians over ``--rounds``, after one warm-up epoch each). Each epoch is
+split into: forward + backward (the model's forwards, the losses, ``MTLOptimizer.backward`` with the
 method's per-task passes, Gram, solve and combine; FAMO's extra no-grad forward), the optimizer
 step, and everything else (batch indexing, predictions kept for the train metrics, the conflict
-statistics accumulated on device, the once-per-epoch read of the statistics and the metrics, the
-LR schedule). Evaluation is not part of the epoch here. ``ew`` runs with ``stats=True`` (per-task
+statistics accumulated on device, the once-per-epoch read of the statistics and the metrics, the LR
+schedule). Evaluation is not part of the epoch here. ``ew`` runs with ``stats=True`` (per-task
 gradients for the conflict statistics), as the trainer does by default.
 """
 from __future__ import annotations
@@ -51,10 +51,10 @@ class _Clock:
 
 
 def _trainer(method: str, quick: bool, device: torch.device):
-    from ..train.config import TrainConfig
+    from ..train.config.schema import TrainConfig
     from ..train.data import load_dataset
-    from ..train.distributed import Dist
-    from ..train.loop import Trainer
+    from ..train.engine.distributed import Dist
+    from ..train.engine.trainer import Trainer
     cfg = TrainConfig(method=method, epochs=100, train_limit=512 if quick else 0,
                       device=device.type).validate()
     return Trainer(cfg, load_dataset(cfg.data), device, Dist())

@@ -7,7 +7,7 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..train.options import add_config_options
+    from ..train.config.cli_options import add_config_options
     p = sub.add_parser("compare", help="train every method with and without sparse training "
                        "over several seeds and write the comparison report")
     p.add_argument("--config", default=None, metavar="FILE",
@@ -51,8 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..train import BUDGETS, ConfigError, run_grid
-    from ..train.io_errors import describe_os_error
-    from ..train.options import merge_config, parse_list
+    from ..train.config.io_errors import describe_os_error
+    from ..train.config.cli_options import merge_config, parse_list
     try:
         if args.resume and args.overwrite:
             raise ConfigError("--overwrite", "cannot be combined with --resume")
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         if budget not in BUDGETS:
             raise ConfigError("--budget", f"unknown budget {budget!r}", BUDGETS)
         preset = BUDGETS[budget]
-        from ..train.presets import preset_config
+        from ..train.config.presets import preset_config
         base = dict(preset["config"])
         if args.preset:
             base.update(preset_config(args.preset, "quick" if budget == "quick" else "full"))

@@ -19,7 +19,7 @@ _ITERS_HELP = ("training iterations (default: the default grid's training, --epo
 def _merge(args: argparse.Namespace):
     """The configuration on the default grid's model (``gradops compare``'s budget)."""
     from ..train import BUDGETS
-    from ..train.options import merge_config
+    from ..train.config.cli_options import merge_config
     cfg, _ = merge_config(args, base=dict(BUDGETS["default"]["config"]))
     return cfg
 
@@ -30,7 +30,7 @@ def _iters(args: argparse.Namespace, cfg) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..train.options import add_config_options
+    from ..train.config.cli_options import add_config_options
     p = sub.add_parser("recon", help="Recon: search the most conflicting layers, compare "
                        "conflicts before/after branching, time the search")
     cmds = p.add_subparsers(dest="recon_command", required=True)
@@ -81,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _fail(e: Exception) -> int:
     if isinstance(e, OSError):
-        from ..train.io_errors import describe_os_error
+        from ..train.config.io_errors import describe_os_error
         e = describe_os_error(e)
     print(f"gradops recon: error: {e}", file=sys.stderr)
     return 2
@@ -113,12 +113,12 @@ def run_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..train import ConfigError
-    from ..train.checkpoint import atomic_write_text
-    from ..train.options import parse_list
+    from ..train.engine.checkpoint import atomic_write_text
+    from ..train.config.cli_options import parse_list
     from ..train.recon import read_ranking
     from ..train.recon.search import check_empty_dir, encoder_layers
-    from ..train.recon.seeds import format_console_summary, format_recon_report, recon_seeds
-    from ..train.rundir import DirLock
+    from ..train.report.recon_seeds import format_console_summary, format_recon_report, recon_seeds
+    from ..train.runs.rundir import DirLock
     try:
         _check_paths(args)
         seeds = parse_list(args.seeds, "--seeds", int)
@@ -167,7 +167,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def run_cost(args: argparse.Namespace) -> int:
     from ..train import ConfigError
-    from ..train.models import build_encoder
+    from ..train.models.encoders import build_encoder
     from ..train.recon import bench_search_cost, layer_names
     try:
         shape = tuple(int(v) for v in args.input.split(","))

@@ -6,7 +6,7 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..train.options import add_config_options
+    from ..train.config.cli_options import add_config_options
     p = sub.add_parser("train", help="train one multi-task model (a gradient method, optionally "
                        "with sparse training) and write its run directory")
     p.add_argument("--config", default=None, metavar="FILE",
@@ -30,11 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..train import ConfigError, run_training
-    from ..train.distributed import exit_process, launched_by_torchrun
-    from ..train.divergence import EXIT_DIVERGED
-    from ..train.io_errors import describe_os_error
-    from ..train.options import given_options, merge_config
-    from ..train.run import load_run_config
+    from ..train.engine.distributed import exit_process, launched_by_torchrun
+    from ..train.engine.divergence import EXIT_DIVERGED
+    from ..train.config.io_errors import describe_os_error
+    from ..train.config.cli_options import given_options, merge_config
+    from ..train.runs.run import load_run_config
     try:
         for opt in ("out", "resume", "config", "preset"):
             if getattr(args, opt) == "":
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
             result = run_training(saved.replace(**over), args.resume, resume=True,
                                   progress=not args.no_progress)
         else:
-            from ..train.presets import preset_config
+            from ..train.config.presets import preset_config
             cfg, _ = merge_config(args, base=preset_config(args.preset, args.budget))
             result = run_training(cfg, args.out, overwrite=args.overwrite,
                                   progress=not args.no_progress)

@@ -8,18 +8,19 @@ Example::
                           "runs/pcgrad")
     run_grid(TrainConfig(epochs=2), ["ew", "pcgrad"], ["off", "fraction=0.3"], [0, 1], "cmp")
 
-Modules: :mod:`.config` (the options), :mod:`.data` (data sets), :mod:`.models`, :mod:`.tasks`
-(losses and metrics), :mod:`.loss_methods` (UW, DWA, FAMO), :mod:`.loop` (the epoch loop),
-:mod:`.stats` (conflict statistics), :mod:`.checkpoint`, :mod:`.distributed` (torchrun),
-:mod:`.run` (one run directory), :mod:`.grid` (``compare``). Needs scikit-learn for the digits
-data sets and tqdm for progress bars (``pip install gradops[train]``).
+Folders, in the order of the data path (each imports only from those before it): :mod:`.config` (the
+options), :mod:`.data` (data sets), :mod:`.tasks` (losses and metrics), :mod:`.models`,
+:mod:`.engine` (the epoch loop, conflict statistics, checkpoints, torchrun), :mod:`.recon`,
+:mod:`.runs` (one run directory, ``compare``'s grid), :mod:`.report`; :mod:`.loss_methods` (UW, DWA,
+FAMO). Needs scikit-learn for the digits data sets and tqdm for progress bars (``pip install
+gradops[train]``).
 """
 from __future__ import annotations
 
-from .config import METHODS, TrainConfig, parse_sparse
-from .errors import ConfigError
-from .grid import BUDGETS, run_grid, run_name
-from .run import run_training
+from .config.schema import METHODS, TrainConfig, parse_sparse
+from .config.errors import ConfigError
+from .runs.grid import BUDGETS, run_grid, run_name
+from .runs.run import run_training
 
 __all__ = ["BUDGETS", "ConfigError", "METHODS", "TrainConfig", "parse_sparse", "run_grid",
            "run_name", "run_training"]

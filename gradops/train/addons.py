@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .config.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import TrainConfig
-    from .loop import Trainer
+    from .config.schema import TrainConfig
+    from .engine.trainer import Trainer
 
 __all__ = ["validate_addons", "branch_trainer_model", "shared_module", "selective_trainer_step",
            "write_addon_outputs", "addon_files"]
@@ -24,8 +24,8 @@ __all__ = ["validate_addons", "branch_trainer_model", "shared_module", "selectiv
 def validate_addons(cfg: TrainConfig) -> None:
     """Check ``--recon``, ``--recon-topk``, ``--recon-init``, ``--probe``,
     ``--selective-decay``, ``--selective-warmup`` (raises :class:`ConfigError`)."""
-    from .probes import parse_probe
-    from .recon.branch import INITS
+    from .engine.probes import parse_probe
+    from .models.branch import INITS
     from .recon.search import read_ranking, top_layers
     if cfg.recon:
         if cfg.method == "stl":
@@ -60,7 +60,7 @@ def branch_trainer_model(net: nn.Module, cfg: TrainConfig, input_shape: tuple[in
 
 def shared_module(net: nn.Module) -> nn.Module:
     """The module holding the shared parameters: the encoder, or a branched encoder's base."""
-    from .recon.branch import BranchedMTLModel
+    from .models.branch import BranchedMTLModel
     return net.encoder.base if isinstance(net, BranchedMTLModel) else net.encoder
 
 
@@ -68,8 +68,8 @@ def selective_trainer_step(tr: Trainer, x: torch.Tensor, ys: dict[str, torch.Ten
     """One batch of ``--method selective`` on the trainer's model and optimizer (AMP's
     GradScaler, clipping and sparse training as in the other methods); returns the losses
     before the first group's step and that forward's outputs."""
-    from .loop import _keep_running_stats
-    from .selective import selective_step
+    from .engine.trainer import _keep_running_stats
+    from .engine.selective import selective_step
     sc = tr.scaler
 
     def forward():
@@ -105,10 +105,10 @@ def write_addon_outputs(tr: Trainer, out: Path) -> None:
     files, as far as the run uses them (rewritten after every epoch)."""
     out = Path(out)
     if getattr(tr, "branch_report", None) is not None:
-        from .checkpoint import atomic_write_text
+        from .engine.checkpoint import atomic_write_text
         atomic_write_text(out / "recon.json", json.dumps(tr.branch_report, indent=1) + "\n")
     if getattr(tr, "selective", None) is not None:
-        from .selective import write_selective_outputs
+        from .engine.selective import write_selective_outputs
         write_selective_outputs(tr.selective, [t.name for t in tr.tasks], out)
     if getattr(tr, "probe", None) is not None:
         tr.probe.write(out)

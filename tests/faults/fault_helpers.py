@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gradops.train.rundir import TEMP_PATTERN
+from gradops.train.runs.rundir import TEMP_PATTERN
 
 pytest.importorskip("sklearn", reason="the trainer's data sets need scikit-learn")
 

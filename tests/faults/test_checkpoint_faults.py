@@ -12,8 +12,8 @@ from fault_helpers import TINY, one_line_error, snapshot
 from fault_helpers import data_cache  # noqa: F401 (the suite's autouse fixture)
 
 from gradops.cli import main
-from gradops.train.checkpoint import load_checkpoint, save_checkpoint
-from gradops.train.errors import ConfigError
+from gradops.train.engine.checkpoint import load_checkpoint, save_checkpoint
+from gradops.train.config.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ def _refused(capsys, argv, *needles):
 
 def test_weights_of_the_wrong_shapes(tmp_path, capsys):
     from gradops.train.data import load_dataset
-    from gradops.train.models import build_encoder
+    from gradops.train.models.encoders import build_encoder
     enc, _ = build_encoder("cnn", load_dataset("digits").input_shape, 8)
     torch.save(enc.state_dict(), tmp_path / "w8.pt")            # same keys, width 8
     out = tmp_path / "run"

@@ -8,7 +8,7 @@ from fault_helpers import TINY, one_line_error, popen, snapshot
 from fault_helpers import data_cache  # noqa: F401 (the suite's autouse fixture)
 
 from gradops.cli import main
-from gradops.train.rundir import LOCK_FILE, DirLock
+from gradops.train.runs.rundir import LOCK_FILE, DirLock
 
 
 def _files(d):

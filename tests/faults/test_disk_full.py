@@ -12,7 +12,7 @@ from fault_helpers import TINY, one_line_error, popen, temporaries
 from fault_helpers import data_cache  # noqa: F401 (the suite's autouse fixture)
 
 from gradops.cli import main
-from gradops.train.checkpoint import load_checkpoint
+from gradops.train.engine.checkpoint import load_checkpoint
 
 
 def _limit(n: int):
@@ -83,7 +83,7 @@ def test_a_full_disk_leaves_no_temporary_file(tmp_path, limit, monkeypatch):
     names the target; the old file stays whole."""
     import errno
 
-    from gradops.train import checkpoint
+    from gradops.train.engine import checkpoint
     target = tmp_path / "f.txt"
     target.write_text("old\n")
     real_open = open

@@ -109,8 +109,8 @@ def test_every_method_trains(tmp_path, sparse):
         torch.manual_seed(0)
         init = TrainConfig(width=4)  # same seed -> same initial weights
         from gradops.train.data import load_dataset
-        from gradops.train.loop import Trainer
-        from gradops.train.distributed import Dist
+        from gradops.train.engine.trainer import Trainer
+        from gradops.train.engine.distributed import Dist
         t = Trainer(init.replace(method="pcgrad", sparse=sparse), load_dataset("digits"),
                     torch.device("cpu"), Dist())
         w0 = t.net.encoder.conv2.weight.detach()
@@ -185,9 +185,9 @@ def test_pcgrad_libmtl_self_visit_option_reaches_the_optimizer(method):
     """``--pcgrad-libmtl-self-visit`` (config ``pcgrad_libmtl_self_visit``) is passed to
     MTLOptimizer as ``libmtl_self_visit`` for pcgrad and pcgrad-layer; default False (j != i)."""
     from gradops.train.data import load_dataset
-    from gradops.train.distributed import Dist
-    from gradops.train.loop import Trainer
-    from gradops.train.options import add_config_options, given_options
+    from gradops.train.engine.distributed import Dist
+    from gradops.train.engine.trainer import Trainer
+    from gradops.train.config.cli_options import add_config_options, given_options
     import argparse
     p = argparse.ArgumentParser()
     add_config_options(p)

@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 
 from gradops.train.data import cache_dir, load_dataset
 from gradops.train.data.digits import ATTRIBUTES, SIZE, attribute_targets, composite_arrays
-from gradops.train.errors import ConfigError
+from gradops.train.config.errors import ConfigError
 
 
 def test_digits_shapes_and_tasks():

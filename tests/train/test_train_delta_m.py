@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from gradops.train.delta_m import delta_m
+from gradops.train.report.delta_m import delta_m
 
 DIRS = {"left": {"accuracy": "up", "f1": "up"}, "sum": {"mae": "down"}}
 STL = {"left": {"accuracy": 0.80, "f1": 0.50}, "sum": {"mae": 2.0}}

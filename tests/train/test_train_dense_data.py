@@ -11,7 +11,7 @@ from gradops.cli import main
 from gradops.train.data import load_dataset
 from gradops.train.data.dense_augment import dense_transform, scale_crop_flip
 from gradops.train.data.multi_mnist import compose
-from gradops.train.errors import ConfigError
+from gradops.train.config.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from gradops.train.dense_tasks import (Attribute, Depth, Normals, Segmentation,
+from gradops.train.tasks.dense import (Attribute, Depth, Normals, Segmentation,
                                        mean_over_attributes)
 
 

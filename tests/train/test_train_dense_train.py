@@ -8,10 +8,10 @@ import torch
 from dense_fixtures import write_celeba, write_mnist_like, write_mtan
 
 from gradops.cli import main
-from gradops.train.dense_models import DilatedResNet, SegNet, build_model
-from gradops.train.dense_tasks import Depth, Normals, Segmentation
-from gradops.train.errors import ConfigError
-from gradops.train.presets import PRESETS, preset_config
+from gradops.train.models.dense import DilatedResNet, SegNet, build_model
+from gradops.train.tasks.dense import Depth, Normals, Segmentation
+from gradops.train.config.errors import ConfigError
+from gradops.train.config.presets import PRESETS, preset_config
 
 FAST = ["--threads", "1", "--no-progress"]
 

@@ -14,13 +14,13 @@ from conftest import SMALL
 from test_train_report import GRID, STL, write_fake_run
 
 from gradops.cli import main
-from gradops.train.divergence import (CHANCE_FROM_EPOCH, CHANCE_MARGIN, CHANCE_PATIENCE,
+from gradops.train.engine.divergence import (CHANCE_FROM_EPOCH, CHANCE_MARGIN, CHANCE_PATIENCE,
                                       EXIT_DIVERGED,
                                       REGRESSION_MARGIN, ChanceLevel, chance_levels, check_epoch,
                                       strict_json)
-from gradops.train.report import format_table_1, format_table_2, write_report
-from gradops.train.report_data import load_runs
-from gradops.train.tasks import Binary, Classification, Regression
+from gradops.train.report.build import format_table_1, format_table_2, write_report
+from gradops.train.report.data import load_runs
+from gradops.train.tasks.types import Binary, Classification, Regression
 
 
 def _strict(text: str):

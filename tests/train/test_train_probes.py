@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from gradops.train.errors import ConfigError
-from gradops.train.models import MTLModel
-from gradops.train.probes import GradientProbe, parse_probe, per_sample_task_gradients
-from gradops.train.tasks import Binary, Classification, Regression
+from gradops.train.config.errors import ConfigError
+from gradops.train.models.encoders import MTLModel
+from gradops.train.engine.probes import GradientProbe, parse_probe, per_sample_task_gradients
+from gradops.train.tasks.types import Binary, Classification, Regression
 
 TASKS = [Classification("a", n_out=3), Regression("b"), Binary("c")]
 

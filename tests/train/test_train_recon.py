@@ -10,11 +10,11 @@ from torch import nn
 
 from gradops import offsets_from_numels
 from gradops.cli import main
-from gradops.train.models import MTLModel, build_encoder
+from gradops.train.models.encoders import MTLModel, build_encoder
 from gradops.train.recon import (BranchedEncoder, CosineBins, LayerScores, branch_model,
                                  branch_report, fused_scores, layer_names, pair_loop_scores,
                                  read_ranking, top_layers)
-from gradops.train.tasks import Classification, Regression
+from gradops.train.tasks.types import Classification, Regression
 
 TASKS = [Classification("a", n_out=10), Classification("b", n_out=10), Regression("c")]
 
@@ -230,7 +230,7 @@ def test_search_compare_and_branching_on_a_dense_model(tmp_path):
 def test_compare_over_seeds_writes_table6_per_seed_and_the_paired_change(tmp_path, capsys):
     """``recon compare --seeds``: a search per seed (no --ranking) or a given ranking, Recon's
     Table 6 per seed, the paired after - before change and the verdict of report_verdicts."""
-    from gradops.train.report_verdicts import verdict
+    from gradops.train.report.verdicts import verdict
     out = tmp_path / "cmp"
     assert main(["recon", "compare", "--seeds", "0,1", "--iters", "3", "--out", str(out)]
                 + SMALL) == 0
@@ -271,10 +271,10 @@ def test_compare_over_seeds_writes_table6_per_seed_and_the_paired_change(tmp_pat
 
 
 def test_recon_verdict_is_report_verdicts_rule():
-    """The paired change's verdict is :func:`gradops.train.report_verdicts.verdict` on the
+    """The paired change's verdict is :func:`gradops.train.report.verdicts.verdict` on the
     per-seed after - before differences (hand-made tables)."""
-    from gradops.train.recon.seeds import format_recon_report, paired_change
-    from gradops.train.report_verdicts import verdict
+    from gradops.train.report.recon_seeds import format_recon_report, paired_change
+    from gradops.train.report.verdicts import verdict
     bins = ["(0, 1]", "[-0.01, 0]", "[-0.02, -0.01)", "[-0.03, -0.02)", "[-1, -0.03)"]
 
     def table(seed, before, after):

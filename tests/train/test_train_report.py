@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gradops.train.report import format_table_1, format_table_2, write_report
-from gradops.train.report_data import load_runs, parse_run_dir_name
+from gradops.train.report.build import format_table_1, format_table_2, write_report
+from gradops.train.report.data import load_runs, parse_run_dir_name
 
 DIRECTIONS = {"left": {"accuracy": "up", "f1": "up"}, "right": {"accuracy": "up"},
               "sum": {"mae": "down"}}

@@ -11,11 +11,11 @@ import pytest
 from conftest import SMALL
 
 from gradops.cli import main
-from gradops.train.report import write_report
-from gradops.train.report_data import load_runs, parse_run_dir_name
-from gradops.train.report_epochs import LAST10_MIN_EPOCHS, format_epoch_table
-from gradops.train.report_lr import select_lr
-from gradops.train.report_verdicts import (GRADIENT_MANIPULATION, T_MIN, format_reproduction,
+from gradops.train.report.build import write_report
+from gradops.train.report.data import load_runs, parse_run_dir_name
+from gradops.train.report.epochs import LAST10_MIN_EPOCHS, format_epoch_table
+from gradops.train.report.lr import select_lr
+from gradops.train.report.verdicts import (GRADIENT_MANIPULATION, T_MIN, format_reproduction,
                                            paired_claims, verdict)
 
 DIRECTIONS = {"a": {"accuracy": "up"}, "b": {"mae": "down"}}
@@ -211,7 +211,7 @@ def test_last10_column_only_for_long_runs(tmp_path):
                   epochs=epochs, name="stl__off__s0")
         write_run(root, "ew", "off", 0, None, val=(0.8, 1.0), test=(0.7, 1.0), epochs=epochs,
                   name="ew__off__s0")
-    from gradops.train.report import _groups, stl_baseline
+    from gradops.train.report.build import _groups, stl_baseline
     for root, present in ((short, False), (long_, True)):
         runs, _ = load_runs(root)
         table = format_epoch_table(_groups(runs), stl_baseline(runs))

@@ -11,12 +11,13 @@ from gradops.cli import main
 from gradops.sparse import METHODS as SPARSE_METHODS
 from gradops.sparse import row_counts
 from gradops.train import BUDGETS, ConfigError, TrainConfig
-from gradops.train.config import SPARSE_RULES, canonical_sparse, parse_sparse, parse_sparse_rule
+from gradops.train.config.schema import (SPARSE_RULES, canonical_sparse, parse_sparse,
+                                         parse_sparse_rule)
 from gradops.train.data import load_dataset
-from gradops.train.distributed import Dist
-from gradops.train.loop import Trainer
-from gradops.train.report import write_report
-from gradops.train.report_sweep import sweep_points
+from gradops.train.engine.distributed import Dist
+from gradops.train.engine.trainer import Trainer
+from gradops.train.report.build import write_report
+from gradops.train.report.sweep import sweep_points
 
 
 # --- the default grid ------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def test_fraction_sweep_plot_is_written(tmp_path):
     png = root / "fraction_sweep.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![incidence and delta m against the trainable fraction](fraction_sweep.png)" in report
-    from gradops.train.report_data import load_runs
+    from gradops.train.report.data import load_runs
     runs, _ = load_runs(root)
     pts = sweep_points(runs, lambda r: 0.0)
     assert list(pts) == [("ew", "psn")]
@@ -199,7 +200,7 @@ def test_channels_last_cnn_matches_contiguous_within_rounding():
     for t in a["losses"]:
         assert b["losses"][t] == pytest.approx(a["losses"][t], rel=1e-5)
     auto = TrainConfig(width=4).validate()
-    from gradops.train.loop import memory_format
+    from gradops.train.engine.trainer import memory_format
     assert memory_format(auto, torch.device("cpu")) == torch.channels_last
     assert memory_format(auto.replace(backbone="mlp"), torch.device("cpu")) == \
         torch.contiguous_format

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from gradops.train.config import TrainConfig, parse_sparse, to_toml
-from gradops.train.errors import ConfigError
-from gradops.train.stats import ConflictStats, layer_index
+from gradops.train.config.schema import TrainConfig, parse_sparse, to_toml
+from gradops.train.config.errors import ConfigError
+from gradops.train.engine.stats import ConflictStats, layer_index
 
 
 def test_conflict_stats_by_hand():

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from gradops.train.loss_methods import DWA, FAMO, UW
-from gradops.train.tasks import Binary, Classification, Regression
+from gradops.train.tasks.types import Binary, Classification, Regression
 
 
 def test_classification_accuracy_and_macro_f1():

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..checkpoint import atomic_write_bytes
+from ..engine.checkpoint import atomic_write_bytes
 
 __all__ = ["cache_dir", "cached_arrays"]
 
@@ -80,7 +80,7 @@ _warned: set[str] = set()
 
 
 def _warn_unwritable(d: Path, e: OSError) -> None:
-    from ..io_errors import describe_os_error
+    from ..config.io_errors import describe_os_error
     if str(d) in _warned:
         return
     _warned.add(str(d))

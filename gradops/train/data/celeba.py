@@ -9,7 +9,7 @@ line 2: the 40 attribute names, then ``000001.jpg  1 -1 ...`` with +1 / -1) and
 Images are resized to 64x64 (FAMO's size; ``size`` of :func:`build_celeba`) with PIL's bilinear
 filter and kept as uint8 ``[N, 3, size, size]``; each batch becomes float in [0, 1] on the device
 (``Split.transform``). Built once per (directory, size) and cached (:mod:`.cache`). Tasks: one
-:class:`~gradops.train.dense_tasks.Attribute` per attribute, named as in the file.
+:class:`~gradops.train.tasks.dense.Attribute` per attribute, named as in the file.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..dense_tasks import Attribute
+from ..tasks.dense import Attribute
 from .cache import cached_arrays
 from .local_files import bad_file, missing_data, missing_root, root_key
 from .registry import MTLData, Split

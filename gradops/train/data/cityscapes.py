@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..dense_tasks import Depth, Segmentation
+from ..tasks.dense import Depth, Segmentation
 from .dense_augment import dense_transform
 from .local_files import missing_root
 from .mtan_layout import Target, read_mtan_split

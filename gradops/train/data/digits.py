@@ -26,8 +26,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import ConfigError
-from ..tasks import Binary, Classification, Regression, Task
+from ..config.errors import ConfigError
+from ..tasks.types import Binary, Classification, Regression, Task
 from .cache import cached_arrays
 from .registry import MTLData, Split
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..config.errors import ConfigError
 
 __all__ = ["missing_data", "missing_root", "bad_file", "require_dir", "load_npy", "numbered_npy",
            "root_key"]

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..tasks import Classification
+from ..tasks.types import Classification
 from .cache import cached_arrays
 from .local_files import bad_file, missing_data, missing_root, root_key
 from .registry import MTLData, Split

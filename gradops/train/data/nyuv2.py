@@ -6,9 +6,9 @@ Layout under ``--data-root``: ``{train,val}/{image,label,depth,normal}/{i}.npy``
 13 classes ``0..12`` with ``-1`` ignored, ``depth`` ``HxWx1`` in metres with 0 = invalid,
 ``normal`` ``HxWx3`` in [-1, 1] with an all-zero vector = invalid.
 
-Tasks: ``segmentation`` (:class:`~gradops.train.dense_tasks.Segmentation`, 13 classes),
-``depth`` (:class:`~gradops.train.dense_tasks.Depth`), ``normal``
-(:class:`~gradops.train.dense_tasks.Normals`). Training batches get the standard augmentation
+Tasks: ``segmentation`` (:class:`~gradops.train.tasks.dense.Segmentation`, 13 classes),
+``depth`` (:class:`~gradops.train.tasks.dense.Depth`), ``normal``
+(:class:`~gradops.train.tasks.dense.Normals`). Training batches get the standard augmentation
 (:mod:`.dense_augment`: random scale-crop and horizontal flip, consistent over every target).
 
 The published protocol has no separate validation set: the papers evaluate on the 654 ``val``
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..dense_tasks import Depth, Normals, Segmentation
+from ..tasks.dense import Depth, Normals, Segmentation
 from .dense_augment import dense_transform
 from .local_files import missing_root
 from .mtan_layout import Target, read_mtan_split

@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch
 
-from ..errors import ConfigError
-from ..tasks import Task
+from ..config.errors import ConfigError
+from ..tasks.types import Task
 
 __all__ = ["MTLData", "Split", "register_dataset", "dataset_names", "load_dataset"]
 

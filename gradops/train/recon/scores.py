@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ... import metrics
 from ...ops.gram import segment_gram
-from ..stats import LayerScores
+from ..engine.stats import LayerScores
 
 __all__ = ["LayerScores", "CosineBins", "TABLE6_BINS", "pair_loop_scores", "fused_scores",
            "bench_search_cost"]

@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from ..config import MTL_METHODS, TrainConfig
+from ..config.schema import MTL_METHODS, TrainConfig
 from ..data import load_dataset
-from ..distributed import Dist
-from ..errors import ConfigError
-from ..dense_models import build_model
-from ..stats import layer_index
-from .branch import branch_model
+from ..engine.distributed import Dist
+from ..config.errors import ConfigError
+from ..models.dense import build_model
+from ..engine.stats import layer_index
+from ..models.branch import branch_model
 from .scores import TABLE6_BINS, CosineBins, LayerScores
 
 __all__ = ["recon_search", "read_ranking", "top_layers", "conflict_table",
@@ -51,7 +51,7 @@ def check_empty_dir(out: Path, option: str = "--out", overwrite: bool = False,
                     probe: bool = True) -> None:
     """Refuse a path that is a file, a directory another process writes, or a non-empty
     directory unless ``overwrite``."""
-    from ..rundir import LOCK_FILE, probe_lock
+    from ..runs.rundir import LOCK_FILE, probe_lock
     if out.exists() and not out.is_dir():
         raise ConfigError(option, f"{out} exists and is not a directory")
     if probe:
@@ -78,9 +78,9 @@ def _layer_params(module: torch.nn.Module, names: list[str]) -> dict[str, int]:
 def recon_search(cfg: TrainConfig, iters: int, S: float, out_dir: str | Path, *,
                  overwrite: bool = False, progress: bool = False) -> list[dict[str, Any]]:
     """Run Recon's search (module docstring); returns the ranking written to
-    ``out_dir/ranking.json``. Holds ``out_dir``'s lock (:class:`~gradops.train.rundir.DirLock`)
+    ``out_dir/ranking.json``. Holds ``out_dir``'s lock (:class:`~gradops.train.runs.rundir.DirLock`)
     while it writes there."""
-    from ..rundir import DirLock
+    from ..runs.rundir import DirLock
     lock = DirLock(out_dir, "--out")
     with lock.holding():
         return _recon_search(cfg, iters, S, out_dir, overwrite=overwrite, progress=progress,
@@ -90,7 +90,7 @@ def recon_search(cfg: TrainConfig, iters: int, S: float, out_dir: str | Path, *,
 def _recon_search(cfg: TrainConfig, iters: int, S: float, out_dir: str | Path, *,
                   overwrite: bool = False, progress: bool = False, lock: Any = None
                   ) -> list[dict[str, Any]]:
-    from ..loop import Trainer, resolve_device
+    from ..engine.trainer import Trainer, resolve_device
     cfg = cfg.validate()
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ConfigError("--iters", f"must be an integer >= 1, got {iters!r}")
@@ -156,7 +156,7 @@ def _recon_search(cfg: TrainConfig, iters: int, S: float, out_dir: str | Path, *
     order = sorted(range(len(layers)), key=lambda i: -counts[i])
     ranking = [{"layer": layers[i], "score": int(counts[i]), "params": nparams[layers[i]]}
                for i in order]
-    from ..checkpoint import atomic_write_text
+    from ..engine.checkpoint import atomic_write_text
     atomic_write_text(out / "ranking.json", json.dumps(ranking, indent=1) + "\n")
     meta = {"iters": iters, "S": float(S), "tasks": [t.name for t in trainer.tasks],
             "pairs_per_step": len(trainer.tasks) * (len(trainer.tasks) - 1) // 2,
@@ -247,7 +247,7 @@ def conflict_table(cfg: TrainConfig, ranking: list[dict[str, Any]], topk: int, i
     """Before/after distribution of pairwise cosines (module docstring). Percentages per bin of
     :data:`~gradops.train.recon.scores.TABLE6_BINS`; ``reduction_*``: Recon's "Reduction", the
     percentage by which the share of pairs with ``cos < -0.01`` falls."""
-    from ..loop import resolve_device
+    from ..engine.trainer import resolve_device
     cfg = cfg.validate()
     branched = top_layers(ranking, topk)
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:

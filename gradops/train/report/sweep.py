@@ -17,9 +17,9 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .config import parse_sparse_rule
-from .errors import ConfigError
-from .report_data import Run, display_name, method_key
+from ..config.schema import parse_sparse_rule
+from ..config.errors import ConfigError
+from .data import Run, display_name, method_key
 
 __all__ = ["MIN_FRACTIONS", "sweep_points", "plot_fraction_sweep"]
 
@@ -101,7 +101,7 @@ def plot_fraction_sweep(runs: Sequence[Run], delta_m_of: Callable[[Run], float |
         return None
     from matplotlib import colormaps
 
-    from .report_plots import _figure, _save
+    from .plots import _figure, _save
     methods = sorted({m for m, _ in points}, key=method_key)
     cmap = colormaps["tab10" if len(methods) <= 10 else "tab20"]
     colour = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}

@@ -22,8 +22,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .tasks import Task
+from ..config.errors import ConfigError
+from ..tasks.types import Task
 
 __all__ = ["MTLModel", "STLModel", "build_encoder", "BUILTIN_BACKBONES"]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from ..config.errors import ConfigError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "restore_trainer", "atomic_write_bytes",
            "atomic_write_text", "CHECKPOINT", "MAGIC"]

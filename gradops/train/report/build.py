@@ -7,7 +7,7 @@ Gradient Conflict Mitigation in Multi-Task Learning: A Sparse Training Perspecti
   the shared parameters have a negative cosine, Yu et al.'s conflict) over all epochs and over the
   last 50% of epochs, per method, without and with sparse training (ST), and ST's reduction;
 - Table 2: per-task test metrics and Δm% against single-task learning (STL), see
-  :mod:`gradops.train.delta_m` for the sign (relative task drop, lower is better);
+  :mod:`gradops.train.report.delta_m` for the sign (relative task drop, lower is better);
 - plots: incidence per epoch per method (the paper's Fig. 4, with/without ST solid/dashed), the
   averages as bars (its Fig. 1), the distribution of pairwise cosines (as in Recon, Shi et al.,
   Fig. 1), per-layer conflict counts as heat maps (Recon's S-conflict score per layer and epoch),
@@ -18,12 +18,12 @@ Every number is a mean over the seeds of a (method, sparse) group, ± the sample
 baseline: the runs of method ``baseline`` (default ``"stl"``) with sparse "off" when there are any
 (else those of the first other sparse setting, which the report then names), averaged over their
 seeds. Runs without a usable ``result.json`` are listed as missing in ``report.md`` and in
-``summary.csv`` (``status`` "missing"); runs that diverged (:mod:`gradops.train.divergence`) are
-listed as diverged (``status`` "diverged"). Both are *failed* runs: left out of every mean and
+``summary.csv`` (``status`` "missing"); runs that diverged (:mod:`gradops.train.engine.divergence`)
+are listed as diverged (``status`` "diverged"). Both are *failed* runs: left out of every mean and
 counted in each table row's "seeds (failed)" cell. With several learning rates in the grid
 (``compare --lr``), each (method, sparse) is reported at the rate chosen on validation Δm%
-(:mod:`gradops.train.report_lr`). The "Does it reproduce?" section checks the paper's claims on
-paired seeds (:mod:`gradops.train.report_verdicts`).
+(:mod:`gradops.train.report.lr`). The "Does it reproduce?" section checks the paper's claims on
+paired seeds (:mod:`gradops.train.report.verdicts`).
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from ..engine.checkpoint import atomic_write_text
 from .delta_m import delta_m
-from .report_data import (MissingRun, Run, display_name, load_runs, method_key, sparse_key)
+from .data import (MissingRun, Run, display_name, load_runs, method_key, sparse_key)
 
 __all__ = ["Baseline", "format_table_1", "format_table_2", "report_sections", "stl_baseline",
            "summary_rows", "write_report"]
@@ -99,7 +99,7 @@ def stl_baseline(runs: Sequence[Run], baseline: str = "stl") -> Baseline | None:
     Raises:
         ValueError: the chosen runs disagree on their tasks, metrics or metric directions.
     """
-    if baseline == "published":          # the published STL table (gradops.train.published_stl)
+    if baseline == "published":          # the published STL table (report/published_stl.py)
         from .published_stl import published_baseline
         return published_baseline(runs)
     chosen = [r for r in runs if r.method == baseline]
@@ -336,8 +336,8 @@ def _diverged_section(diverged: Sequence[MissingRun]) -> list[str]:
     lines = ["## Failed runs: diverged", "",
              f"{len(diverged)} run{'' if len(diverged) == 1 else 's'} diverged (a non-finite "
              "loss, or validation metrics at chance level on every task: "
-             "`gradops.train.divergence`); each stopped at the epoch named and is left out of "
-             "every mean and plot (counted in the tables' \"seeds (failed)\"):", "",
+             "`gradops.train.engine.divergence`); each stopped at the epoch named and is left "
+             "out of every mean and plot (counted in the tables' \"seeds (failed)\"):", "",
              "| run | method | sparse | lr | seed | epoch | task | reason |",
              "|---|---|---|---:|---:|---:|---|---|"]
     for m in diverged:
@@ -387,8 +387,8 @@ def _image(title: str, path: Path | None, why_not: str) -> list[str]:
 
 
 def _plot_section(runs: Sequence[Run], out_dir: Path, baseline: str = "stl") -> list[str]:
-    from . import report_plots as P  # matplotlib is imported here, not with gradops
-    from .report_sweep import MIN_FRACTIONS, plot_fraction_sweep
+    from . import plots as P  # matplotlib is imported here, not with gradops
+    from .sweep import MIN_FRACTIONS, plot_fraction_sweep
 
     lines = ["## Plots", "", "### Incidence of gradient conflict per epoch (ST paper, Fig. 4)", "",
              "Mean over seeds; solid: without ST, dashed/dotted: with ST.", ""]
@@ -436,9 +436,9 @@ def report_sections(runs: Sequence[Run], missing: Sequence[MissingRun] = (), *,
     the learning-rate choice (with several rates), Tables 1-2, "Does it reproduce?" and the epoch
     choices, all on the runs at the chosen rates (under the key ``"_runs"``), failed runs
     counted per row and left out of every mean."""
-    from .report_epochs import format_epoch_table
-    from .report_lr import format_lr_table, select_lr
-    from .report_verdicts import format_reproduction
+    from .epochs import format_epoch_table
+    from .lr import format_lr_table, select_lr
+    from .verdicts import format_reproduction
     sel = select_lr(runs, missing, baseline=baseline)
     chosen, failed = sel.runs, sel.failed
     base = stl_baseline(chosen, baseline) if chosen else None

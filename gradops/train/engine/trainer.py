@@ -24,18 +24,18 @@ import torch
 from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
-from ..optim import MTLOptimizer
-from ..optim.sparse_training import SparseTraining
-from ..sparse import psn_masks
-from .config import LOSS_METHODS, TrainConfig, parse_milestones, parse_sparse_rule
-from .data import MTLData, Split
+from ...optim import MTLOptimizer
+from ...optim.sparse_training import SparseTraining
+from ...sparse import psn_masks
+from ..config.schema import LOSS_METHODS, TrainConfig, parse_milestones, parse_sparse_rule
+from ..data import MTLData, Split
 from .distributed import Dist
-from .errors import ConfigError
-from .loss_methods import make_loss_method
-from .dense_models import build_model
-from .metric_accum import MetricAccumulator
+from ..config.errors import ConfigError
+from ..loss_methods import make_loss_method
+from ..models.dense import build_model
+from ..tasks.metrics import MetricAccumulator
 from .stats import ConflictStats, layer_index
-from .addons import branch_trainer_model, selective_trainer_step, shared_module
+from ..addons import branch_trainer_model, selective_trainer_step, shared_module
 from .probes import GradientProbe, parse_probe
 from .selective import SelectiveGroups
 

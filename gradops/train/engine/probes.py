@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from .. import metrics
-from ..ops.gram import gram
+from ... import metrics
+from ...ops.gram import gram
 
 __all__ = ["GradientProbe", "parse_probe", "per_sample_task_gradients", "pair_statistics",
            "PROBE_COLUMNS"]
@@ -45,8 +45,9 @@ MEASURES = ("cos", "gms", "sign_conflict")
 
 def parse_probe(spec: str, option: str = "--probe") -> tuple[int, int] | None:
     """``"off"`` -> None; ``"every=5,samples=8"`` -> ``(5, 8)`` (either key may be left out:
-    defaults 5 and 8). Raises :class:`~gradops.train.errors.ConfigError` naming ``option``."""
-    from .errors import ConfigError
+    defaults 5 and 8). Raises :class:`~gradops.train.config.errors.ConfigError` naming
+    ``option``."""
+    from ..config.errors import ConfigError
     v = str(spec).strip()
     if v in ("off", ""):
         return None
@@ -169,7 +170,7 @@ class GradientProbe:
         w.writeheader()
         w.writerows(self.rows)
         atomic_write_text(out / "probes.csv", buf.getvalue())
-        from .recon.plots import plot_probes
+        from ..recon.plots import plot_probes
         plot_probes(self.rows, out / "probes.png")
 
     def state_dict(self) -> dict[str, Any]:

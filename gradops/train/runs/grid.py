@@ -27,9 +27,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import METHODS, TrainConfig, canonical_sparse
-from .errors import ConfigError
-from .io_errors import annotate
+from ..config.schema import METHODS, TrainConfig, canonical_sparse
+from ..config.errors import ConfigError
+from ..config.io_errors import annotate
 from .run import run_training
 from .rundir import LOCK_FILE, DirLock, probe_lock
 
@@ -82,7 +82,7 @@ def _run_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: 
               _lock: DirLock | None = None
               ) -> list[dict[str, Any]]:
     """Train every (method, sparse, seed) of the grid into ``out_dir/runs/`` and write the
-    report (:func:`gradops.train.report.write_report`, when available). Returns the results.
+    report (:func:`gradops.train.report.build.write_report`, when available). Returns the results.
 
     ``resume``: finished runs are kept, interrupted ones continue from their checkpoints.
     ``overwrite``: every run starts again. ``jobs``: runs trained at the same time, each in its
@@ -175,11 +175,11 @@ def _one(cfg: TrainConfig, d: Path, how: str, progress: bool, quiet: bool) -> di
 def _report(out: Path, baseline: str = "stl") -> Path | None:
     """Write the report of ``out`` and print its Tables 1 and 2 and where it is."""
     try:
-        from .report import report_sections, write_report
-        from .report_data import load_runs
+        from ..report.build import report_sections, write_report
+        from ..report.data import load_runs
     except ImportError as e:
-        print(f"gradops compare: no report written (gradops.train.report is not available: {e})",
-              flush=True)
+        print("gradops compare: no report written (gradops.train.report.build is not "
+              f"available: {e})", flush=True)
         return None
     path = write_report(out, baseline=baseline)
     runs, missing = load_runs(out)

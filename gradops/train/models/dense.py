@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dense_tasks import is_dense
-from .errors import ConfigError
-from .tasks import Task
+from ..tasks.dense import is_dense
+from ..config.errors import ConfigError
+from ..tasks.types import Task
 
 __all__ = ["DENSE_BACKBONES", "DenseMTLModel", "SegNet", "DilatedResNet", "build_dense_encoder",
            "build_model"]
@@ -206,7 +206,7 @@ class DenseMTLModel(nn.Module):
 
 def _dense_net(backbone: str, input_shape: tuple[int, ...], width: int, tasks: Sequence[Task],
                weights: str | None) -> DenseMTLModel:
-    from .models import _load_weights
+    from .encoders import _load_weights
     enc = build_dense_encoder(backbone, input_shape[0], width)
     if weights:
         _load_weights(enc, weights)
@@ -216,9 +216,9 @@ def _dense_net(backbone: str, input_shape: tuple[int, ...], width: int, tasks: S
 def build_model(backbone: str, input_shape: tuple[int, ...], width: int, tasks: Sequence[Task],
                 weights: str | None = None, stl: bool = False) -> nn.Module:
     """The trainer's network for ``tasks``: a :class:`DenseMTLModel` when the tasks are dense,
-    else :class:`~gradops.train.models.MTLModel`; with ``stl`` one such model per task
-    (:class:`~gradops.train.models.STLModel`)."""
-    from .models import MTLModel, STLModel, build_encoder
+    else :class:`~gradops.train.models.encoders.MTLModel`; with ``stl`` one such model per task
+    (:class:`~gradops.train.models.encoders.STLModel`)."""
+    from .encoders import MTLModel, STLModel, build_encoder
     dense = [is_dense(t) for t in tasks]
     if any(dense) and not all(dense):
         raise ConfigError("--data", "a data set mixes dense and per-image tasks, which no "

@@ -13,15 +13,15 @@ Adaptive Multitask Optimization", NeurIPS 2023) report them and compute their Δ
 Fractions are stored as fractions (the papers print mIoU, pixel accuracy and the "within"
 columns in percent). Two differences to keep in mind when comparing with the papers' Δm%: the
 papers average the relative differences over all metrics at once (9 on NYUv2), while
-:func:`gradops.train.delta_m.delta_m` averages within each task first; and the papers' depth
-errors are per-batch averages, ours are pooled over the split (:mod:`.dense_tasks`).
+:func:`gradops.train.report.delta_m.delta_m` averages within each task first; and the papers' depth
+errors are per-batch averages, ours are pooled over the split (:mod:`gradops.train.tasks.dense`).
 """
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
 
-from .report import Baseline
+from .build import Baseline
 
 __all__ = ["PUBLISHED_STL", "PublishedBaseline", "published_baseline"]
 
@@ -44,14 +44,14 @@ PUBLISHED_STL: dict[str, dict[str, dict[str, float]]] = {
 
 @dataclasses.dataclass(frozen=True)
 class PublishedBaseline(Baseline):
-    """A :class:`~gradops.train.report.Baseline` of published values (no run of ours)."""
+    """A :class:`~gradops.train.report.build.Baseline` of published values (no run of ours)."""
 
     data: str = ""
     source: str = _SOURCE
 
     def describe(self) -> str:
         return (f"the published STL values of {self.data} ({self.source}; shipped in "
-                "gradops.train.published_stl). Their Δm% averages over all metrics at once, "
+                "gradops.train.report.published_stl). Their Δm% averages over all metrics at once, "
                 "ours within each task first, so the numbers are close but not identical")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import metrics
+from ... import metrics
 
 __all__ = ["ConflictStats", "LayerScores", "layer_index", "HIST_BINS"]
 

@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from .delta_m import delta_m
-from .report_data import MissingRun, Run, display_name, method_key, sparse_key
+from .data import MissingRun, Run, display_name, method_key, sparse_key
 
 __all__ = ["LrSelection", "final_val_metrics", "format_lr_table", "select_lr"]
 

@@ -1,7 +1,7 @@
 """Task types with streaming metrics: dense prediction (segmentation, depth, surface normals) and
 binary attributes.
 
-The trainer's other tasks (:mod:`.tasks`) compute their metrics from a whole split's predictions
+The trainer's other tasks (:mod:`.types`) compute their metrics from a whole split's predictions
 at once. The tasks here never hold a split's predictions: each keeps a small *metric state* on the
 device (a confusion matrix, sums, a histogram), updated once per batch without a host
 synchronisation, and turned into metrics once per split:
@@ -9,7 +9,7 @@ synchronisation, and turned into metrics once per split:
 ``state = task.metric_state(device)``; per batch ``task.update(state, task.predict(out), y)``;
 at the end ``task.finish(state) -> {metric: 0-dim tensor}``. Every state entry is a sum over
 samples, so the states of several processes add up (``all_reduce`` with SUM) to the state of the
-whole split. ``metrics_of(pred, y)`` (the interface of :class:`.tasks.Task`) runs the three steps
+whole split. ``metrics_of(pred, y)`` (the interface of :class:`.types.Task`) runs the three steps
 on one batch.
 
 Definitions (the protocol of MTAN, Liu et al., "End-to-End Multi-Task Learning with Attention",
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .tasks import Task, f1_from_counts
+from .types import Task, f1_from_counts
 
 __all__ = ["StreamingTask", "Segmentation", "Depth", "Normals", "Attribute", "is_dense",
            "is_streaming", "mean_over_attributes", "ANGLE_BIN_DEG", "THRESHOLDS_DEG"]

@@ -146,7 +146,7 @@ class TrainConfig:
     # --- validation --------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
         """Check every field (types, ranges, names); returns ``self``."""
-        from .data import check_dataset
+        from ..data import check_dataset
         for f in fields(self):
             v = getattr(self, f.name)
             want = f.type if isinstance(f.type, type) else {"str": str, "int": int,
@@ -181,16 +181,16 @@ class TrainConfig:
         if self.dwa_temperature <= 0 or self.gamma <= 0:
             bad = "dwa_temperature" if self.dwa_temperature <= 0 else "gamma"
             raise ConfigError(option_name(bad), f"must be > 0, got {getattr(self, bad)}")
-        from .dense_models import DENSE_BACKBONES
+        from ..models.dense import DENSE_BACKBONES
         if self.backbone not in ("cnn", "mlp") + DENSE_BACKBONES:
-            from .models import _timm
+            from ..models.encoders import _timm
             try:
                 import timm
             except ImportError:
                 timm = None
             if timm is None or not timm.is_model(self.backbone):
                 _timm(self.backbone, 1)   # raises the error naming --backbone
-        from .addons import validate_addons
+        from ..addons import validate_addons
         validate_addons(self)
         return self
 

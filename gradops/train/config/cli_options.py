@@ -6,7 +6,7 @@ import argparse
 from dataclasses import fields
 from typing import Any
 
-from .config import TrainConfig, option_name, read_toml
+from .schema import TrainConfig, option_name, read_toml
 from .errors import ConfigError
 
 __all__ = ["add_config_options", "given_options", "merge_config", "parse_list"]

@@ -6,7 +6,7 @@ epochs and over the last 50% of epochs, the histogram of pairwise cosines, wall 
 ``metrics.jsonl`` (one line per evaluated epoch and split), ``conflicts.csv`` (per epoch:
 incidence, mean cosine, GMS and per-layer conflict counts) and ``config.toml``. A run without a
 readable, well-formed ``result.json`` crashed or is incomplete, and one whose ``result.json`` says
-``"status": "diverged"`` (:mod:`gradops.train.divergence`) failed: both are returned as a
+``"status": "diverged"`` (:mod:`gradops.train.engine.divergence`) failed: both are returned as a
 :class:`MissingRun` (``status`` "missing" or "diverged") with the reason, never dropped, and never
 averaged into a table.
 """

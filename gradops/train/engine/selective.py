@@ -210,6 +210,6 @@ def write_selective_outputs(sel: SelectiveGroups, names: Sequence[str], out_dir:
     rows = ["source," + ",".join(names)] + [names[s] + "," + ",".join(repr(v) for v in row)
                                              for s, row in enumerate(A)]
     atomic_write_text(out / "selective_affinity.csv", "\n".join(rows) + "\n")
-    from .recon.plots import plot_affinity, plot_group_counts
+    from ..recon.plots import plot_affinity, plot_group_counts
     plot_affinity(A, names, out / "selective_affinity.png")
     plot_group_counts([len(gs) for gs in sel.history], out / "selective_groups.png")

@@ -11,9 +11,9 @@ paper's benchmark protocol, and ``--budget quick``, the same code path on a few 
 - ``multi-fashion-recon``: Multi-Fashion, Recon's budget (Shi et al., ICLR 2023): SGD, lr 0.1,
   120 epochs, batch 256, the learning rate divided by 10 at epochs 60 and 90.
 
-Which epoch to report differs between the papers (MTAN and Nash-MTL average the last 10
-epochs; LibMTL and FAMO's CelebA take the epoch that is best on the validation split), so the
-report of ``gradops compare`` gives both (:mod:`.report_epochs`). Options given explicitly
+Which epoch to report differs between the papers (MTAN and Nash-MTL average the last 10 epochs;
+LibMTL and FAMO's CelebA take the epoch that is best on the validation split), so the report of
+``gradops compare`` gives both (:mod:`gradops.train.report.epochs`). Options given explicitly
 (command line, ``--config``) win over the preset's.
 """
 from __future__ import annotations

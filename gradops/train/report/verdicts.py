@@ -5,7 +5,7 @@ Sparse Training Perspective" (2024; Table 1, Table 2, Fig. 1, Fig. 4):
 
 - **(a)** sparse training (ST) lowers the incidence of gradient conflict over all epochs;
 - **(b)** it lowers it more over the last 50% of epochs than over all epochs;
-- **(c)** ST improves Δm% (lower is better, :mod:`gradops.train.delta_m`);
+- **(c)** ST improves Δm% (lower is better, :mod:`gradops.train.report.delta_m`);
 - **(d)** gradient-manipulation methods do not lower the incidence compared with Joint Train (EW).
 
 Each claim is checked per method on **paired per-seed differences** (same method, same seed):
@@ -38,7 +38,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
-from .report_data import Run, display_name, method_key, sparse_key
+from .data import Run, display_name, method_key, sparse_key
 
 __all__ = ["CLAIMS", "GRADIENT_MANIPULATION", "MIN_SEEDS", "T_MIN", "Paired", "format_mean_std",
            "format_number", "format_reproduction", "paired_claims", "verdict"]

@@ -2,13 +2,13 @@
 
 Recon (Shi et al., "Recon: Reducing Conflicting Gradients from the Root for Multi-Task
 Learning", ICLR 2023, Table 6) claims that turning the top-``K`` layers of the S-conflict ranking
-into task-specific layers lowers the share of conflicting task pairs on the layers that stay
-shared. :func:`recon_seeds` runs, for every seed, the search (:func:`.search.recon_search`) on
-that seed unless a ranking is given, then the before/after table (:func:`.search.conflict_table`)
-from that seed. :func:`format_recon_report` writes Recon's Table 6 per seed and the paired
-change per seed of the share of pairs with ``cos < -0.01`` on the layers that stay shared
-(after minus before branching, same seed, in points), its mean ± std, the seeds agreeing in
-sign and the verdict of :func:`gradops.train.report_verdicts.verdict` (claim sign ``"<0"``).
+into task-specific layers lowers the share of conflicting task pairs on the layers that stay shared.
+:func:`recon_seeds` runs, for every seed, the search (:func:`..recon.search.recon_search`) on that
+seed unless a ranking is given, then the before/after table (:func:`..recon.search.conflict_table`)
+from that seed. :func:`format_recon_report` writes Recon's Table 6 per seed and the paired change
+per seed of the share of pairs with ``cos < -0.01`` on the layers that stay shared (after minus
+before branching, same seed, in points), its mean ± std, the seeds agreeing in sign and the verdict
+of :func:`gradops.train.report.verdicts.verdict` (claim sign ``"<0"``).
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_write_text
-from ..config import TrainConfig
-from ..report_verdicts import MIN_SEEDS, T_MIN, Paired, format_mean_std, format_number
-from .search import conflict_table, conflict_table_markdown, read_ranking, recon_search
+from ..engine.checkpoint import atomic_write_text
+from ..config.schema import TrainConfig
+from .verdicts import MIN_SEEDS, T_MIN, Paired, format_mean_std, format_number
+from ..recon.search import conflict_table, conflict_table_markdown, read_ranking, recon_search
 
 __all__ = ["CLAIM", "recon_seeds", "paired_change", "format_recon_report",
            "format_console_summary", "rule_text", "seed_dir"]
@@ -64,7 +64,7 @@ def recon_seeds(cfg: TrainConfig, seeds: list[int], topk: int, iters: int, S: fl
 
 def paired_change(tables: list[dict[str, Any]]) -> Paired:
     """seed -> after - before (points) of the share with ``cos < -0.01`` on the layers that
-    stay shared, as a :class:`~gradops.train.report_verdicts.Paired` (claim sign ``"<0"``)."""
+    stay shared, as a :class:`~gradops.train.report.verdicts.Paired` (claim sign ``"<0"``)."""
     diffs = {t["seed"]: t["severe_share"]["after_remaining"]
              - t["severe_share"]["before_remaining"] for t in tables}
     return Paired("recon", "recon", f"top-{len(tables[0]['branched'])}" if tables else "",
@@ -76,7 +76,7 @@ def _share(col: dict[str, float], bins: tuple[str, ...]) -> float:
 
 
 def rule_text() -> str:
-    return (f"Verdict rule (`gradops.train.report_verdicts.verdict`, n seeds, t = mean / "
+    return (f"Verdict rule (`gradops.train.report.verdicts.verdict`, n seeds, t = mean / "
             f"(std / √n)): fewer than {MIN_SEEDS} seeds → inconclusive; **holds** when every "
             f"seed's difference is negative and |t| ≥ {T_MIN:g}; **does not hold** when every "
             f"seed's difference is positive and |t| ≥ {T_MIN:g}; else inconclusive.")

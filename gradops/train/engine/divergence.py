@@ -16,13 +16,14 @@ the loop has already read to the host (no extra device synchronisation) and retu
    validation split than the best constant prediction (a network that learned nothing, or
    stopped knowing anything), within a margin:
 
-   - classification (:class:`~gradops.train.tasks.Classification`) and binary attributes
-     (:class:`~gradops.train.tasks.Binary`, :class:`~gradops.train.dense_tasks.Attribute`):
+   - classification (:class:`~gradops.train.tasks.types.Classification`) and binary attributes
+     (:class:`~gradops.train.tasks.types.Binary`, :class:`~gradops.train.tasks.dense.Attribute`):
      ``accuracy <= chance + CHANCE_MARGIN``, chance = the frequency of the validation split's
      most frequent class (``1 / n_classes`` on balanced data; a constant predictor's best
      accuracy);
-   - regression (:class:`~gradops.train.tasks.Regression`): ``mae >= (1 - REGRESSION_MARGIN) x``
-     the MAE of predicting the validation targets' median (the best constant under MAE);
+   - regression (:class:`~gradops.train.tasks.types.Regression`):
+     ``mae >= (1 - REGRESSION_MARGIN) x`` the MAE of predicting the validation targets' median
+     (the best constant under MAE);
    - dense tasks (segmentation, depth, normals) have no chance rule and are not checked for it.
 
    All tasks must be at chance (not one): a single task at chance can be negative transfer in a
@@ -105,8 +106,8 @@ def chance_levels(tasks: Sequence[Any], targets: Mapping[str, torch.Tensor]
                   ) -> dict[str, ChanceLevel]:
     """The chance rule of each task that has one (see the module docstring), from the validation
     split's ``targets`` (read once, when the run starts)."""
-    from .dense_tasks import Attribute
-    from .tasks import Binary, Classification, Regression
+    from ..tasks.dense import Attribute
+    from ..tasks.types import Binary, Classification, Regression
     out: dict[str, ChanceLevel] = {}
     for t in tasks:
         y = targets.get(t.name)

@@ -21,18 +21,18 @@ from typing import Any
 
 import torch
 
-from .addons import addon_files, write_addon_outputs
-from .checkpoint import (CHECKPOINT, atomic_write_text, load_checkpoint, restore_trainer,
+from ..addons import addon_files, write_addon_outputs
+from ..engine.checkpoint import (CHECKPOINT, atomic_write_text, load_checkpoint, restore_trainer,
                          save_checkpoint)
-from .config import TrainConfig, read_toml, to_toml
-from .data import load_dataset
-from .distributed import Dist, setup
-from .divergence import Divergence, chance_levels, check_epoch, strict_json
-from .errors import ConfigError
-from .io_errors import annotate
-from .loop import Trainer, resolve_device
+from ..config.schema import TrainConfig, read_toml, to_toml
+from ..data import load_dataset
+from ..engine.distributed import Dist, setup
+from ..engine.divergence import Divergence, chance_levels, check_epoch, strict_json
+from ..config.errors import ConfigError
+from ..config.io_errors import annotate
+from ..engine.trainer import Trainer, resolve_device
 from .rundir import LOCK_FILE, DirLock, Manifest, probe_lock
-from .stats import HIST_BINS
+from ..engine.stats import HIST_BINS
 
 __all__ = ["run_training", "RUN_FILES", "check_out_dir", "load_run_config"]
 
@@ -316,5 +316,5 @@ def _any_process(dist: Dist, flag: bool, device: torch.device) -> bool:
 
 
 def _version() -> str:
-    from .. import __version__
+    from ... import __version__
     return __version__

@@ -1,7 +1,7 @@
 """The metrics of one pass over a split, accumulated batch by batch.
 
-Tasks with streaming metrics (:mod:`.dense_tasks`) update a small state on the device per batch;
-the others (:mod:`.tasks`) keep their predictions and the batch's targets (as used, i.e. after
+Tasks with streaming metrics (:mod:`.dense`) update a small state on the device per batch;
+the others (:mod:`.types`) keep their predictions and the batch's targets (as used, i.e. after
 any ``Split.transform``) and compute their metrics once from the concatenation. Under torchrun the
 states are summed and the predictions gathered over the processes when the metrics are read.
 """
@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .dense_tasks import is_streaming
-from .distributed import Dist
-from .tasks import Task
+from .dense import is_streaming
+from ..engine.distributed import Dist
+from .types import Task
 
 __all__ = ["MetricAccumulator"]
 

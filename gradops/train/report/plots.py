@@ -1,6 +1,6 @@
 """The PNG plots of the ``gradops compare`` report (matplotlib, Agg canvas, no pyplot).
 
-Importing this module imports matplotlib; :mod:`gradops.train.report` imports it only when it
+Importing this module imports matplotlib; :mod:`gradops.train.report.build` imports it only when it
 draws. Figures are built on :class:`matplotlib.figure.Figure` with an Agg canvas, so no global
 backend is switched and no window opens. Each function returns the path(s) it wrote, or None when
 no run holds the data it plots. Colours follow the method, line styles the sparse setting
@@ -16,7 +16,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .report_data import Run, display_name, method_key, sparse_key
+from .data import Run, display_name, method_key, sparse_key
 
 __all__ = ["plot_cosine_hist", "plot_incidence_average", "plot_incidence_per_epoch",
            "plot_layer_conflicts", "plot_task_metrics"]

@@ -5,8 +5,8 @@ command writes ``DIR`` (``train``, ``train --resume``, ``compare``, ``recon``). 
 system releases it when the process ends, however it ends, so a killed run leaves no stale lock;
 a second writer is refused with the holder's PID (a :class:`ConfigError`, exit 2) before it has
 written anything. Holding the lock, the owner removes the temporary files that killed writers
-left (``.NAME.tmpPID``, the pattern of :func:`gradops.train.checkpoint.atomic_write_bytes`, only
-in that directory).
+left (``.NAME.tmpPID``, the pattern of
+:func:`gradops.train.engine.checkpoint.atomic_write_bytes`, only in that directory).
 
 :class:`Manifest` (``DIR/.gradops-manifest.json``) lists every file the run writes, recorded
 before the file is first written, so that ``--overwrite`` removes exactly those (and never a
@@ -24,9 +24,9 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
-from .errors import ConfigError
-from .io_errors import annotate
+from ..engine.checkpoint import atomic_write_text
+from ..config.errors import ConfigError
+from ..config.io_errors import annotate
 
 __all__ = ["DirLock", "Manifest", "LOCK_FILE", "MANIFEST_FILE", "TEMP_PATTERN",
            "remove_temporaries", "probe_lock"]
