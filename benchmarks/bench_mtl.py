@@ -55,7 +55,7 @@ def test_gradops(benchmark, setup, method):
     _run(benchmark, bm.gradops_step(setup, method), setup)
 
 
-@pytest.mark.parametrize("method", [m for m in bm.METHODS if m != "pcgrad_layer"])
+@pytest.mark.parametrize("method", [m for m in bm.METHODS if m != "pcgrad-layer"])
 def test_torchjd(benchmark, setup, method):
     agg, why = bm.torchjd_aggregator(method, setup.T)
     if agg is None:

@@ -62,6 +62,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..weighting import canonical_name, method_names
 from .models import MTLSetup, make_setup
 from .peers import torchjd_aggregator
 from .report import emit, write_csv
@@ -88,12 +89,11 @@ BATCHED = "floor, batched: one vmap'd backward for all T tasks + step"
 TORCHJD = "TorchJD mtl_backward + jac_to_grad"
 
 
-METHODS = ("ew", "pcgrad", "pcgrad_layer", "graddrop", "mgda", "cagrad", "imtlg", "nashmtl",
-           "alignedmtl", "gradvac")
-"""The methods of the suite; ``pcgrad_layer`` is ``MTLOptimizer(method="pcgrad",
-per_layer=True)``."""
+METHODS = method_names(("sum", "gram", "layer", "elementwise"))
+"""The methods of the suite: every registered gradient method (the registry's kinds ``sum``,
+``gram``, ``layer`` and ``elementwise``; loss-level methods cost what EW costs)."""
 
-GRAM_WEIGHTED = ("pcgrad", "mgda", "cagrad", "imtlg", "nashmtl", "alignedmtl")
+GRAM_WEIGHTED = method_names("gram")
 """Methods whose weights come from the whole-model Gram (the step-time target covers these,
 GradDrop, and the per-layer methods; docs/benchmarks.md)."""
 
@@ -153,10 +153,8 @@ def gradops_optimizer(s: MTLSetup, method: str, model: nn.Module, inner: torch.o
     """MTLOptimizer over ``model``: ``shared=`` the encoder module (``shared_as="module"``) or
     the list of its parameters (``"params"``)."""
     from ..optim.mtl import MTLOptimizer
-    per_layer = method == "pcgrad_layer"
-    name = "pcgrad" if per_layer else method
     shared = model.encoder if shared_as == "module" else list(model.encoder.parameters())
-    return MTLOptimizer(inner, method=name, shared=shared, per_layer=per_layer,
+    return MTLOptimizer(inner, method=method, shared=shared,
                         generator=torch.Generator(device=s.device).manual_seed(0), **kwargs)
 
 
@@ -225,6 +223,14 @@ class MTLRow:
         return dataclasses.asdict(self)
 
 
+def _canonical(name: str) -> str:
+    """The registered spelling of a method name (unknown names are kept, for the error)."""
+    try:
+        return canonical_name(name)
+    except ValueError:
+        return name
+
+
 def bench_mtl_group(s: MTLSetup, method: str, rounds: int = 15, budget_s: float = 20.0,
                     torchjd: bool = True) -> tuple[list[MTLRow], list[str]]:
     """Time, interleaved, one method's contenders on ``s``: the floor, gradops, TorchJD (and, for
@@ -238,8 +244,7 @@ def bench_mtl_group(s: MTLSetup, method: str, rounds: int = 15, budget_s: float 
         fns[SUM] = sum_step(s)
         fns[BATCHED] = batched_floor_step(s)
     fns[GRADOPS] = gradops_step(s, method)
-    labels[GRADOPS] = f"MTLOptimizer(method={'pcgrad' if method == 'pcgrad_layer' else method!r}" \
-        + (", per_layer=True" if method == "pcgrad_layer" else "") + ")"
+    labels[GRADOPS] = f"MTLOptimizer(method={method!r})"
     if method == "ew":
         fns[GRADOPS_STATS] = gradops_step(s, method, stats=True)
         labels[GRADOPS_STATS] = "per-task gradients + per-layer Grams, conflict counts, GMS"
@@ -247,7 +252,7 @@ def bench_mtl_group(s: MTLSetup, method: str, rounds: int = 15, budget_s: float 
         fns[GRADOPS_BUFFER] = gradops_step(s, method, linear_gram="off")
         labels[GRADOPS_BUFFER] = "per-task gradients formed into J (the Linear engine off)"
     if torchjd and s.device.type in ("cpu", "cuda"):
-        if method == "pcgrad_layer":
+        if method == "pcgrad-layer":
             agg, label = None, "TorchJD has no per-layer PCGrad"
         else:
             agg, label = torchjd_aggregator(method, s.T)
@@ -348,6 +353,7 @@ def main(args: argparse.Namespace) -> int:
     Ts = parse_ints(args.T or "3,8,40")
     methods = [x.strip() for x in args.methods.split(",") if x.strip()] if args.methods \
         else list(METHODS)
+    methods = [_canonical(x) for x in methods]
     bad = [x for x in methods if x not in METHODS]
     if bad:
         print(f"gradops bench --suite mtl: unknown method(s) {bad}; valid: "

@@ -39,7 +39,7 @@ FLOOR = "floor: T backward passes + step"
 
 _MMAP_THRESHOLD = str(64 * 1024)
 
-METHODS = ("pcgrad", "mgda", "pcgrad_layer", "gradvac", "graddrop")
+METHODS = ("pcgrad", "mgda", "pcgrad-layer", "gradvac", "graddrop")
 """The methods measured by default (their buffers differ: whole-model Gram, per-layer Grams,
 GradDrop's pass)."""
 
@@ -193,7 +193,7 @@ def bench_memory(Ts: Sequence[int], methods: Sequence[str] = METHODS, encoder: s
         if encoder == "mlp":                          # the Linear engine, for comparison
             contenders.append(("gradops", "pcgrad", "auto"))
         if torchjd:
-            contenders += [("torchjd", m, "") for m in methods if m != "pcgrad_layer"]
+            contenders += [("torchjd", m, "") for m in methods if m != "pcgrad-layer"]
         for kind, m, lg in contenders:
             r = run_contender(kind, m, T, encoder, device, steps, lg or "off")
             if "skipped" in r:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..reference import graddrop_reference
+from ..weighting import create_method
 
 
 # --- the peers ---------------------------------------------------------------------------------
@@ -120,21 +121,6 @@ def numpy_row_loop_masks(weights: Sequence[torch.Tensor], k: int) -> list:
     return out
 
 
-def _torchjd_factories() -> dict[str, tuple[str, Callable[[int], object]]]:
-    from torchjd import aggregation as A
-    return {
-        "ew": ("Mean", lambda T: A.Mean()),
-        "pcgrad": ("PCGrad", lambda T: A.PCGrad()),
-        "graddrop": ("GradDrop", lambda T: A.GradDrop()),
-        "mgda": ("MGDA", lambda T: A.MGDA()),
-        "cagrad": ("CAGrad(c=0.4)", lambda T: A.CAGrad(c=0.4)),
-        "imtlg": ("IMTLG", lambda T: A.IMTLG()),
-        "nashmtl": ("NashMTL", lambda T: A.NashMTL(n_tasks=T)),
-        "alignedmtl": ("AlignedMTL", lambda T: A.AlignedMTL()),
-        "gradvac": ("GradVac (whole model, not per layer)", lambda T: A.GradVac()),
-    }
-
-
 def torchjd_aggregator(method: str, T: int) -> tuple[object | None, str]:
     """TorchJD's aggregator for ``method`` and its label, or ``(None, why)`` when TorchJD is not
     installed, has no such method, or the aggregator's optional dependencies are missing (checked
@@ -143,12 +129,13 @@ def torchjd_aggregator(method: str, T: int) -> tuple[object | None, str]:
         import torchjd  # noqa: F401
     except ImportError:
         return None, "torchjd not installed"
-    facts = _torchjd_factories()
-    if method not in facts:
-        return None, "no TorchJD counterpart"
-    label, make = facts[method]
+    m = create_method(method, who="torchjd_aggregator")
+    label = m.display
     try:
-        agg = make(T)
+        agg = m.torchjd(T)
+        if agg is None:
+            return None, "no TorchJD counterpart"
+        label = type(agg).__name__
         agg(torch.randn(T, 5, generator=torch.Generator().manual_seed(0)))
         if hasattr(agg, "reset"):
             agg.reset()

@@ -20,12 +20,14 @@ from typing import Any, Callable
 
 import torch
 
+from ..weighting import method_names
 from .timing import sync
 
 __all__ = ["main", "DEFAULT_METHODS"]
 
-DEFAULT_METHODS = ("ew", "pcgrad", "pcgrad-layer", "graddrop", "mgda", "cagrad", "imtlg",
-                   "nashmtl", "alignedmtl", "gradvac", "uw", "dwa", "famo", "stl")
+DEFAULT_METHODS = method_names(("sum", "gram", "layer", "elementwise", "loss")) + ("stl",)
+"""Every registered method the trainer runs, and single-task learning (the selective mode's
+group updates are not timed)."""
 
 
 class _Clock:

@@ -103,10 +103,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pb.add_argument("--T", default=None,
                     help="comma-separated task counts (default 2,8,40; mtl suite: 3,8,40)")
     pb.add_argument("--methods", default=None,
-                    help="mtl and trainer suites: comma-separated methods (mtl default "
-                         "all: ew, pcgrad, "
-                         "pcgrad_layer, graddrop, mgda, cagrad, imtlg, nashmtl, alignedmtl, "
-                         "gradvac)")
+                    help="mtl and trainer suites: comma-separated methods (default: every "
+                         "gradient method of the registry, see gradops info; the trainer "
+                         "suite adds the loss-level methods and stl)")
     pb.add_argument("--breakdown", action="store_true",
                     help="mtl suite: also split gradops' step into stages (at T = 8, or at "
                          "--breakdown-at), and print what the Gram and combine stages alone "

@@ -283,6 +283,7 @@ class MTLOptimizer(OptimizerWrapper):
         self._step = 0
         self._weights: torch.Tensor | None = None           # last weights (update_every, state)
         self._stats = StepStats()
+        self._wdtype = torch.float32          # of Grams and weights; set with the layout
         self._loss_sum: torch.Tensor | None = None           # loss methods: the epoch's losses
         self._loss_steps = 0
         self._setup_loss_method(num_tasks)

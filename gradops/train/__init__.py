@@ -17,10 +17,15 @@ gradops[train]``).
 """
 from __future__ import annotations
 
-from .config.schema import METHODS, TrainConfig, parse_sparse
 from .config.errors import ConfigError
+from .config.method_options import trainer_methods
+from .config.schema import TrainConfig, parse_sparse
 from .runs.grid import BUDGETS, run_grid, run_name
 from .runs.run import run_training
 
 __all__ = ["BUDGETS", "ConfigError", "METHODS", "TrainConfig", "parse_sparse", "run_grid",
            "run_name", "run_training"]
+
+METHODS: tuple[str, ...] = trainer_methods()
+"""The methods ``gradops train --method`` takes: every registered method (read from the registry
+when gradops.train is imported; :func:`gradops.weighting.method_names` reads it anew)."""

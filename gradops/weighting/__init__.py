@@ -74,7 +74,8 @@ from ._pcgrad import PCGrad, pcgrad
 from ._pcgrad_layer import PCGradLayer
 from ._registry import (KINDS, ElementwiseMethod, GramMethod, LayerMethod, LossMethod, Method,
                         NoOptions, Options, StepContext, SumMethod, TrainerMode, all_methods,
-                        canonical_name, create_method, get_method, method_names, register)
+                        canonical_name, create_method, get_method, method_names,
+                        parse_option_value, register)
 from ._uw import UW
 
 __all__ = ["ALIGNED_SCALE_MODES", "ITERATIVE", "KINDS", "MGDA_NORMALIZATIONS", "METHODS",
@@ -83,7 +84,7 @@ __all__ = ["ALIGNED_SCALE_MODES", "ITERATIVE", "KINDS", "MGDA_NORMALIZATIONS", "
            # the method registry (docs/adding-a-method.md)
            "Method", "SumMethod", "GramMethod", "LayerMethod", "ElementwiseMethod", "LossMethod",
            "TrainerMode", "Options", "NoOptions", "StepContext", "register", "get_method",
-           "create_method", "method_names", "all_methods", "canonical_name",
+           "create_method", "method_names", "all_methods", "canonical_name", "parse_option_value",
            "AlignedMTL", "CAGrad", "DWA", "EW", "FAMO", "GradDrop", "GradVac", "IMTLG", "MGDA",
            "NashMTL", "PCGrad", "PCGradLayer", "UW"]
 

@@ -78,3 +78,7 @@ class AlignedMTL(GramMethod):
 
     def weights(self, G: torch.Tensor, ctx: StepContext):
         return alignedmtl(G, **self.options.as_dict(), return_status=True)
+
+    def torchjd(self, T: int):
+        from torchjd.aggregation import AlignedMTL as TorchJDAlignedMTL
+        return TorchJDAlignedMTL()

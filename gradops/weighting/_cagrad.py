@@ -132,3 +132,7 @@ class CAGrad(GramMethod):
 
     def weights(self, G: torch.Tensor, ctx: StepContext):
         return cagrad(G, **self.options.as_dict(), return_status=True)
+
+    def torchjd(self, T: int):
+        from torchjd.aggregation import CAGrad as TorchJDCAGrad
+        return TorchJDCAGrad(c=self.options.c)

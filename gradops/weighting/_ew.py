@@ -39,7 +39,7 @@ class EW(SumMethod):
     """Equal weighting: one backward of ``sum_t L_t`` (or their mean): :func:`ew`."""
 
     name = "ew"
-    display = "EW"
+    display = "Joint Train (ew)"
     paper = "equal weighting (Joint Train), the baseline of every MTL paper"
     Options = EWOptions
     order = 0
@@ -47,3 +47,7 @@ class EW(SumMethod):
     def weights(self, T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         w = torch.ones(T, dtype=dtype, device=device)
         return w / T if self.options.reduction == "mean" else w
+
+    def torchjd(self, T: int):
+        from torchjd.aggregation import Mean, Sum
+        return Mean() if self.options.reduction == "mean" else Sum()

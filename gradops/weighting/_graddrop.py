@@ -69,3 +69,7 @@ class GradDrop(ElementwiseMethod):
         seed = _draw_seed(ctx.generator, J.device)
         leak = self.leak_tensor(J.shape[0], J.device, ctx.dtype)
         return _graddrop_raw(J, leak, seed, None, False, float(self.options.eps))[0]
+
+    def torchjd(self, T: int):
+        from torchjd.aggregation import GradDrop as TorchJDGradDrop
+        return TorchJDGradDrop()

@@ -106,6 +106,11 @@ class GradVac(LayerMethod):
         w, self.targets = gradvac_weights(G, tgt, perms, self.options.beta, self.options.eps)
         return w
 
+    def torchjd(self, T: int):
+        """TorchJD's GradVac (whole model, not per layer)."""
+        from torchjd.aggregation import GradVac as TorchJDGradVac
+        return TorchJDGradVac()
+
     def state_dict(self) -> dict[str, Any]:
         return {} if self.targets is None else {"gradvac_targets": self.targets.clone()}
 

@@ -91,3 +91,7 @@ class IMTLG(GramMethod):
 
     def weights(self, G: torch.Tensor, ctx: StepContext):
         return imtlg(G, **self.options.as_dict(), return_status=True)
+
+    def torchjd(self, T: int):
+        from torchjd.aggregation import IMTLG as TorchJDIMTLG
+        return TorchJDIMTLG()

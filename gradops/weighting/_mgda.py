@@ -100,3 +100,7 @@ class MGDA(GramMethod):
 
     def weights(self, G: torch.Tensor, ctx: StepContext):
         return mgda(G, **self.options.as_dict(), losses=ctx.losses, return_status=True)
+
+    def torchjd(self, T: int):
+        from torchjd.aggregation import MGDA as TorchJDMGDA
+        return TorchJDMGDA()

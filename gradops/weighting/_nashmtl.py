@@ -137,3 +137,7 @@ class NashMTL(GramMethod):
 
     def weights(self, G: torch.Tensor, ctx: StepContext):
         return nashmtl(G, **self.options.as_dict(), return_status=True)
+
+    def torchjd(self, T: int):
+        from torchjd.aggregation import NashMTL as TorchJDNashMTL
+        return TorchJDNashMTL(n_tasks=T)

@@ -51,3 +51,7 @@ class PCGrad(GramMethod):
 
     def weights(self, G: torch.Tensor, ctx: StepContext):
         return pcgrad(G, generator=ctx.generator, **self.options.as_dict(), return_status=True)
+
+    def torchjd(self, T: int):
+        from torchjd.aggregation import PCGrad as TorchJDPCGrad
+        return TorchJDPCGrad()

@@ -212,6 +212,24 @@ class Method:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.as_dict().items())
         return f"{type(self).__name__}({opts})"
 
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """The declaration as plain data (``gradops info``, docs): name, kind, display, paper,
+        options with their defaults, scale invariance, iterative, random."""
+        opts = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+                for f in fields(cls.Options)}
+        return {"name": cls.name, "kind": cls.kind, "display": cls.display, "paper": cls.paper,
+                "options": {k: v if isinstance(v, (int, float, str, bool, type(None))) else
+                            repr(v) for k, v in opts.items()},
+                "scale_invariant": cls.scale_invariant, "iterative": cls.iterative,
+                "random": cls.random}
+
+    def torchjd(self, T: int) -> Any:
+        """TorchJD's aggregator of the same method with the same options (benchmarks and
+        agreement tests), or None where TorchJD has none. Imports ``torchjd`` (an optional
+        dependency: ImportError without it)."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """The method's state (tensors), saved in the optimizer's state dict."""
         return {}

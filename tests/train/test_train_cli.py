@@ -181,9 +181,10 @@ def test_compare_acceptance_form(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["pcgrad", "pcgrad-layer"])
-def test_pcgrad_libmtl_self_visit_option_reaches_the_optimizer(method):
-    """``--pcgrad-libmtl-self-visit`` (config ``pcgrad_libmtl_self_visit``) is passed to
-    MTLOptimizer as ``libmtl_self_visit`` for pcgrad and pcgrad-layer; default False (j != i)."""
+def test_method_opt_reaches_the_optimizer(method):
+    """``--method-opt libmtl_self_visit=true`` (or ``METHOD.libmtl_self_visit=true``, or the
+    old config key ``pcgrad_libmtl_self_visit``) reaches MTLOptimizer's method options for
+    pcgrad and pcgrad-layer; default False (j != i)."""
     from gradops.train.data import load_dataset
     from gradops.train.engine.distributed import Dist
     from gradops.train.engine.trainer import Trainer
@@ -191,11 +192,16 @@ def test_pcgrad_libmtl_self_visit_option_reaches_the_optimizer(method):
     import argparse
     p = argparse.ArgumentParser()
     add_config_options(p)
-    assert given_options(p.parse_args(["--pcgrad-libmtl-self-visit"])) == \
-        {"pcgrad_libmtl_self_visit": True}
+    assert given_options(p.parse_args(["--method-opt", "libmtl_self_visit=true"])) == \
+        {"method_opt": "libmtl_self_visit=true"}
     data = load_dataset("digits")
-    for flag in (False, True):
-        cfg = TrainConfig(method=method, width=4, pcgrad_libmtl_self_visit=flag).validate()
-        t = Trainer(cfg, data, torch.device("cpu"), Dist())
+    for flag, cfg in ((False, TrainConfig(method=method, width=4)),
+                      (True, TrainConfig(method=method, width=4,
+                                         method_opt="libmtl_self_visit=true")),
+                      (True, TrainConfig(method=method, width=4,
+                                         method_opt=f"{method}.libmtl_self_visit=true")),
+                      (True, TrainConfig.from_dict({"method": method, "width": 4,
+                                                    "pcgrad_libmtl_self_visit": True}))):
+        t = Trainer(cfg.validate(), data, torch.device("cpu"), Dist())
         assert t.opt.method.options.libmtl_self_visit is flag
         assert t.opt.method.kind == ("layer" if method == "pcgrad-layer" else "gram")

@@ -162,7 +162,7 @@ def test_compare_keeps_going_past_a_diverged_run(tmp_path, capsys):
     # FAMO's weight step at 1e30 makes its losses non-finite in epoch 1; ew and stl are fine
     out = tmp_path / "cmp"
     rc = main(["compare", "--methods", "ew,famo", "--sparse", "off", "--seeds", "0", "--epochs",
-               "1", "--famo-lr", "1e30", "--jobs", "1", "--out", str(out)] + SMALL)
+               "1", "--method-opt", "famo.lr=1e30", "--jobs", "1", "--out", str(out)] + SMALL)
     assert rc == 0
     printed = capsys.readouterr()
     assert "gradops train: diverged at epoch 1, task left" in printed.err

@@ -8,14 +8,16 @@ from typing import Any
 
 from .schema import TrainConfig, option_name, read_toml
 from .errors import ConfigError
+from .method_options import trainer_methods
 
 __all__ = ["add_config_options", "given_options", "merge_config", "parse_list"]
 
 _HELP = {
     "data": "data set (digits, digits-attrs, or a registered one)",
     "data_root": "directory of a data set read from local files",
-    "method": "ew, pcgrad, pcgrad-layer, graddrop, mgda, cagrad, imtlg, nashmtl, alignedmtl, "
-              "gradvac, uw, dwa, famo, stl or selective",
+    "method": "a registered method (gradops info lists them): " + ", ".join(trainer_methods()),
+    "method_opt": "the method's options, KEY=VALUE or METHOD.KEY=VALUE (for one method of a "
+                  "grid), comma-separated, e.g. c=0.5 or cagrad.c=0.5,famo.gamma=0.01",
     "sparse": "sparse training of the encoder: off, k=INT or fraction=FLOAT",
     "backbone": "cnn, mlp, or a timm model name (random init)",
     "weights": "encoder weights from a local file (a state dict)",
@@ -25,7 +27,8 @@ _HELP = {
     "clip": "clip the global gradient norm to this (0: off)",
     "amp": "mixed precision: off, bf16 or fp16 (with a GradScaler)",
     "device": "auto (cuda when available), cpu or cuda",
-    "stats": "per-task gradients for the conflict statistics also for ew/uw/dwa/famo",
+    "stats": "per-task gradients for the conflict statistics also for ew and the loss-level "
+             "methods",
     "train_limit": "use only the first N training samples (0: all)",
     "eval_limit": "evaluate only the first N val / test samples (0: all)",
     "recon": "Recon: branch the top --recon-topk layers of this ranking.json (gradops recon "
@@ -38,8 +41,6 @@ _HELP = {
     "threads": "torch CPU threads (0: torch's default)",
     "memory_format": "layout of the model's 4-D weights and activations: auto (channels_last "
                      "for --backbone cnn on CPU, else contiguous), contiguous or channels_last",
-    "pcgrad_libmtl_self_visit": "--method pcgrad / pcgrad-layer: task i also visits itself "
-                                "(LibMTL's order; default: j != i, the paper's Alg. 1)",
 }
 
 

@@ -28,9 +28,9 @@ _MTAN = {"backbone": "segnet", "width": 64, "optim": "adam", "lr": 1e-4, "weight
          "schedule": "step", "step_size": 100, "gamma": 0.5, "epochs": 200}
 PRESETS: dict[str, dict[str, Any]] = {
     "nyuv2-mtan": {"data": "nyuv2", **_MTAN, "batch_size": 2, "eval_batch_size": 4,
-                   "famo_gamma": 0.001},
+                   "method_opt": "famo.gamma=0.001"},
     "cityscapes-mtan": {"data": "cityscapes", **_MTAN, "batch_size": 8, "eval_batch_size": 16,
-                        "famo_gamma": 0.01},
+                        "method_opt": "famo.gamma=0.01"},
     "celeba-famo": {"data": "celeba", "backbone": "cnn", "width": 16, "optim": "adam",
                     "lr": 3e-4, "weight_decay": 0.0, "schedule": "none", "epochs": 15,
                     "batch_size": 256, "eval_batch_size": 512},

@@ -14,16 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .method_options import check_method, legacy_method_opt, parse_method_opt
 
-__all__ = ["TrainConfig", "METHODS", "MTL_METHODS", "LOSS_METHODS", "SPARSE_RULES",
+__all__ = ["TrainConfig", "SPARSE_RULES",
            "canonical_sparse", "parse_sparse", "parse_sparse_rule", "read_toml", "to_toml",
            "option_name"]
 
-# MTLOptimizer methods (pcgrad-layer = per-layer PCGrad), loss-level methods, one model per task
-MTL_METHODS = ("ew", "pcgrad", "pcgrad-layer", "graddrop", "mgda", "cagrad", "imtlg", "nashmtl",
-               "alignedmtl", "gradvac")
-LOSS_METHODS = ("uw", "dwa", "famo")
-METHODS = MTL_METHODS + LOSS_METHODS + ("stl", "selective")   # selective: task-group updates
 OPTIMS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "step", "multistep", "none")
 AMP = ("off", "bf16", "fp16")
@@ -105,7 +101,8 @@ class TrainConfig:
     data_root: str = ""             # directory of a data set read from local files
     data_seed: int = 0              # the splits (fixed for a data set, shared by all runs)
     train_limit: int = 0            # use only the first N training samples (0: all)
-    method: str = "ew"
+    method: str = "ew"              # a registered method (gradops info)
+    method_opt: str = ""            # its options: KEY=VALUE or METHOD.KEY=VALUE, comma-separated
     sparse: str = "off"             # off | k=INT | fraction=FLOAT | FLOAT | RULE:FLOAT ...
     seed: int = 0
     epochs: int = 10
@@ -127,12 +124,6 @@ class TrainConfig:
     threads: int = 0                # CPU threads of torch (0: torch's default)
     memory_format: str = "auto"     # auto (channels_last for the cnn on CPU) | contiguous | ...
     stats: bool = True              # per-task gradients for the statistics also for ew/uw/dwa/famo
-    cagrad_c: float = 0.4
-    graddrop_leak: float = 0.0
-    pcgrad_libmtl_self_visit: bool = False  # pcgrad(-layer): also visit j = i (LibMTL's order)
-    dwa_temperature: float = 2.0
-    famo_lr: float = 0.025
-    famo_gamma: float = 0.001
     checkpoint_every: int = 1       # epochs between checkpoints (the last epoch always)
     eval_batch_size: int = 128      # on CPU: faster than larger batches (cache)
     eval_limit: int = 0             # evaluate only the first N val / test samples (0: all)
@@ -160,8 +151,8 @@ class TrainConfig:
             if want is float and not math.isfinite(v):
                 raise ConfigError(option_name(f.name), f"must be finite, got {v!r}")
         check_dataset(self.data, self.data_root or None)
-        if self.method not in METHODS:
-            raise ConfigError("--method", f"unknown method {self.method!r}", METHODS)
+        self.method = check_method(self.method)
+        parse_method_opt(self.method_opt, self.method)
         parse_sparse(self.sparse)
         for name, choices in (("optim", OPTIMS), ("schedule", SCHEDULES), ("amp", AMP),
                               ("device", DEVICES), ("memory_format", MEMORY_FORMATS)):
@@ -172,15 +163,14 @@ class TrainConfig:
                      "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(option_name(name), f"must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "momentum", "clip", "famo_lr", "famo_gamma",
-                     "graddrop_leak", "cagrad_c", "train_limit", "threads", "eval_limit"):
+        for name in ("lr", "weight_decay", "momentum", "clip", "train_limit", "threads",
+                     "eval_limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(option_name(name), f"must be >= 0, got {getattr(self, name)}")
         if self.schedule == "multistep":
             parse_milestones(self.milestones)
-        if self.dwa_temperature <= 0 or self.gamma <= 0:
-            bad = "dwa_temperature" if self.dwa_temperature <= 0 else "gamma"
-            raise ConfigError(option_name(bad), f"must be > 0, got {getattr(self, bad)}")
+        if self.gamma <= 0:
+            raise ConfigError("--gamma", f"must be > 0, got {self.gamma}")
         from ..models.dense import DENSE_BACKBONES
         if self.backbone not in ("cnn", "mlp") + DENSE_BACKBONES:
             from ..models.encoders import _timm
@@ -204,7 +194,7 @@ class TrainConfig:
         """A config from ``{field: value}`` (keys with ``-`` or ``_``); unknown keys raise."""
         known = set(cls.keys())
         kw = {}
-        for k, v in d.items():
+        for k, v in legacy_method_opt(d).items():
             key = k.replace("-", "_")
             if key not in known:
                 raise ConfigError("--config", f"{source}: unknown key {k!r}", sorted(known))

@@ -27,11 +27,12 @@ from torch.utils.data.distributed import DistributedSampler
 from ...optim import MTLOptimizer
 from ...optim.sparse_training import SparseTraining
 from ...sparse import psn_masks
-from ..config.schema import LOSS_METHODS, TrainConfig, parse_milestones, parse_sparse_rule
+from ...weighting import LossMethod
+from ..config.method_options import method_options
+from ..config.schema import TrainConfig, parse_milestones, parse_sparse_rule
 from ..data import MTLData, Split
 from .distributed import Dist
 from ..config.errors import ConfigError
-from ..loss_methods import make_loss_method
 from ..models.dense import build_model
 from ..tasks.metrics import MetricAccumulator
 from .stats import ConflictStats, layer_index
@@ -134,12 +135,7 @@ class Trainer:
         self.net.to(memory_format=self.memory_format)   # 4-D weights only; before the optimizers
         encoder = shared_module(self.net)     # the shared parameters (a branched encoder's base)
 
-        self.lossm = None
-        if cfg.method in LOSS_METHODS:
-            self.lossm = make_loss_method(cfg.method, self.T, device,
-                                          dwa_temperature=cfg.dwa_temperature,
-                                          famo_lr=cfg.famo_lr, famo_gamma=cfg.famo_gamma)
-        params = list(self.net.parameters()) + (self.lossm.parameters() if self.lossm else [])
+        params = list(self.net.parameters())
         self.params = params
         inner = self._inner_optimizer(params)
 
@@ -167,21 +163,14 @@ class Trainer:
             self.opt: torch.optim.Optimizer = (SparseTraining(inner, masks, encoder)
                                                if masks is not None else inner)
         else:
-            method, per_layer, options = cfg.method, False, {}
-            if method == "pcgrad-layer":
-                method, per_layer = "pcgrad", True
-            if method == "pcgrad":
-                options["libmtl_self_visit"] = cfg.pcgrad_libmtl_self_visit
-            elif method in LOSS_METHODS:
-                method = "ew"
-            elif method == "cagrad":
-                options["c"] = cfg.cagrad_c
-            elif method == "graddrop":
-                options["leak"] = cfg.graddrop_leak
-            self.opt = MTLOptimizer(inner, method=method, shared=encoder, per_layer=per_layer,
+            self.opt = MTLOptimizer(inner, method=cfg.method, shared=encoder,
+                                    method_options=method_options(cfg), num_tasks=self.T,
                                     sparse=masks, module=encoder if masks is not None else None,
                                     stats=cfg.stats, grad_scaler=self.scaler,
-                                    ddp_model=self.ddp, **options)
+                                    ddp_model=self.ddp)
+            # a loss-level method's parameters (UW's log-variances) joined the inner optimizer
+            self.params = params + self.opt.method.parameters() \
+                if isinstance(self.opt.method, LossMethod) else params
         self.sched = None
         if cfg.schedule == "cosine":
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs)
@@ -231,17 +220,20 @@ class Trainer:
             outs = module(x)
         return [t.loss(outs[t.name], ys[t.name]) for t in self.tasks], outs
 
-    def clip_and_step(self) -> None:
-        """Unscale (AMP), clip (``--clip``) and step the optimizer, after a backward."""
+    def clip_and_step(self, closure=None) -> None:
+        """Unscale (AMP), clip (``--clip``) and step the optimizer, after a backward;
+        ``closure`` (FAMO) re-evaluates the batch's losses after the step
+        (:meth:`gradops.optim.MTLOptimizer.step`)."""
         sc = self.scaler
         if sc is not None:
             sc.unscale_(self.opt)
         self._clip()
+        args = () if closure is None else (closure,)
         if sc is not None:
-            sc.step(self.opt)
+            sc.step(self.opt, *args)       # positional: GradScaler refuses closure=
             sc.update()
         else:
-            self.opt.step()
+            self.opt.step(*args)
 
     def _clip(self) -> None:
         c = self.cfg.clip
@@ -253,6 +245,19 @@ class Trainer:
         else:
             torch.nn.utils.clip_grad_norm_(self.params, c)
 
+    def _closure(self, x: torch.Tensor, ys: dict[str, torch.Tensor]):
+        """For a method that re-evaluates the losses after the step (FAMO): the batch's losses
+        from a forward of the bare network in train mode (as in FAMO's paper) that leaves the
+        BatchNorm statistics as they were; None for the other methods."""
+        m = getattr(self.opt, "method", None)
+        if not (isinstance(m, LossMethod) and m.needs_closure):
+            return None
+
+        def closure() -> list[torch.Tensor]:
+            with _keep_running_stats(self.net):
+                return self._losses(self.net, x, ys)[0]
+        return closure
+
     def _step(self, x: torch.Tensor, ys: dict[str, torch.Tensor]):
         if self.probe is not None:            # before the step, on the batch's first samples
             self.probe.step(self.net, [p for p in shared_module(self.net).parameters()
@@ -262,23 +267,14 @@ class Trainer:
         losses, outs = self._losses(self.model, x, ys)
         self.opt.zero_grad(set_to_none=True)
         values = torch.stack([v.detach().float() for v in losses])
-        terms = losses
-        if self.lossm is not None:
-            gvalues = self.dist.mean_(values.clone())
-            terms = self.lossm.terms(losses, gvalues)
         sc = self.scaler
         info = None
         if self.stl:
-            total = torch.stack(terms).sum()
+            total = torch.stack(losses).sum()
             (sc.scale(total) if sc is not None else total).backward()
-        else:
-            info = self.opt.backward(sc.scale(terms) if sc is not None else terms)
-        self.clip_and_step()
-        if self.lossm is not None and self.lossm.needs_losses_after_step:
-            with torch.no_grad(), _keep_running_stats(self.net):
-                new, _ = self._losses(self.net, x, ys)
-                new = self.dist.mean_(torch.stack([v.float() for v in new]))
-            self.lossm.after_step(new)
+        else:   # a loss-level method turns the losses into its terms in backward
+            info = self.opt.backward(sc.scale(losses) if sc is not None else losses)
+        self.clip_and_step(self._closure(x, ys))
         self.stats.add(info)
         return values, outs
 
@@ -309,8 +305,8 @@ class Trainer:
             loss_sum += values.double()
             acc.add(outs, ys)
         mean_losses = self.dist.mean_(loss_sum / max(nb, 1))
-        if self.lossm is not None:
-            self.lossm.end_epoch(mean_losses.float())
+        if isinstance(self.opt, MTLOptimizer):
+            self.opt.end_epoch(mean_losses.float())      # DWA's epoch-level weights
         if self.sched is not None:
             self.sched.step()
         line = self._line(epoch, "train", mean_losses, acc.result())
@@ -368,7 +364,6 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": None if self.sched is None else self.sched.state_dict(),
-                "loss_method": None if self.lossm is None else self.lossm.state_dict(),
                 "scaler": None if self.scaler is None else self.scaler.state_dict(),
                 "rng": rng,
                 "addons": {"selective": None if self.selective is None
@@ -380,8 +375,6 @@ class Trainer:
         self.opt.load_state_dict(sd["optimizer"])
         if self.sched is not None:
             self.sched.load_state_dict(sd["scheduler"])
-        if self.lossm is not None:
-            self.lossm.load_state_dict(sd["loss_method"])
         if self.scaler is not None:
             self.scaler.load_state_dict(sd["scaler"])
         for name, obj in (("selective", self.selective), ("probe", self.probe)):

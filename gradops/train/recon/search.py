@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
-from ..config.schema import MTL_METHODS, TrainConfig
+from ...weighting import get_method, method_names
+from ..config.method_options import method_options
+from ..config.schema import TrainConfig
 from ..data import load_dataset
 from ..engine.distributed import Dist
 from ..config.errors import ConfigError
@@ -194,19 +196,13 @@ def top_layers(ranking: list[dict[str, Any]], k: int, option: str = "--recon-top
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module, shared: list[torch.Tensor]):
     from ...optim import MTLOptimizer
-    method, per_layer, options = cfg.method, False, {}
-    if method not in MTL_METHODS:
-        raise ConfigError("--method", f"the conflict comparison takes an MTLOptimizer method, "
-                          f"got {method!r}", MTL_METHODS)
-    if method == "pcgrad-layer":
-        method, per_layer = "pcgrad", True
-    elif method == "cagrad":
-        options["c"] = cfg.cagrad_c
-    elif method == "graddrop":
-        options["leak"] = cfg.graddrop_leak
+    kinds = ("sum", "gram", "layer", "elementwise")
+    if get_method(cfg.method).kind not in kinds:
+        raise ConfigError("--method", f"the conflict comparison takes a gradient method, "
+                          f"got {cfg.method!r}", method_names(kinds))
     inner = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return MTLOptimizer(inner, method=method, shared=shared, per_layer=per_layer, stats=True,
-                        **options)
+    return MTLOptimizer(inner, method=cfg.method, method_options=method_options(cfg),
+                        shared=shared, stats=True)
 
 
 def _run_bins(cfg: TrainConfig, data, model: torch.nn.Module, base: torch.nn.Module,

@@ -20,6 +20,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from ...weighting import get_method
 from .delta_m import DIRECTIONS
 
 __all__ = ["METHOD_ORDER", "Conflicts", "EpochLine", "MissingRun", "Run", "display_name",
@@ -324,15 +325,15 @@ def load_runs(out_dir: str | Path) -> tuple[list[Run], list[MissingRun]]:
 # --- naming and ordering shared by the tables and the plots -----------------------------------
 #: The ST paper's method order (Tables 1-2), then FAMO and the other methods alphabetically.
 METHOD_ORDER = ("stl", "ew", "pcgrad", "cagrad", "graddrop", "mgda", "imtlg", "nashmtl", "famo")
-_NAMES = {"stl": "STL", "ew": "Joint Train (ew)", "pcgrad": "PCGrad", "cagrad": "CAGrad",
-          "graddrop": "GradDrop", "mgda": "MGDA", "imtlg": "IMTL-G", "nashmtl": "Nash-MTL",
-          "famo": "FAMO", "uw": "UW", "dwa": "DWA", "alignedmtl": "Aligned-MTL",
-          "gradvac": "GradVac"}
 
 
 def display_name(method: str) -> str:
-    """The paper's name of a method (``"ew"`` -> ``"Joint Train (ew)"``), else the name itself."""
-    return _NAMES.get(method, method)
+    """The registered display name of a method (``"ew"`` -> ``"Joint Train (ew)"``), else the
+    name itself (a run of a method this version does not know)."""
+    try:
+        return get_method(method).display
+    except ValueError:
+        return method
 
 
 def method_key(method: str) -> tuple[int, str]:

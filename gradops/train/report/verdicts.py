@@ -38,6 +38,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
+from ...weighting import method_names
 from .data import Run, display_name, method_key, sparse_key
 
 __all__ = ["CLAIMS", "GRADIENT_MANIPULATION", "MIN_SEEDS", "T_MIN", "Paired", "format_mean_std",
@@ -49,8 +50,7 @@ MIN_SEEDS = 2
 T_MIN = 2.0
 #: The gradient-manipulation methods of claim (d) (the loss-weighting ones, UW / DWA / FAMO,
 #: and Joint Train itself are not).
-GRADIENT_MANIPULATION = ("pcgrad", "pcgrad-layer", "cagrad", "graddrop", "mgda", "imtlg",
-                         "nashmtl", "alignedmtl", "gradvac")
+GRADIENT_MANIPULATION = method_names(("gram", "layer", "elementwise"))
 CLAIMS = {
     "a": "ST lowers the incidence of gradient conflict over all epochs",
     "b": "ST lowers the incidence more over the last 50% of epochs than over all epochs",

@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config.schema import METHODS, TrainConfig, canonical_sparse
+from ..config.method_options import check_method, trainer_methods
+from ..config.schema import TrainConfig, canonical_sparse
 from ..config.errors import ConfigError
 from ..config.io_errors import annotate
 from .run import run_training
@@ -91,10 +92,8 @@ def _run_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: 
     if jobs < 1:
         raise ConfigError("--jobs", f"must be >= 1, got {jobs}")
     if not methods:
-        raise ConfigError("--methods", "no method given", METHODS)
-    for m in methods:
-        if m not in METHODS:
-            raise ConfigError("--methods", f"unknown method {m!r}", METHODS)
+        raise ConfigError("--methods", "no method given", trainer_methods())
+    methods = [check_method(m, "--methods") for m in methods]
     sparses = [canonical_sparse(s, "--sparse") for s in sparses]   # "0.6" -> "fraction=0.6"
     if not sparses:
         raise ConfigError("--sparse", "no setting given", ["off", "k=INT", "fraction=FLOAT"])
