@@ -187,7 +187,7 @@ def test_nan_counts_as_largest(backend):
         check_against_reference(W.to(dtype), 2)
         assert torch.equal(gradops.topk_indices(W.to(dtype)[3:4], 2),
                            torch.tensor([[7, 12]], dtype=torch.int32))
-    # the case: [inf, nan], k = 1 keeps the NaN, as the docs say (and torch.sort)
+    # [inf, nan], k = 1 keeps the NaN, as the docs say (and torch.sort)
     for dtype in DTYPES:
         row = torch.tensor([[float("inf"), float("nan")]], dtype=dtype)
         assert torch.equal(gradops.topk_indices(row, 1), torch.tensor([[1]], dtype=torch.int32))

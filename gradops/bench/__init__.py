@@ -8,10 +8,12 @@ calls; shared pieces in their own modules:
 ``peers``          the implementations measured against (pair loops, matmuls, TorchJD, numpy)
 ``models``         the models the suites time (ViT-B/16's encoder, the multi-task MLP)
 ``report``         rows, Markdown tables, results CSVs with date/device/versions/revision columns
-``gram``           suite ``gram``: ``gram`` / ``segment_gram`` (and ``all`` = gram + methods)
-``methods``        suite ``methods``: ``combine`` / ``pcgrad`` / ``graddrop``
+``gram``           suite ``gram``: ``gram`` / ``segment_gram``; the ops suites' table runner
+``methods``        suite ``methods``: ``combine`` / ``pcgrad`` / ``graddrop`` (and ``all`` =
+                   gram + methods)
 ``topk``           suite ``topk``: per-neuron top-K masks of ViT-B/16's weights
 ``sparse``         suite ``sparse``: ``SparseAdamW`` vs dense AdamW
+``mtl_steps``      the training steps the ``mtl`` suite times (floor, MTLOptimizer, TorchJD)
 ``mtl``            suite ``mtl``: one training step per method vs the floor and TorchJD
 ``mtl_breakdown``  ``--suite mtl --breakdown``: that step split into its stages
 ``mtl_memory``     ``--suite mtl --memory``: the step's peak memory in copies of ``J``

@@ -8,11 +8,13 @@ from collections.abc import Callable
 
 import torch
 
+from .._backend import use_backend
 from ..ops.gram import gram, segment_gram
 from ..segments import offsets_from_numels
 from .peers import (FLOOR, column_sum, matmul_gram, one_read, pair_loop_gram,
                     segment_matmul_loop, segment_pair_loop)
 from .report import Row, emit, format_rows, op_rows
+from .timing import device_name
 
 
 def equal_offsets(P: int, L: int) -> torch.Tensor:
@@ -55,16 +57,25 @@ def bench_case(T: int, P: int, L: int, dtype: torch.dtype, device: torch.device,
 
 
 def header(args: argparse.Namespace, suite: str, P: int, Ts: list[int]) -> str:
-    from .timing import device_name
     return (f"gradops bench --suite {suite}: device {device_name(torch.device(args.device))}, "
             f"dtype {args.dtype}, P = {P:,}, L = {args.segments} segments, T in {Ts}, "
             f"{datetime.date.today()}")
 
 
-def main(args: argparse.Namespace, suites: tuple[str, ...] = ("gram",)) -> int:
-    """Run the ops suites named in ``suites`` (``gram``, ``methods``) for every T: one table."""
-    from .._backend import use_backend
-    from .methods import bench_methods_case
+CaseRows = Callable[[argparse.Namespace, int, int, torch.dtype, torch.device], list[Row]]
+"""The rows of one ops suite for ``(args, T, P, dtype, device)``."""
+
+
+def gram_rows(args: argparse.Namespace, T: int, P: int, dtype: torch.dtype,
+              device: torch.device) -> list[Row]:
+    """Suite ``gram``'s rows for one ``T``: :func:`bench_case` with the command line's options."""
+    return bench_case(T, P, args.segments, dtype, device, rounds=args.rounds,
+                      pair_loops=not args.no_pair_loops, budget_s=args.budget)
+
+
+def run_ops_suites(args: argparse.Namespace, suites: dict[str, CaseRows]) -> int:
+    """Run the ops suites ``{name: rows for one T}`` (``gram``, and ``methods`` from
+    :mod:`gradops.bench.methods`) for every T: one table."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     P = args.P if args.P else (262_144 if args.quick else 4_194_304)
@@ -73,15 +84,15 @@ def main(args: argparse.Namespace, suites: tuple[str, ...] = ("gram",)) -> int:
     rows: list[Row] = []
     with use_backend(args.backend):
         for T in Ts:
-            if "gram" in suites:
-                rows += bench_case(T, P, args.segments, dtype, device, rounds=args.rounds,
-                                   pair_loops=not args.no_pair_loops, budget_s=args.budget)
-            if "methods" in suites:
-                rows += bench_methods_case(T, P, dtype, device, rounds=args.rounds,
-                                           vector_form=not args.no_pair_loops,
-                                           budget_s=args.budget)
+            for case_rows in suites.values():
+                rows += case_rows(args, T, P, dtype, device)
             print(f"  T = {T} done", flush=True)
     return emit(format_rows(rows), [], rows, args.csv, device, args.append)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``gradops bench --suite gram``."""
+    return run_ops_suites(args, {"gram": gram_rows})
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -18,7 +18,7 @@ from ..ops.graddrop import graddrop
 from ..ops.pcgrad import pcgrad, random_orders
 from ..reference import pcgrad_reference
 from .peers import FLOOR, column_sum, one_read, torch_graddrop, torchjd_aggregators
-from .gram import random_J
+from .gram import gram_rows, random_J, run_ops_suites
 from .report import Row, op_rows
 from .timing import device_name, time_side_by_side
 
@@ -88,6 +88,19 @@ def bench_methods_case(T: int, P: int, dtype: torch.dtype, device: torch.device,
             + solver_rows(J, device, rounds, budget_s))
 
 
+def methods_rows(args: argparse.Namespace, T: int, P: int, dtype: torch.dtype,
+                 device: torch.device) -> list[Row]:
+    """Suite ``methods``' rows for one ``T``: :func:`bench_methods_case` with the command line's
+    options."""
+    return bench_methods_case(T, P, dtype, device, rounds=args.rounds,
+                              vector_form=not args.no_pair_loops, budget_s=args.budget)
+
+
 def main(args: argparse.Namespace) -> int:
-    from .gram import main as ops_main
-    return ops_main(args, ("methods",))
+    """``gradops bench --suite methods``."""
+    return run_ops_suites(args, {"methods": methods_rows})
+
+
+def main_all(args: argparse.Namespace) -> int:
+    """``gradops bench --suite all``: the suites ``gram`` and ``methods`` in one table."""
+    return run_ops_suites(args, {"gram": gram_rows, "methods": methods_rows})

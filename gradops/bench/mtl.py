@@ -57,13 +57,18 @@ import dataclasses
 import datetime
 import os
 import statistics
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
 
+from .._backend import use_backend
+from .gram import parse_ints
 from ..weighting import canonical_name, method_names
 from .models import MTLSetup, make_setup
+from .mtl_breakdown import breakdown_case, format_pass_table, format_stage_table
+from .mtl_memory import METHODS as MEM_METHODS, bench_memory, format_memory_table
+from .mtl_steps import batched_floor_step, floor_step, gradops_step, sum_step, torchjd_step
 from .peers import torchjd_aggregator
 from .report import emit, write_csv
 from .timing import device_name, load_average, recorded, time_side_by_side
@@ -98,102 +103,12 @@ GRAM_WEIGHTED = method_names("gram")
 GradDrop, and the per-layer methods; docs/benchmarks.md)."""
 
 
-# --- the contenders: each returns a closure doing one training step -----------------------------
-def floor_step(s: MTLSetup) -> Callable[[], None]:
-    model, opt = s.fresh()
-    T = s.T
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        _, outs = model(s.x)
-        losses = s.losses(outs)
-        for t, loss in enumerate(losses):
-            loss.backward(retain_graph=t < T - 1)
-        opt.step()
-    step.model = model  # type: ignore[attr-defined]
-    return step
-
-
-def sum_step(s: MTLSetup) -> Callable[[], None]:
-    model, opt = s.fresh()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        _, outs = model(s.x)
-        torch.stack(s.losses(outs)).sum().backward()
-        opt.step()
-    step.model = model  # type: ignore[attr-defined]
-    return step
-
-
-def batched_floor_step(s: MTLSetup) -> Callable[[], None]:
-    model, opt = s.fresh()
-    shared = list(model.encoder.parameters())
-    heads = [p for h in model.heads for p in h.parameters()]
-    eye = torch.eye(s.T, device=s.device)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        _, outs = model(s.x)
-        losses = torch.stack(s.losses(outs))
-        rows = torch.autograd.grad(losses, shared, grad_outputs=eye, is_grads_batched=True,
-                                   retain_graph=True)
-        for p, r in zip(shared, rows):      # the summed update, as the floor's .grad holds
-            p.grad = r.sum(0)
-        hg = torch.autograd.grad(losses.sum(), heads)
-        for p, g in zip(heads, hg):
-            p.grad = g
-        opt.step()
-    step.model = model  # type: ignore[attr-defined]
-    return step
-
-
-def gradops_optimizer(s: MTLSetup, method: str, model: nn.Module, inner: torch.optim.Optimizer,
-                      shared_as: str = "module", **kwargs):
-    """MTLOptimizer over ``model``: ``shared=`` the encoder module (``shared_as="module"``) or
-    the list of its parameters (``"params"``)."""
-    from ..optim.mtl import MTLOptimizer
-    shared = model.encoder if shared_as == "module" else list(model.encoder.parameters())
-    return MTLOptimizer(inner, method=method, shared=shared,
-                        generator=torch.Generator(device=s.device).manual_seed(0), **kwargs)
-
-
-def gradops_step(s: MTLSetup, method: str, **kwargs) -> Callable[[], None]:
-    model, inner = s.fresh()
-    opt = gradops_optimizer(s, method, model, inner, **kwargs)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        _, outs = model(s.x)
-        opt.backward(s.losses(outs))
-        opt.step()
-    step.optimizer = opt  # type: ignore[attr-defined]
-    step.model = model  # type: ignore[attr-defined]
-    return step
-
-
 def _uses_linear_engine(step: Callable[[], None]) -> bool:
     """Run one gradops step and tell whether its optimizer took any layer in factored form (the
     Linear engine's own decision: cost model, device, method)."""
     step()
     engine = step.optimizer._engine  # type: ignore[attr-defined]
     return engine is not None and engine.last_active > 0
-
-
-def torchjd_step(s: MTLSetup, aggregator) -> Callable[[], None]:
-    from torchjd.autojac import jac_to_grad, mtl_backward
-    model, opt = s.fresh()
-    shared = list(model.encoder.parameters())
-    heads = [list(h.parameters()) for h in model.heads]
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        feats, outs = model(s.x)
-        mtl_backward(s.losses(outs), features=feats, shared_params=shared, tasks_params=heads)
-        jac_to_grad(shared, aggregator)
-        opt.step()
-    step.model = model  # type: ignore[attr-defined]
-    return step
 
 
 # --- rows ---------------------------------------------------------------------------------------
@@ -344,11 +259,6 @@ def format_mtl_table(rows: Sequence[MTLRow]) -> str:
 def main(args: argparse.Namespace) -> int:
     """``gradops bench --suite mtl``: one training step of a 4-layer MLP (4.2M shared params)
     with T heads, every method: gradops vs T plain backward passes (the floor) vs TorchJD."""
-    import sys
-
-    from .._backend import use_backend
-    from .gram import parse_ints
-    from .mtl_breakdown import breakdown_case, format_pass_table, format_stage_table
     device = torch.device(args.device)
     Ts = parse_ints(args.T or "3,8,40")
     methods = [x.strip() for x in args.methods.split(",") if x.strip()] if args.methods \
@@ -373,7 +283,6 @@ def main(args: argparse.Namespace) -> int:
           f"SGD, {datetime.date.today()}, OMP_WAIT_POLICY={omp}, load {load_average():.2f}",
           flush=True)
     if getattr(args, "memory", False):
-        from .mtl_memory import METHODS as MEM_METHODS, bench_memory, format_memory_table
         mem_methods = [m for m in methods if m != "ew"] if args.methods else list(MEM_METHODS)
         with use_backend(args.backend):
             rows, notes = bench_memory(Ts, mem_methods, encoder=encoder, device=str(device),

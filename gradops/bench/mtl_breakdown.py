@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .models import MTLSetup
-from .mtl import METHODS, floor_step, gradops_optimizer, gradops_step
+from .mtl_steps import floor_step, gradops_optimizer, gradops_step
 from .timing import device_name, sync
 
 # --- where gradops' time goes -------------------------------------------------------------------
@@ -149,7 +149,7 @@ def _floor_stage_times(model, inner, s: MTLSetup) -> dict[str, float]:
             "optimizer step": t3 - t2}
 
 
-def breakdown_case(s: MTLSetup, methods: Sequence[str] = METHODS, rounds: int = 10,
+def breakdown_case(s: MTLSetup, methods: Sequence[str], rounds: int = 10,
                    budget_s: float = 20.0, linear_gram: str = "auto") -> list[StageRow]:
     """gradops' step split into stages, per method, interleaved with the floor's stages (round by
     round), plus both whole steps timed in the same rounds. Medians; ``x_floor`` is each stage

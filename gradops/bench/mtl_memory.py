@@ -33,6 +33,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .models import make_setup
+from .mtl_steps import floor_step, gradops_step, torchjd_step
+from .peers import torchjd_aggregator
 from .timing import device_name
 
 FLOOR = "floor: T backward passes + step"
@@ -83,17 +85,15 @@ def _trim() -> None:
 
 
 def _contender(kind: str, method: str, s, linear_gram: str) -> Callable[[], None]:
-    from . import mtl
     if kind == "floor":
-        return mtl.floor_step(s)
+        return floor_step(s)
     if kind == "gradops":
-        return mtl.gradops_step(s, method, linear_gram=linear_gram, shared_as="params")
+        return gradops_step(s, method, linear_gram=linear_gram, shared_as="params")
     if kind == "torchjd":
-        from .peers import torchjd_aggregator
         agg, label = torchjd_aggregator(method, s.T)
         if agg is None:
             raise LookupError(label)
-        return mtl.torchjd_step(s, agg)
+        return torchjd_step(s, agg)
     raise ValueError(f"unknown contender {kind!r}")
 
 

@@ -83,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if args.suite == "all":
-        from ..bench.gram import main as ops_main
-        return ops_main(args, ("gram", "methods"))
+        from ..bench.methods import main_all
+        return main_all(args)
     return importlib.import_module(f"gradops.bench.{args.suite}").main(args)
 
 

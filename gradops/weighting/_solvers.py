@@ -14,17 +14,9 @@ from .._backend import _C, register_op, select_backend
 from .._validate import _is_fake
 from . import _triton_solvers
 from ._common import SolverStatus, _eps, _stop_early, _tiny
+from ._solver_tolerances import _FLOOR, _JITTER, _MARGIN
 
 _F64_TINY = torch.finfo(torch.float64).tiny
-_JITTER = 4 * torch.finfo(torch.float64).eps
-"""Added to the diagonal of the active-set solve (times ``T``), relative to ``max_i G_ii``."""
-_FLOOR = 1e-12
-"""The active-set iterate is frozen once its (scale-free) gap is below this (times ``1 + k``
-for CAGrad), or below ``tol`` when that is smaller, or once no task improves it beyond
-float64's rounding (``_MARGIN``)."""
-_MARGIN = 1e-13
-"""A task joins the corral only when its partial derivative is below the corral's by more than
-this (times ``1 + t``): float64's rounding level on ``G / max_i G_ii``."""
 
 register_op("weighting_solvers", ("triton", "cpp", "torch"),
             max_t={"triton": _triton_solvers.MAX_T})

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
+from ._solver_tolerances import _FLOOR, _JITTER, _MARGIN
 
 MAX_T = 64
 """Largest ``T`` the Triton solvers take (``G`` lives in the registers of one program)."""
@@ -322,7 +323,6 @@ def simplex_qp_triton(G: torch.Tensor, b: torch.Tensor | None, scale: torch.Tens
     _simplex_qp`) in one Triton program, in float64: ``(w, converged, iterations, gap)``,
     device tensors in ``G``'s dtype (bool / int64 0-dim status). ``tiny`` is unused (the
     signature of the C++ kernel)."""
-    from ._solvers import _FLOOR, _JITTER, _MARGIN
     out = _outputs(G)
     cag = b is not None
     dummy = scale.reshape(1)

@@ -92,7 +92,7 @@ def test_incomplete_or_foreign_checkpoints_are_refused(finished, tmp_path, capsy
     ck = run / "checkpoint.pt"
     save_checkpoint(run, {"epoch": 1})                     # checksum right, keys missing
     _refused(run, "incomplete", "trainer")
-    torch.save({"format": 1, "epoch": 1}, ck)              # the file (no checksum)
+    torch.save({"format": 1, "epoch": 1}, ck)              # saved without a checksum
     before = snapshot(run)
     assert main(["train", "--resume", str(run), "--no-progress"]) == 2
     err = capsys.readouterr().err
