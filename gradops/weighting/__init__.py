@@ -57,6 +57,8 @@ Linear algebra on CUDA: ``imtlg`` and ``alignedmtl`` call ``torch.linalg.eigh``,
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Callable
 
 from ._alignedmtl import ALIGNED_SCALE_MODES, AlignedMTL, alignedmtl
@@ -100,6 +102,12 @@ METHODS: dict[str, Callable] = {
 """Name -> weighting function of the Gram-weighted methods (plain functions, for direct calls).
 Every function: ``f(G, ..., return_status=False)``. The registry (:func:`get_method`,
 :func:`method_names`) lists every method of every kind."""
+
+
+# every module of this package registers its methods (a new method is a new module): import the
+# ones not imported above
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 ITERATIVE = frozenset({"mgda", "cagrad", "nashmtl"})

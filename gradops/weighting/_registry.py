@@ -7,8 +7,8 @@ its weights are invariant to scaling every task gradient by the same ``s > 0``, 
 of its kind. Everything else reads the registry: :class:`gradops.optim.MTLOptimizer`, the
 trainer's ``--method`` / ``--method-opt``, ``gradops compare``'s grid and report names, the
 benchmarks' method lists and ``gradops info``. Adding a method is one module in
-``gradops/weighting/`` plus one test file (docs/adding-a-method.md); the registry imports every
-module of the package the first time it is asked for a method, so no list needs editing.
+``gradops/weighting/`` plus one test file (docs/adding-a-method.md): importing
+:mod:`gradops.weighting` imports every module of the package, so no list needs editing.
 
 Kinds (what :class:`gradops.optim.MTLOptimizer` does with them):
 
@@ -33,8 +33,6 @@ registered spelling is the one runs, reports and benchmarks print.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -328,7 +326,6 @@ class TrainerMode(Method):
 
 # --- the registry -----------------------------------------------------------------------------
 _REGISTRY: dict[str, type[Method]] = {}
-_discovered = False
 
 
 def _key(name: str) -> str:
@@ -359,21 +356,9 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def _discover() -> None:
-    """Import every module of :mod:`gradops.weighting` once (each registers its methods)."""
-    global _discovered
-    if _discovered:
-        return
-    pkg = importlib.import_module("gradops.weighting")
-    for info in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"gradops.weighting.{info.name}")
-    _discovered = True
-
-
 def all_methods(kind: str | tuple[str, ...] | None = None) -> tuple[type[Method], ...]:
     """The registered method classes (of ``kind``), in listing order: by kind, then ``order``,
     then name."""
-    _discover()
     kinds = (kind,) if isinstance(kind, str) else kind
     if kinds is not None:
         bad = [k for k in kinds if k not in KINDS]
@@ -390,7 +375,6 @@ def method_names(kind: str | tuple[str, ...] | None = None) -> tuple[str, ...]:
 
 def get_method(name: str, who: str = "gradops.weighting") -> type[Method]:
     """The method class called ``name`` (case, ``-`` and ``_`` ignored)."""
-    _discover()
     if not isinstance(name, str):
         raise TypeError(f"{who}: a method name must be a str, got {type(name).__name__}")
     cls = _REGISTRY.get(_key(name))
