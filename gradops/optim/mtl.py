@@ -543,8 +543,7 @@ class MTLOptimizer(OptimizerWrapper):
         kind = self.method.kind
         self._step += 1
         recompute = self._weights is None or (self._step - 1) % self.update_every == 0
-        if (kind in ("sum", "loss") and not self.stats_enabled) or (kind == "gram" and
-                                                                     not recompute):
+        if (self._summed() and not self.stats_enabled) or (kind == "gram" and not recompute):
             return self._weighted_backward(roots, seeds, values, retain_graph)
 
         engine = self._engine
@@ -679,6 +678,11 @@ class MTLOptimizer(OptimizerWrapper):
         self._stats.accumulate(info)
         return info
 
+    def _summed(self) -> bool:
+        """Whether the method's update is a fixed sum of the (terms') gradients."""
+        m = self.method
+        return m.kind == "sum" or (m.kind == "loss" and not m.weights_from_gram)
+
     def _sum_weights(self, T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """EW's weights; a loss-level method's terms are summed (weights 1)."""
         if self.method.kind == "sum":
@@ -698,7 +702,7 @@ class MTLOptimizer(OptimizerWrapper):
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         method, kind = self.method, self.method.kind
         T = G.shape[-1]
-        if kind in ("sum", "loss"):
+        if self._summed():
             return self._sum_weights(T, G.device, self._wdtype), None
         ctx = self._context(values)
         if kind == "layer":

@@ -120,7 +120,15 @@ def parse_option_value(method: type[Method], option: str, text: str) -> Any:
     t = text.strip()
     if want is not None and type(None) in want and t.lower() == "none":
         return None
-    for ty in (want or (float, str)):
+    if want is None:                      # e.g. GradDrop's leak: a float, or floats a/b/c
+        for read in (float, lambda x: tuple(float(v) for v in x.split("/"))):
+            try:
+                return read(t)
+            except ValueError:
+                pass
+        raise ValueError(f"method {method.name!r}: option {option!r} cannot read {text!r} as "
+                         "a number or numbers a/b/c")
+    for ty in want:
         if ty is type(None):
             continue
         if ty is bool:
@@ -134,11 +142,6 @@ def parse_option_value(method: type[Method], option: str, text: str) -> Any:
             return ty(t)
         except ValueError:
             continue
-    if typing.get_origin(hint) is tuple or (want is None and "/" in t):
-        try:
-            return tuple(float(x) for x in t.split("/"))
-        except ValueError:
-            pass
     raise ValueError(f"method {method.name!r}: option {option!r} cannot read {text!r} as "
                      f"{getattr(hint, '__name__', hint)}")
 
@@ -283,13 +286,15 @@ class LossMethod(Method):
 
     Lifecycle: :meth:`setup` (``T`` and the device; methods with :attr:`has_parameters` need it
     at construction, ``MTLOptimizer(num_tasks=T)``) -> per step :meth:`terms` -> (methods with
-    :attr:`needs_closure`) :meth:`after_step` with the losses the closure re-evaluated ->
-    per epoch :meth:`end_epoch`.
+    :attr:`weights_from_gram`) :meth:`weights` from the Gram of the terms' gradients, else the
+    terms are summed -> (methods with :attr:`needs_closure`) :meth:`after_step` with the losses
+    the closure re-evaluated -> per epoch :meth:`end_epoch`.
     """
 
     kind = "loss"
     has_parameters: ClassVar[bool] = False
     needs_closure: ClassVar[bool] = False
+    weights_from_gram: ClassVar[bool] = False
 
     def setup(self, T: int, device: torch.device) -> None:
         """Allocate the per-task state for ``T`` tasks on ``device``."""
@@ -304,6 +309,12 @@ class LossMethod(Method):
         """The T per-task terms. ``losses`` carry the graph (scaled by AMP's ``ctx.scale`` when
         it is set: a term added to a loss must be multiplied by it); ``values`` are the detached,
         unscaled losses ``[T]`` (averaged over the processes)."""
+        raise NotImplementedError
+
+    def weights(self, G: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, Any]:
+        """Methods with :attr:`weights_from_gram` (a loss transform followed by a gradient
+        weighting, e.g. IMTL's loss and gradient balance): ``(w, status)`` from the Gram of the
+        terms' gradients, as :meth:`GramMethod.weights`."""
         raise NotImplementedError
 
     def after_step(self, new_values: torch.Tensor) -> None:
@@ -348,7 +359,8 @@ def register(cls: type[Method]) -> type[Method]:
         raise TypeError(f"register: {cls.__name__}.Options must be an Options dataclass")
     k = _key(name)
     old = _REGISTRY.get(k)
-    if old is not None and old.__qualname__ != cls.__qualname__:
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__,
+                                                                  cls.__qualname__):
         raise ValueError(f"register: {name!r} is already registered by {old.__module__}."
                          f"{old.__qualname__}")
     cls.Options._method = name
