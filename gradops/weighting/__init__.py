@@ -110,6 +110,15 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 
+def __getattr__(name: str):
+    """A registered method's class by its class name (``gradops.weighting.RLW``): a method
+    added as a new module is reachable here without editing this file."""
+    for cls in all_methods():
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 ITERATIVE = frozenset({"mgda", "cagrad", "nashmtl"})
 """Methods whose status can report non-convergence (the others are closed forms)."""
 
