@@ -1,0 +1,61 @@
+"""Random loss weighting (Lin, Ye, Xu, Shi & Zhang, "Reasonable Effectiveness of Random
+Weighting: A Litmus Test for Multi-Task Learning", TMLR 2022)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._registry import LossMethod, Options, StepContext, register
+
+__all__ = ["RLW", "RLWOptions"]
+
+DISTRIBUTIONS = ("normal", "uniform")
+
+
+@dataclass(frozen=True)
+class RLWOptions(Options):
+    distribution: str = "normal"    # of the logits: N(0, 1) (LibMTL's) or U(0, 1)
+
+    def check(self) -> None:
+        if self.distribution not in DISTRIBUTIONS:
+            self.fail("distribution", f"must be one of {DISTRIBUTIONS}, got "
+                      f"{self.distribution!r}")
+
+
+@register
+class RLW(LossMethod):
+    """Each step draws loss weights ``lambda = softmax(z)``, ``z ~ N(0, I_T)`` (the paper's
+    Sec. 3, Eq. 4 with the normal distribution; LibMTL's ``RLW``: ``softmax(randn(T))``), and
+    the terms are ``lambda_t L_t``. The weights sum to 1, LibMTL's scale: the update is on
+    average ``1/T`` of EW's sum, so LibMTL's learning rates carry over. ``distribution="uniform"``
+    draws ``z ~ U(0, 1)`` instead (the paper's Table 9 compares distributions). The draws come
+    from the optimizer's generator on the device (no host synchronisation; a resumed run draws
+    the same weights). Cost: none beyond the losses."""
+
+    name = "rlw"
+    display = "RLW"
+    paper = ("Lin et al., Reasonable Effectiveness of Random Weighting: A Litmus Test for "
+             "Multi-Task Learning, TMLR 2022")
+    Options = RLWOptions
+    random = True
+    order = 40
+
+    def setup(self, T: int, device: torch.device) -> None:
+        super().setup(T, device)
+        self._w: torch.Tensor | None = None
+
+    def draw(self, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        """This step's weights ``[T]`` (float32)."""
+        gdev = generator.device if generator is not None else device
+        draw = torch.randn if self.options.distribution == "normal" else torch.rand
+        z = draw(self.T, generator=generator, device=gdev)
+        return torch.softmax(z, dim=0).to(device)
+
+    def terms(self, losses: list[torch.Tensor], values: torch.Tensor, ctx: StepContext
+              ) -> list[torch.Tensor]:
+        w = self._w = self.draw(ctx.generator, values.device)
+        return [w[t].to(loss.dtype) * loss for t, loss in enumerate(losses)]
+
+    def loss_weights(self) -> torch.Tensor | None:
+        return self._w
