@@ -58,11 +58,8 @@ class AlignedMTLOptions(Options):
     rcond: float | None = None
 
     def check(self) -> None:
-        if self.scale_mode not in ALIGNED_SCALE_MODES:
-            self.fail("scale_mode", f"must be one of {ALIGNED_SCALE_MODES}, got "
-                      f"{self.scale_mode!r}")
-        if self.rcond is not None and not self.rcond >= 0:
-            self.fail("rcond", f"must be >= 0 or None, got {self.rcond}")
+        self.check_choice("scale_mode", ALIGNED_SCALE_MODES)
+        self.check_nonnegative("rcond")
 
 
 @register

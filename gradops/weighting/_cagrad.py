@@ -107,16 +107,8 @@ class CAGradOptions(Options):
     early_exit: bool | None = None
 
     def check(self) -> None:
-        if self.max_iter < 0:
-            self.fail("max_iter", f"must be >= 0, got {self.max_iter}")
-        if not self.tol >= 0:
-            self.fail("tol", f"must be >= 0, got {self.tol}")
-        if not self.c >= 0:
-            self.fail("c", f"must be >= 0, got {self.c}")
-        if self.rescale not in (0, 1, 2):
-            self.fail("rescale", f"must be 0, 1 or 2, got {self.rescale}")
-        if self.smooth is not None and not self.smooth >= 0:
-            self.fail("smooth", f"must be >= 0 or None, got {self.smooth}")
+        self.check_nonnegative("max_iter", "tol", "c", "smooth")
+        self.check_choice("rescale", (0, 1, 2))
 
 
 @register

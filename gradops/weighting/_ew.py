@@ -30,8 +30,7 @@ class EWOptions(Options):
     reduction: str = "sum"          # "sum": w = 1; "mean": w = 1/T
 
     def check(self) -> None:
-        if self.reduction not in ("sum", "mean"):
-            self.fail("reduction", f"must be 'sum' or 'mean', got {self.reduction!r}")
+        self.check_choice("reduction", ("sum", "mean"))
 
 
 @register

@@ -19,9 +19,7 @@ class FAMOOptions(Options):
     eps: float = 1e-8               # added to L_t - m_t
 
     def check(self) -> None:
-        for k in ("lr", "gamma", "eps"):
-            if not getattr(self, k) >= 0:
-                self.fail(k, f"must be >= 0, got {getattr(self, k)}")
+        self.check_nonnegative("lr", "gamma", "eps")
 
 
 @register

@@ -32,8 +32,7 @@ class GradDropOptions(Options):
             self.fail("leak", f"must be a float or a sequence of T floats, got {leak!r}")
         if not values or not all(0.0 <= v <= 1.0 for v in values):
             self.fail("leak", f"must be in [0, 1], got {self.leak!r}")
-        if not self.eps >= 0:
-            self.fail("eps", f"must be >= 0, got {self.eps}")
+        self.check_nonnegative("eps")
 
 
 @register

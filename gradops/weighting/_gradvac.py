@@ -77,8 +77,7 @@ class GradVacOptions(Options):
     def check(self) -> None:
         if not 0.0 <= self.beta <= 1.0:
             self.fail("beta", f"must be in [0, 1], got {self.beta}")
-        if not self.eps >= 0:
-            self.fail("eps", f"must be >= 0, got {self.eps}")
+        self.check_nonnegative("eps")
 
 
 @register

@@ -73,10 +73,7 @@ class IMTLGOptions(Options):
     rcond: float | None = None
 
     def check(self) -> None:
-        if not self.ridge >= 0:
-            self.fail("ridge", f"must be >= 0, got {self.ridge}")
-        if self.rcond is not None and not self.rcond >= 0:
-            self.fail("rcond", f"must be >= 0 or None, got {self.rcond}")
+        self.check_nonnegative("ridge", "rcond")
 
 
 @register

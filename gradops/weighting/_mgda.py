@@ -76,13 +76,8 @@ class MGDAOptions(Options):
     early_exit: bool | None = None
 
     def check(self) -> None:
-        if self.max_iter < 0:
-            self.fail("max_iter", f"must be >= 0, got {self.max_iter}")
-        if not self.tol >= 0:
-            self.fail("tol", f"must be >= 0, got {self.tol}")
-        if self.normalization not in MGDA_NORMALIZATIONS:
-            self.fail("normalization", f"must be one of {MGDA_NORMALIZATIONS}, got "
-                      f"{self.normalization!r}")
+        self.check_nonnegative("max_iter", "tol")
+        self.check_choice("normalization", MGDA_NORMALIZATIONS)
 
 
 @register

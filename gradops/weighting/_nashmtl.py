@@ -115,12 +115,7 @@ class NashMTLOptions(Options):
     early_exit: bool | None = None
 
     def check(self) -> None:
-        if self.max_iter < 0:
-            self.fail("max_iter", f"must be >= 0, got {self.max_iter}")
-        if not self.tol >= 0:
-            self.fail("tol", f"must be >= 0, got {self.tol}")
-        if not self.max_norm >= 0:
-            self.fail("max_norm", f"must be >= 0, got {self.max_norm}")
+        self.check_nonnegative("max_iter", "tol", "max_norm")
 
 
 @register

@@ -33,8 +33,7 @@ class PCGradOptions(Options):
     libmtl_self_visit: bool = False  # task i also visits j = i (LibMTL's order)
 
     def check(self) -> None:
-        if self.reduction not in ("sum", "mean"):
-            self.fail("reduction", f"must be 'sum' or 'mean', got {self.reduction!r}")
+        self.check_choice("reduction", ("sum", "mean"))
 
 
 @register

@@ -18,10 +18,8 @@ class PCGradLayerOptions(Options):
     libmtl_self_visit: bool = False  # task i also visits j = i (LibMTL's order)
 
     def check(self) -> None:
-        if self.reduction not in ("sum", "mean"):
-            self.fail("reduction", f"must be 'sum' or 'mean', got {self.reduction!r}")
-        if not self.eps >= 0:
-            self.fail("eps", f"must be >= 0, got {self.eps}")
+        self.check_choice("reduction", ("sum", "mean"))
+        self.check_nonnegative("eps")
 
 
 @register

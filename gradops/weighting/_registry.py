@@ -84,6 +84,18 @@ class Options:
     def fail(self, option: str, why: str) -> None:
         raise ValueError(f"method {self._method!r}: option {option!r} {why}")
 
+    def check_nonnegative(self, *options: str) -> None:
+        """Each of ``options`` is >= 0 (None allowed: an unset optional value)."""
+        for k in options:
+            v = getattr(self, k)
+            if v is not None and not v >= 0:
+                self.fail(k, f"must be >= 0, got {v}")
+
+    def check_choice(self, option: str, choices: tuple[Any, ...]) -> None:
+        """``option`` is one of ``choices``."""
+        if getattr(self, option) not in choices:
+            self.fail(option, f"must be one of {choices}, got {getattr(self, option)!r}")
+
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 

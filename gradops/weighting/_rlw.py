@@ -18,9 +18,7 @@ class RLWOptions(Options):
     distribution: str = "normal"    # of the logits: N(0, 1) (LibMTL's) or U(0, 1)
 
     def check(self) -> None:
-        if self.distribution not in DISTRIBUTIONS:
-            self.fail("distribution", f"must be one of {DISTRIBUTIONS}, got "
-                      f"{self.distribution!r}")
+        self.check_choice("distribution", DISTRIBUTIONS)
 
 
 @register
