@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
-from ..optim import MTLOptimizer
+from ..optim import Distributed, MTLOptimizer
 from ..optim.sparse_training import SparseTraining
 from ..sparse import psn_masks
 from .config import LOSS_METHODS, TrainConfig, parse_milestones, parse_sparse_rule
@@ -181,7 +181,7 @@ class Trainer:
             self.opt = MTLOptimizer(inner, method=method, shared=encoder, per_layer=per_layer,
                                     sparse=masks, module=encoder if masks is not None else None,
                                     stats=cfg.stats, grad_scaler=self.scaler,
-                                    ddp_model=self.ddp, **options)
+                                    distributed=Distributed(ddp_model=self.ddp), **options)
         self.sched = None
         if cfg.schedule == "cosine":
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.epochs)
