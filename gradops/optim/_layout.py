@@ -15,7 +15,7 @@ import torch
 from ..segments import offsets_from_numels
 from .sparse_training import SparseTraining
 
-__all__ = ["Layout"]
+__all__ = ["Layout", "layout_attr"]
 
 
 class Layout:
@@ -88,3 +88,9 @@ class Layout:
             if m is not None:
                 keep[a:b] = m.reshape(-1).to(self.dtype)
         return keep
+
+
+def layout_attr(name: str) -> property:
+    """A read-only attribute of an object holding its :class:`Layout` as ``_layout`` (set on the
+    first step): the layout's ``name``."""
+    return property(lambda self: getattr(self._layout, name), doc=f"``Layout.{name}``")

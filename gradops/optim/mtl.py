@@ -31,7 +31,7 @@ from ..weighting import gradvac_weights
 from ._distributed import Distributed, distributed_from, gradient_sync
 from ._engine_share import (describe_factored, engine_combine, engine_gram, engine_layer_grams,
                             linear_engine, uncovered_runs)
-from ._layout import Layout
+from ._layout import Layout, layout_attr
 from ._linear_engine import LinearEngine
 from ._methods import SCALE_INVARIANT, MethodSpec, resolve_method
 from ._per_task import per_task_backward
@@ -41,12 +41,6 @@ from ._wrapper import OptimizerWrapper
 from .sparse_training import SparseTraining
 
 __all__ = ["MTLOptimizer", "MTLStepInfo"]
-
-
-def _layout_attr(name: str) -> property:
-    """The optimizer's read-only attribute that is its :class:`Layout`'s ``name`` (set on the
-    first step), under the name the step's code reads it by."""
-    return property(lambda self: getattr(self._layout, name), doc=f"``Layout.{name}``")
 
 
 class MTLOptimizer(OptimizerWrapper):
@@ -178,14 +172,14 @@ class MTLOptimizer(OptimizerWrapper):
         return () if engine is None else tuple(l.module for l in engine.last_taken)
 
     # --- layout: shared parameters, the flat buffers and their views (._layout) ---------------
-    _shared = _layout_attr("shared")
-    _specific = _layout_attr("specific")
-    _offsets = _layout_attr("offsets")
-    _offsets_cpu = _layout_attr("offsets_cpu")
-    _bounds = _layout_attr("bounds")
-    _J = _layout_attr("J")
-    _g = _layout_attr("g")
-    _g_views = _layout_attr("g_views")
+    _shared = layout_attr("shared")
+    _specific = layout_attr("specific")
+    _offsets = layout_attr("offsets")
+    _offsets_cpu = layout_attr("offsets_cpu")
+    _bounds = layout_attr("bounds")
+    _J = layout_attr("J")
+    _g = layout_attr("g")
+    _g_views = layout_attr("g_views")
 
     def _build_layout(self, roots, separate: bool) -> None:
         params, T = [p for p in self._params() if p.requires_grad], len(roots)
