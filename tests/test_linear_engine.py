@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradops.optim import MTLOptimizer
+from gradops.optim import Distributed, MTLOptimizer
 from mtl_helpers import MTLNet
 
 
@@ -161,7 +161,7 @@ def test_linear_gram_errors_name_the_argument():
         MTLOptimizer(sgd, method="pcgrad", shared=model.encoder, linear_gram="yes")
     with pytest.raises(ValueError, match="single-process training only"):
         MTLOptimizer(sgd, method="pcgrad", shared=model.encoder, linear_gram="on",
-                     process_group=object())
+                     distributed=Distributed(process_group=object()))
     masks = {model.encoder[0].weight: torch.rand(13, 7) > 0.5}
     with pytest.raises(ValueError, match="sparse masks"):
         MTLOptimizer(sgd, method="pcgrad", shared=model.encoder, linear_gram="on", sparse=masks)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from gradops.optim import MTLOptimizer
+from gradops.optim import Distributed, MTLOptimizer
 
 T, N, STEPS, WORLD = 3, 16, 3, 2
 METHODS = ["pcgrad", "nashmtl", "gradvac", "graddrop", "ew"]
@@ -63,13 +63,15 @@ def _worker(rank, init_file, out_dir, methods, mode):
             net = Net()
             if mode == "ddp":
                 model = nn.parallel.DistributedDataParallel(net)
-                opt = make_opt(net, method, ddp_model=model)
+                opt = make_opt(net, method, distributed=Distributed(ddp_model=model))
             elif mode == "group":
                 model = net
-                opt = make_opt(net, method, process_group=dist.group.WORLD)
+                opt = make_opt(net, method,
+                               distributed=Distributed(process_group=dist.group.WORLD))
             else:
                 model = net
-                opt = make_opt(net, method, process_group=dist.group.WORLD, sync="local")
+                opt = make_opt(net, method, distributed=Distributed(
+                    process_group=dist.group.WORLD, sync="local"))
             params = run(model, net, opt, xs, ys)
             torch.save(params, os.path.join(out_dir, f"{method}-rank{rank}.pt"))
     finally:

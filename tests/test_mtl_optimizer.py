@@ -4,6 +4,7 @@ end training with every method. The methods' own math is checked against indepen
 in test_weighting.py; here each method's combined gradient is checked against the same method run
 on independently computed per-task gradients."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import gradops
 from gradops import weighting
 from gradops.ops.graddrop import _draw_seed
 from gradops.ops.pcgrad import random_orders
-from gradops.optim import MTLOptimizer
+from gradops.optim import Distributed, MTLOptimizer, SparseTraining
 from gradops.weighting import gradvac_weights
 from gradops.reference import graddrop_reference, pcgrad_reference, philox_uniform_reference
 from method_references import gradvac_reference
@@ -320,6 +321,95 @@ def test_errors_name_the_argument():
         opt.backward(model.losses(x, ys)[None])
     with pytest.raises(ValueError, match=r"losses\[1\] must be a scalar"):
         opt.backward([model.losses(x, ys)[0], torch.ones(2, requires_grad=True)])
+
+
+# --- grouped options --------------------------------------------------------------------------
+def test_distributed_options_are_one_argument_and_the_old_keywords_are_deprecated():
+    model = MTLNet(T=3)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    group = object()         # a stand-in: nothing is all-reduced before the first step
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        opt = MTLOptimizer(sgd, method="pcgrad", shared=model.encoder,
+                           distributed=Distributed(process_group=group, sync="local", bucket_mb=1))
+        assert MTLOptimizer(sgd, method="pcgrad").distributed == Distributed()
+    assert opt.process_group is group and opt.sync == "local"
+    assert opt._reducer.bucket_bytes == 2 ** 20
+    with pytest.warns(DeprecationWarning, match=r"MTLOptimizer: process_group=, sync=, bucket_mb= "
+                      r"are deprecated .*pass distributed=gradops\.optim\.Distributed\("
+                      r"process_group=\.\.\., sync=\.\.\., bucket_mb=\.\.\.\) instead"):
+        old = MTLOptimizer(sgd, method="pcgrad", shared=model.encoder, process_group=group,
+                           sync="local", bucket_mb=1)
+    assert old.distributed == opt.distributed and old.process_group is group
+    assert old._reducer.bucket_bytes == 2 ** 20
+    with pytest.warns(DeprecationWarning, match=r"ddp_model= is deprecated"), \
+            pytest.raises(TypeError, match="ddp_model must be a DistributedDataParallel"):
+        MTLOptimizer(sgd, method="pcgrad", ddp_model=model)
+    with pytest.raises(ValueError, match="pass distributed= alone, not together with sync="):
+        MTLOptimizer(sgd, method="pcgrad", distributed=Distributed(), sync="global")
+    with pytest.raises(TypeError, match="distributed must be a gradops.optim.Distributed"):
+        MTLOptimizer(sgd, method="pcgrad", distributed={"sync": "local"})
+    with pytest.raises(ValueError, match="sync must be 'global' or 'local', got 'both'"):
+        Distributed(sync="both")
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "25"):
+        with pytest.raises(ValueError, match="bucket_mb must be a finite number > 0"):
+            Distributed(bucket_mb=bad)
+
+
+def test_the_package_calls_mtl_optimizer_without_deprecated_keywords():
+    """Every MTLOptimizer(...) call in gradops/ uses distributed= (the package itself raises no
+    DeprecationWarning)."""
+    import ast
+    import pathlib
+    root = pathlib.Path(gradops.__file__).parent
+    legacy = {"ddp_model", "process_group", "sync", "bucket_mb"}
+    calls = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(
+                    node.func, "attr", None)) == "MTLOptimizer":
+                calls.append(path.name)
+                used = legacy & {k.arg for k in node.keywords}
+                assert not used, f"{path}:{node.lineno} passes {sorted(used)}"
+    assert len(calls) >= 3        # the trainer, Recon's search, the benchmarks (at least)
+
+
+def test_sparse_masks_shorthand_equals_an_inner_sparse_training():
+    """``sparse=masks, module=`` builds the grouped form, an inner SparseTraining: same steps."""
+    T = 3
+    x, ys = make_data(T)
+    results = []
+    for grouped in (False, True):
+        model = MTLNet(T=T)
+        masks = {"0.weight": torch.rand(13, 7, generator=torch.Generator().manual_seed(0)) > 0.5}
+        inner = torch.optim.AdamW(model.parameters(), lr=0.1)
+        if grouped:
+            opt = MTLOptimizer(SparseTraining(inner, masks, model.encoder), method="pcgrad",
+                               shared=model.encoder, generator=torch.Generator().manual_seed(3))
+        else:
+            opt = MTLOptimizer(inner, method="pcgrad", shared=model.encoder, sparse=masks,
+                               module=model.encoder, generator=torch.Generator().manual_seed(3))
+        assert isinstance(opt.optimizer, SparseTraining)
+        for _ in range(2):
+            opt.zero_grad()
+            opt.backward(model.losses(x, ys))
+            opt.step()
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(results[0], results[1])
+
+
+def test_grad_scaler_scale_is_read_on_device_through_the_public_api():
+    model = MTLNet(T=3)
+    x, ys = make_data(3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 7)
+    opt = MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method="nashmtl",
+                       grad_scaler=scaler)
+    opt.backward(scaler.scale(model.losses(x, ys)))
+    s = opt._scale()
+    assert s.shape == () and s.dtype == torch.float32 and s.device == x.device
+    assert s.item() == 2.0 ** 7
+    assert MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                        grad_scaler=torch.amp.GradScaler("cpu", enabled=False))._scale() is None
 
 
 # --- the Optimizer contract -------------------------------------------------------------------

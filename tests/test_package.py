@@ -148,6 +148,22 @@ def test_cli_bench_mtl_breakdown(tmp_path):
     assert bad.returncode == 2 and "--breakdown-at 5 must be among --T 2,3" in bad.stderr
 
 
+def test_breakdown_stages_name_what_mtl_optimizer_calls():
+    """Every function and method the step breakdown times exists where it is looked up (the
+    breakdown skips a missing name, which would drop its stage without a word)."""
+    import importlib
+    from gradops.bench import mtl_breakdown as bd
+    from gradops.optim import MTLOptimizer
+    for modname, attr, _ in bd._MODULE_STAGES:
+        assert hasattr(importlib.import_module(modname), attr), (modname, attr)
+    opt = MTLOptimizer(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1))
+    for path, _ in bd._METHOD_STAGES:
+        obj = opt
+        for name in path.split("."):
+            assert hasattr(obj, name), path
+            obj = getattr(obj, name)
+
+
 def test_benchmark_contenders_compute_the_same_step():
     """The mtl suite's floor, batched floor and gradops EW steps move the parameters alike."""
     from gradops.bench import mtl as bm

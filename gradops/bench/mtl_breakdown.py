@@ -33,17 +33,19 @@ class StageRow:
 # the functions and methods MTLOptimizer.backward calls, timed where they are looked up:
 # (object path, attribute, stage label); a name missing from the current code is skipped
 _MODULE_STAGES = (
+    ("gradops.optim.mtl", "per_task_backward",
+     "T per-task backward passes (into J; D_t for the Linear engine)"),
     ("gradops.optim.mtl", "gram", "gram (one pass over J)"),
     ("gradops.optim.mtl", "segment_gram", "segment_gram (per-layer Grams, one pass)"),
+    ("gradops.optim.mtl", "engine_gram", "Gram (Linear engine, + J's other columns)"),
+    ("gradops.optim.mtl", "engine_layer_grams",
+     "per-layer Grams (Linear engine, + J's other columns)"),
     ("gradops.optim.mtl", "combine", "combine (w^T J into .grad, one pass)"),
     ("gradops.metrics", "conflict_incidence", "conflict_incidence (T x T)"),
 )
 
 
 _METHOD_STAGES = (
-    ("_per_task_backward", "T per-task backward passes (into J; D_t for the Linear engine)"),
-    ("_gram", "Gram (Linear engine, + J's other columns)"),
-    ("_layer_grams", "per-layer Grams (Linear engine, + J's other columns)"),
     ("_combine_with", "combine (Linear engine, + J's other columns) into .grad"),
     ("_weighted_backward", "one backward of the weighted loss sum"),
     ("_weights_from", "weights (T x T solve)"),

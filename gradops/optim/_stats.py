@@ -1,16 +1,46 @@
-"""Statistics of :class:`~gradops.optim.mtl.MTLOptimizer` over the steps: running sums of the
-per-step values (device tensors, no host sync per step) and solver-failure counts, read once in
-a while (an epoch) by :meth:`StepStats.summary`, which synchronises."""
+"""Statistics of :class:`~gradops.optim.mtl.MTLOptimizer`: one step's (:class:`MTLStepInfo`, what
+``backward`` returns) and, over the steps, running sums of the per-step values (device tensors,
+no host sync per step) and solver-failure counts, read once in a while (an epoch) by
+:meth:`StepStats.summary`, which synchronises."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .. import metrics
 
-__all__ = ["StepStats", "mean_pairs"]
+__all__ = ["MTLStepInfo", "StepStats", "mean_pairs"]
+
+
+@dataclass
+class MTLStepInfo:
+    """What :meth:`MTLOptimizer.backward` returns; every field is a device tensor (or None).
+
+    Attributes:
+        weights: the combination weights, ``[T]`` (``[L, T]`` for per-layer methods; None for
+            GradDrop).
+        gram: ``G = J J^T`` ``[T, T]`` of this step's per-task gradients (None when the method
+            needed no per-task gradients this step: EW without stats, ``update_every`` steps).
+        conflict_incidence: fraction of task pairs with negative cosine (0-dim), or None.
+        layer_gram: per-layer Grams ``[L, T, T]`` (``stats=True`` or per-layer methods).
+        layer_conflicts: per-layer count of conflicting pairs (Recon's S-score with S = 0,
+            ``[L]``), with ``stats=True``.
+        layer_gms: per-layer mean over pairs of the gradient magnitude similarity ``[L]``, with
+            ``stats=True``.
+        converged: whether the solver converged (0-dim bool), for iterative solvers.
+    """
+
+    weights: torch.Tensor | None = None
+    gram: torch.Tensor | None = None
+    conflict_incidence: torch.Tensor | None = None
+    layer_gram: torch.Tensor | None = None
+    layer_conflicts: torch.Tensor | None = None
+    layer_gms: torch.Tensor | None = None
+    converged: torch.Tensor | None = None
+
 
 # the fields of MTLStepInfo that are averaged over the steps
 _AVERAGED = ("weights", "conflict_incidence", "layer_conflicts", "layer_gms")
@@ -38,7 +68,7 @@ class StepStats:
         self._nonconverged_total: torch.Tensor | None = None
 
     def accumulate(self, info: Any) -> None:
-        """Add one step's values (an :class:`~gradops.optim.mtl.MTLStepInfo`)."""
+        """Add one step's values (an :class:`MTLStepInfo`)."""
         self._steps += 1
         for key in _AVERAGED:
             v = getattr(info, key)

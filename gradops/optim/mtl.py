@@ -1,137 +1,43 @@
-"""``MTLOptimizer``: any torch optimizer, driven by a multi-task gradient method.
+"""``MTLOptimizer``: any torch optimizer, driven by a multi-task gradient method (docs/optim.md:
+the data path, memory, the factored engine; docs/methods.md#mtloptimizer-data-path).
 
-The data path (docs/methods.md#mtloptimizer-data-path)::
-
-    losses -> T backward passes, each copying task t's gradient of each shared parameter into its
-    slice of row t of one flat [T, P] buffer J as soon as autograd produces it (a hook)
-    -> Gram G = J J^T (one pass; per-layer Grams with per_layer/stats, same pass)
-    -> weights from G on J's device (gradops.weighting; PCGrad's recurrence; GradVac's)
-    -> combined gradient w^T J (one pass) written into one flat [P] buffer whose views are the
-       shared parameters' .grad
-    -> (clip, GradScaler, ...) -> inner optimizer step.
-
-For ``nn.Linear`` layers among the shared parameters (``linear_gram=``,
-:mod:`gradops.optim._linear_engine`), where it is cheaper (small batch), task ``t``'s gradient
-of the layer stays in factored form ``D_t^T X``: the passes compute the output gradients ``D_t``
-but not the weight gradients, and the Gram and the combination come from ``<L^T D_s, L^T D_t>``
-(``X X^T = L L^T``) and ``(sum_t w_t D_t)^T X``: the same ``G`` and ``w^T J`` up to float32
-rounding, without the layer's row of ``J``.
-
-Task-specific parameters (reached by one task's loss, or not listed in ``shared``) accumulate the
-ordinary sum of their tasks' gradients in their own ``.grad``, as with ``sum(losses).backward()``.
+A step: ``T`` backward passes (:mod:`._per_task`, from the roots of :mod:`._roots`), each copying
+task ``t``'s gradient of the shared parameters into row ``t`` of one flat ``[T, P]`` buffer ``J``
+(:mod:`._layout`) -> Gram ``G = J J^T`` (per-layer Grams in the same pass) -> weights from ``G``
+on ``J``'s device -> ``w^T J`` into one flat ``[P]`` buffer whose views are the shared
+parameters' ``.grad`` -> (clip, GradScaler, ...) the inner optimizer's step. ``nn.Linear`` /
+``nn.Conv2d`` layers may stay in factored form ``D_t^T X`` instead (:mod:`._linear_engine`, and
+its share of the Gram and combine in :mod:`._engine_share`). This module is the orchestration.
 
 No host synchronisation in :meth:`MTLOptimizer.backward` (no ``.item()``, no data-dependent
-Python branch): the solvers run fixed iteration budgets on device (on CUDA one Triton program per
-solve for T <= 64, which stops on the device once converged; C++ on CPU), random orders and seeds
-are drawn on device from the optimizer's own generator. Remaining host work per step: the Python
-loop over the T backward passes, the gradient hooks (one Python call per shared parameter and
-task) and the pointer swaps of ``.grad``; reading :meth:`stats` synchronises (once per epoch).
-The first step also walks the autograd graph to find the shared parameters when
-``shared="auto"``.
+Python branch; solvers run fixed budgets on device, random orders and seeds come from the
+optimizer's own generator on device); reading :meth:`MTLOptimizer.stats` synchronises.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.autograd.graph import GradientEdge
 
 from .. import metrics
-from .._backend import _C
 from ..ops.combine import combine
 from ..ops.gram import gram, segment_gram
-from ..segments import offsets_from_numels
-from ._distributed import GradientSync, process_group_of
-from ._graph import leaf_uses
-from ._linear_engine import MODES as LINEAR_MODES, LinearEngine, describe as describe_layer
 from ..weighting import LossMethod, Method, Options, StepContext
+from ._distributed import Distributed, distributed_from, gradient_sync
+from ._engine_share import (describe_factored, engine_combine, engine_gram, engine_layer_grams,
+                            linear_engine, uncovered_runs)
+from ._layout import Layout, layout_attr
+from ._linear_engine import LinearEngine
 from ._methods import resolve_method
-from ._stats import StepStats, mean_pairs
+from ._per_task import per_task_backward
+from ._roots import modules_of, resolve_shared, task_roots
+from ._stats import MTLStepInfo, StepStats, mean_pairs
 from ._wrapper import OptimizerWrapper
 from .sparse_training import SparseTraining
 
 __all__ = ["MTLOptimizer", "MTLStepInfo"]
-
-
-@dataclass
-class MTLStepInfo:
-    """What :meth:`MTLOptimizer.backward` returns; every field is a device tensor (or None).
-
-    Attributes:
-        weights: the combination weights, ``[T]`` (``[L, T]`` for per-layer methods; None for
-            GradDrop).
-        gram: ``G = J J^T`` ``[T, T]`` of this step's per-task gradients (None when the method
-            needed no per-task gradients this step: EW without stats, ``update_every`` steps).
-        conflict_incidence: fraction of task pairs with negative cosine (0-dim), or None.
-        layer_gram: per-layer Grams ``[L, T, T]`` (``stats=True`` or per-layer methods).
-        layer_conflicts: per-layer count of conflicting pairs (Recon's S-score with S = 0,
-            ``[L]``), with ``stats=True``.
-        layer_gms: per-layer mean over pairs of the gradient magnitude similarity ``[L]``, with
-            ``stats=True``.
-        converged: whether the solver converged (0-dim bool), for iterative solvers.
-    """
-
-    weights: torch.Tensor | None = None
-    gram: torch.Tensor | None = None
-    conflict_incidence: torch.Tensor | None = None
-    layer_gram: torch.Tensor | None = None
-    layer_conflicts: torch.Tensor | None = None
-    layer_gms: torch.Tensor | None = None
-    converged: torch.Tensor | None = None
-
-
-def _as_params(shared: Any) -> list[torch.Tensor]:
-    if isinstance(shared, (nn.Module, torch.Tensor)):
-        shared = [shared]
-    out: list[torch.Tensor] = []
-    for item in shared:
-        if isinstance(item, nn.Module):
-            out.extend(item.parameters())
-        elif isinstance(item, torch.Tensor):
-            out.append(item)
-        else:
-            raise TypeError(f"MTLOptimizer: shared must hold parameters or modules, got "
-                            f"{type(item).__name__}")
-    return out
-
-
-def _modules_of(shared: Any) -> list[nn.Module]:
-    """The modules in a ``shared`` argument (a module, or a list / tuple holding some)."""
-    if isinstance(shared, nn.Module):
-        return [shared]
-    if isinstance(shared, (list, tuple)):
-        return [m for m in shared if isinstance(m, nn.Module)]
-    return []
-
-
-def _reached_leaves(root: torch.Tensor | GradientEdge) -> set[int]:
-    """ids of the leaf tensors whose AccumulateGrad nodes the graph of ``root`` reaches."""
-    return set(leaf_uses([root]))
-
-
-# per-element operations with one differentiable input that may sit between torch.stack and the
-# losses handed to backward (GradScaler.scale, casts, a constant factor)
-_ELEMENTWISE = frozenset({"MulBackward0", "DivBackward0", "ToCopyBackward0", "CloneBackward0",
-                          "AliasBackward0"})
-
-
-def _stack_node(losses: torch.Tensor):
-    """The ``StackBackward0`` node that made the 1-D ``losses`` (through per-element ops with a
-    single differentiable input), or None."""
-    fn = losses.grad_fn
-    while fn is not None and type(fn).__name__ in _ELEMENTWISE:
-        nxt = [f for f, _ in fn.next_functions if f is not None]
-        if len(nxt) != 1:
-            return None
-        fn = nxt[0]
-    if fn is None or type(fn).__name__ != "StackBackward0":
-        return None
-    if len(fn.next_functions) != losses.numel() or any(f is None for f, _ in fn.next_functions):
-        return None
-    return fn
 
 
 class MTLOptimizer(OptimizerWrapper):
@@ -166,9 +72,10 @@ class MTLOptimizer(OptimizerWrapper):
         update_every: recompute the weights every N steps (Gram-weighted methods; the Nash-MTL
             paper's option); in between, one backward of ``sum_t w_t L_t`` with the last weights.
         sparse: masks for sparse training (``{param: bool mask}``, or a
-            :class:`gradops.sparse.SparseMasks` with ``module=``): the inner optimizer is wrapped
-            in :class:`SparseTraining` and per-task gradients are masked before the Gram. An inner
-            :class:`SparseTraining` is used the same way.
+            :class:`gradops.sparse.SparseMasks` with ``module=``): shorthand for passing
+            ``SparseTraining(optimizer, sparse, module)`` as ``optimizer``, the grouped form
+            (:class:`SparseTraining` holds the masks and its own options): either way the per-task
+            gradients are masked before the Gram.
         module: the model (or its encoder): where sparse masks' parameter names and the Linear
             engine's layers are looked for.
         stats: per step, per-layer Grams, conflict counts and GMS in ``info`` (same pass), and
@@ -178,30 +85,21 @@ class MTLOptimizer(OptimizerWrapper):
         grad_scaler: the :class:`torch.amp.GradScaler` whose scaled losses reach :meth:`backward`;
             weightings that are not scale-invariant (Nash-MTL, MGDA with loss normalisation) then
             see the unscaled Gram. Scale-invariant methods need not pass it.
-        ddp_model: a :class:`~torch.nn.parallel.DistributedDataParallel` model: its reducer is
-            switched off (``require_backward_grad_sync = False``) and this optimizer all-reduces
-            the per-task buffer once per step instead of T times; implies its process group.
-        process_group: a process group for a plain (not DDP-wrapped) model: gradients are
-            averaged over its ranks (as DDP does) before the method.
-        sync: ``"global"`` (default): all-reduce the per-task gradients, then run the method on
-            the global batch's gradients (equal to single-process training on the global batch);
-            ``"local"``: run the method per rank and average the combined gradients (cheaper
-            traffic, a different method: documented, not equal to the global one).
-        bucket_mb: all-reduce bucket size.
-        linear_gram: ``"auto"`` (default), ``"on"`` or ``"off"``: for ``nn.Linear`` layers and
-            ``nn.Conv2d`` layers (``groups=1``, symmetric zero padding) among the shared
-            parameters (looked for in the modules passed as ``shared`` or
-            ``module``; when neither holds a module, e.g. ``shared`` a list of parameters, found
-            on the first step's forward among the modules owning the optimizer's parameters;
-            :attr:`factored_layers` and ``repr`` say which layers were taken), keep the
-            per-task gradients in factored form (the layer's input and per-task output
-            gradients; the per-task weight gradients are never computed) and compute the Gram
-            and the combined gradient from them (:func:`gradops.linear_gram`, far fewer
-            operations at small batch) instead of through the layer's columns of ``J``;
-            ``"auto"`` on CPU where its cost model says it is cheaper (see
-            :mod:`gradops.optim._linear_engine`), ``"on"`` for every eligible layer on any
-            device. Not used with a process group, with sparse masks (``"on"`` is refused
-            there) or with GradDrop. Same results up to float32 rounding.
+        distributed: a :class:`Distributed` (``ddp_model``, ``process_group``, ``sync``,
+            ``bucket_mb``): average the gradients over a process group, once per step. Default:
+            single process. The separate keywords ``ddp_model=``, ``process_group=``, ``sync=``,
+            ``bucket_mb=`` still work for one release, with a :class:`DeprecationWarning`.
+        linear_gram: ``"auto"`` (default), ``"on"`` or ``"off"``: keep the per-task gradients
+            of ``nn.Linear`` and ``nn.Conv2d`` layers (``groups=1``, symmetric zero padding)
+            among the shared parameters in factored form (input and per-task output gradients;
+            the per-task weight gradients are never computed) and take their Gram and combined
+            gradient from the factors (:func:`gradops.linear_gram`; same results up to float32
+            rounding). ``"auto"``: on CPU where a cost model says it is cheaper
+            (:mod:`gradops.optim._linear_engine`); ``"on"``: every eligible layer, any device.
+            Layers are looked for in the modules passed as ``shared`` or ``module``, else found
+            on the first step's forward; :attr:`factored_layers` and ``repr`` say which were
+            taken. Not used with a process group, sparse masks (``"on"`` is refused there) or
+            GradDrop.
         **options: deprecated: the method's options as keywords (``c=0.4``); use
             ``method_options=`` or a method object. Each method's options are its Options
             dataclass (docs/methods.md), e.g. ``c`` (CAGrad), ``leak`` (GradDrop), ``max_norm``
@@ -226,11 +124,14 @@ class MTLOptimizer(OptimizerWrapper):
                  sparse: Any = None, module: nn.Module | None = None, stats: bool = False,
                  generator: torch.Generator | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None,
+                 distributed: Distributed | None = None, linear_gram: str = "auto",
                  ddp_model: nn.Module | None = None, process_group: Any = None,
-                 sync: str = "global", bucket_mb: float = 25.0, linear_gram: str = "auto",
+                 sync: str | None = None, bucket_mb: float | None = None,
                  **options: Any):
         if isinstance(optimizer, MTLOptimizer):
             raise TypeError("MTLOptimizer: the inner optimizer is already an MTLOptimizer")
+        dist = distributed_from(distributed, ddp_model=ddp_model, process_group=process_group,
+                                sync=sync, bucket_mb=bucket_mb)
         if sparse is not None:
             if isinstance(optimizer, SparseTraining):
                 raise ValueError("MTLOptimizer: pass sparse= or an inner SparseTraining, not both")
@@ -244,15 +145,11 @@ class MTLOptimizer(OptimizerWrapper):
             raise ValueError("MTLOptimizer: update_every > 1 needs a Gram-weighted method with "
                              f"weights [T] (mgda, cagrad, imtlg, nashmtl, alignedmtl, a callable),"
                              f" not {self.method.name!r}")
-        if sync not in ("global", "local"):
-            raise ValueError(f"MTLOptimizer: sync must be 'global' or 'local', got {sync!r}")
-        if linear_gram not in LINEAR_MODES:
-            raise ValueError(f"MTLOptimizer: linear_gram must be one of {LINEAR_MODES}, got "
-                             f"{linear_gram!r}")
         self.update_every = update_every
         self.stats_enabled = bool(stats)
         self.grad_scaler = grad_scaler
-        self.sync = sync
+        self.distributed = dist
+        self.sync = dist.sync
         self._shared_arg = shared
         self._own_generator = generator is None
         if generator is None:   # on the parameters' device, seeded from torch's global RNG
@@ -260,25 +157,14 @@ class MTLOptimizer(OptimizerWrapper):
             generator = torch.Generator(device=params[0].device if params else "cpu")
             generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         self._generator = generator
-        self._ddp = ddp_model
-        process_group = process_group_of(ddp_model, process_group)
-        self.process_group = process_group
-        self._reducer = None if process_group is None else \
-            GradientSync(process_group, int(bucket_mb * 2**20))
+        self._reducer = gradient_sync(dist)     # (switches a DDP model's own reducer off)
+        process_group = self.process_group = getattr(self._reducer, "process_group", None)
         self._linear_mode = linear_gram
-        self._linear_modules = _modules_of(shared) + ([module] if module is not None else [])
-        self._engine: LinearEngine | None = None
-        if (linear_gram != "off" and process_group is None and
-                not isinstance(optimizer, SparseTraining) and self.method.kind != "elementwise"):
-            # no modules given: the engine finds the layers on the first step's forward
-            self._engine = LinearEngine(self._linear_modules, linear_gram,
-                                        [p for p in self._params() if p.requires_grad])
-        if linear_gram == "on":
-            why = ("it runs in single-process training only (a process group averages "
-                   "gradients over the ranks)" if process_group is not None else
-                   "sparse masks mask J" if isinstance(optimizer, SparseTraining) else None)
-            if why:
-                raise ValueError(f"MTLOptimizer: linear_gram='on' cannot be used here: {why}")
+        self._engine: LinearEngine | None = linear_engine(
+            linear_gram, modules_of(shared) + ([module] if module is not None else []),
+            [p for p in self._params() if p.requires_grad], process_group is not None,
+            isinstance(optimizer, SparseTraining), self.method.kind == "elementwise")
+        self._layout: Layout | None = None                # fixed on the first step
         self._layout_ready = False
         self._step = 0
         self._weights: torch.Tensor | None = None           # last weights (update_every, state)
@@ -290,7 +176,8 @@ class MTLOptimizer(OptimizerWrapper):
 
     def __repr__(self) -> str:
         return (f"MTLOptimizer(method={self.method!r}, linear_gram={self._linear_mode!r}, "
-                f"factored_layers={self._describe_factored()}, {self.optimizer!r})")
+                f"factored_layers={describe_factored(self._engine, self._layout_ready)}, "
+                f"{self.optimizer!r})")
 
     @property
     def factored_layers(self) -> tuple[nn.Module, ...]:
@@ -301,220 +188,38 @@ class MTLOptimizer(OptimizerWrapper):
         engine = self._engine
         return () if engine is None else tuple(l.module for l in engine.last_taken)
 
-    def _describe_factored(self) -> str:
-        engine = self._engine
-        if engine is None:
-            return "[]"
-        if not self._layout_ready:
-            return "(decided on the first step)"
-        names = [f"{l.name or f'shared[{l.w_index}]'}: {describe_layer(l.module)}"
-                 for l in engine.last_taken]
-        return f"[{', '.join(names)}] of {len(engine.layers)} Linear/Conv2d layers"
+    # --- layout: shared parameters, the flat buffers and their views (._layout) ---------------
+    _shared = layout_attr("shared")
+    _specific = layout_attr("specific")
+    _offsets = layout_attr("offsets")
+    _offsets_cpu = layout_attr("offsets_cpu")
+    _bounds = layout_attr("bounds")
+    _J = layout_attr("J")
+    _g = layout_attr("g")
+    _g_views = layout_attr("g_views")
 
-    # --- layout: shared parameters, the flat buffers and their views --------------------------
-    def _resolve_shared(self, roots: Sequence[torch.Tensor | GradientEdge]) -> list[torch.Tensor]:
-        params = [p for p in self._params() if p.requires_grad]
-        if isinstance(self._shared_arg, str):
-            if self._shared_arg != "auto":
-                raise ValueError(f"MTLOptimizer: shared must be parameters, modules or 'auto', "
-                                 f"got {self._shared_arg!r}")
-            hits: dict[int, int] = {}
-            for r in roots:
-                for i in _reached_leaves(r):
-                    hits[i] = hits.get(i, 0) + 1
-            need = 2 if len(roots) > 1 else 1
-            shared = [p for p in params if hits.get(id(p), 0) >= need]
-            if not shared:
-                raise ValueError("MTLOptimizer: shared='auto' found no parameter reached by more "
-                                 "than one task's loss; pass shared= explicitly")
-            return shared
-        wanted = {id(p) for p in _as_params(self._shared_arg)}
-        known = {id(p) for p in params}
-        missing = wanted - known
-        if missing:
-            raise ValueError(f"MTLOptimizer: {len(missing)} shared parameter(s) are not "
-                             "(trainable) parameters of the inner optimizer")
-        return [p for p in params if id(p) in wanted]          # the optimizer's order
-
-    def _build_layout(self, roots, T: int) -> None:
-        shared = self._resolve_shared(roots)
-        dtypes = {p.dtype for p in shared}
-        devices = {p.device for p in shared}
-        if len(dtypes) > 1 or len(devices) > 1:
-            raise ValueError(f"MTLOptimizer: shared parameters must share one dtype and device, "
-                             f"got {sorted(map(str, dtypes))} on {sorted(map(str, devices))}")
-        dev, dt = shared[0].device, shared[0].dtype
-        self._shared = shared
-        self._shared_ids = {id(p) for p in shared}
-        self._specific = [p for p in self._params() if p.requires_grad and id(p) not in
-                          self._shared_ids]
-        numels = [p.numel() for p in shared]
-        self._offsets_cpu = offsets_from_numels(numels)
-        self._offsets = self._offsets_cpu.to(dev)
-        P = int(self._offsets_cpu[-1])
-        self.T, self.P, self.L = T, P, len(shared)
-        self._J: torch.Tensor | None = None          # allocated by _buffer on first use
-        self._J_views: list[list[torch.Tensor]] = []
-        bounds = self._bounds = self._offsets_cpu.tolist()
-        # the combined gradient [P], whose views are the shared parameters' .grad; GradDrop's
-        # fused pass returns a fresh one each step, so it gets none (no idle second copy)
-        self._g = (None if self.method.kind == "elementwise" else
-                   torch.zeros(P, dtype=dt, device=dev))
-        self._g_views = [] if self._g is None else [
-            self._g[a:b].view_as(p) for p, a, b in zip(shared, bounds[:-1], bounds[1:])]
-        self._keep = self._sparse_keep(dev, dt)
+    def _build_layout(self, roots, separate: bool) -> None:
+        params, T = [p for p in self._params() if p.requires_grad], len(roots)
+        shared = resolve_shared(self._shared_arg, params, roots, separate)
+        self._layout = lay = Layout(shared, params, T, self.method.kind != "elementwise",
+                                    self.optimizer)
+        dt = lay.dtype
+        self.T, self.P, self.L = T, lay.P, lay.L
         if self._engine is not None:
             self._engine.bind(shared)
         # Grams and weights: float32 (fp32 accumulation of low-precision J), float64 for fp64
         self._wdtype = torch.float64 if dt == torch.float64 else torch.float32
         self._layout_ready = True
 
-    def _buffer(self) -> torch.Tensor:
-        """The ``[T, P]`` buffer ``J`` and its per-row views of the parameters, allocated once, on
-        the first step that needs it (never, while the Linear engine takes every shared
-        parameter). Each step writes every row it uses in full, so it is not zeroed."""
-        if self._J is None:
-            p0 = self._shared[0]
-            self._J = torch.zeros(self.T, self.P, dtype=p0.dtype, device=p0.device)
-            b = self._bounds
-            self._J_views = [[self._J[t, x:y].view_as(p) for p, x, y in
-                              zip(self._shared, b[:-1], b[1:])] for t in range(self.T)]
-        return self._J
-
-    def _sparse_keep(self, dev, dt) -> torch.Tensor | None:
-        """``[P]`` 0/1 of the trainable entries of the shared parameters under sparse training."""
-        inner = self.optimizer
-        if not isinstance(inner, SparseTraining):
-            return None
-        masks = {id(p): inner.trainable_mask(p) for p in self._shared}
-        if all(m is None for m in masks.values()):
-            return None
-        keep = torch.ones(self.P, dtype=dt, device=dev)
-        bounds = self._bounds
-        for p, a, b in zip(self._shared, bounds[:-1], bounds[1:]):
-            m = masks[id(p)]
-            if m is not None:
-                keep[a:b] = m.reshape(-1).to(dt)
-        return keep
-
-    # --- per-task backward ---------------------------------------------------------------------
-    @staticmethod
-    def _task_roots(losses: Any) -> tuple[list[torch.Tensor | GradientEdge], list[torch.Tensor],
-                                          torch.Tensor, bool]:
-        """The T backward roots, their seeds, the detached loss values ``[T]``, and whether the
-        roots are separate per task (False: each root reaches every task's graph).
-
-        A 1-D loss tensor made by ``torch.stack`` (possibly followed by per-element scaling or
-        casts, e.g. ``GradScaler.scale``) is split at the stack: root t is the stack's input t,
-        with seed ``d losses[t] / d stacked[t]``, so task t's backward does not run through the
-        other tasks' graphs. Other 1-D tensors fall back to ``losses[t]``, whose backward passes
-        run through all the graphs (correct, slower; ``shared="auto"`` is refused then)."""
-        if isinstance(losses, torch.Tensor):
-            if losses.dim() != 1 or losses.numel() == 0:
-                raise ValueError(f"MTLOptimizer.backward: losses must be a list or a 1-D tensor of "
-                                 f"T >= 1 task losses, got shape {tuple(losses.shape)}")
-            if not losses.requires_grad:
-                raise ValueError("MTLOptimizer.backward: losses do not require grad")
-            values = losses.detach()
-            stack = _stack_node(losses)
-            if stack is not None:
-                roots = [GradientEdge(f, nr) for f, nr in stack.next_functions]
-                if stack is losses.grad_fn:
-                    seed = torch.ones_like(values)
-                else:
-                    seed, = torch.autograd.grad(losses, GradientEdge(stack, 0),
-                                                grad_outputs=torch.ones_like(losses),
-                                                retain_graph=True)
-                return roots, list(seed.unbind()), values, True
-            roots = [losses[t] for t in range(losses.numel())]
-            return roots, [torch.ones_like(r) for r in roots], values, False
-        roots = list(losses)
-        if not roots:
-            raise ValueError("MTLOptimizer.backward: losses is empty")
-        for t, l in enumerate(roots):
-            if not isinstance(l, torch.Tensor) or l.numel() != 1:
-                raise ValueError(f"MTLOptimizer.backward: losses[{t}] must be a scalar tensor")
-            if not l.requires_grad:
-                raise ValueError(f"MTLOptimizer.backward: losses[{t}] does not require grad")
-        values = torch.stack([l.detach().reshape(()) for l in roots])
-        return roots, [torch.ones_like(r) for r in roots], values, True
-
-    def _per_task_backward(self, roots, seeds, retain_graph: bool,
-                           engine: LinearEngine | None = None) -> None:
-        """Task t's gradients of the shared parameters land in row t of ``J``; the task-specific
-        parameters' gradients accumulate into their ``.grad`` as in a plain backward.
-
-        Each task runs one ``torch.autograd.backward`` with the shared parameters' ``.grad`` unset,
-        so autograd hands each parameter its freshly computed gradient without a copy; a
-        post-accumulate-grad hook then copies it into its slice of ``J[t]`` while it is still in
-        cache and drops it (``p.grad = None``), so the next parameter's gradient reuses the same
-        memory. That one copy replaces the read-modify-write accumulation into ``.grad`` that
-        a plain backward does for every task after the first: ``J`` is never zeroed or
-        accumulated into. On CPU the copy writes ``J`` with non-temporal stores
-        (``gradops._C.stream_copy_cpu``): ``J`` is far larger than the cache and not read before
-        the Gram pass, so its lines are written once instead of read, then written. (Copying a
-        task's gradients together at the end of its backward, one parallel region per task, was
-        measured slower here: the gradients are no longer in cache by then.) Slices of
-        parameters that task t does not reach are zero-filled. The hooks live only for the
-        duration of this call.
-
-        With ``engine`` (the Linear engine, :mod:`gradops.optim._linear_engine`), the weights and
-        biases of its active layers are not backward inputs: the gradient edges of the layers'
-        outputs are, so each pass computes the layers' output gradients (which the engine's
-        hooks copy) but not their weight gradients, and their columns of ``J`` are left
-        alone."""
-        T = len(roots)
-        shared, specific = self._shared, self._specific
-        skip = engine.covered() if engine is not None else set()   # in factored form instead
-        via_j = [i for i in range(len(shared)) if i not in skip]
-        inputs = [shared[i] for i in via_j] + specific + (engine.edges() if skip else [])
-        if via_j:
-            self._buffer()
-        rows = self._J_views
-        filled = [False] * len(shared)
-        current: list[torch.Tensor] = []
-        stream = _C is not None and shared[0].device.type == "cpu"
-
-        def make_hook(i: int):
-            def hook(p: torch.Tensor) -> None:
-                g, dst = p.grad, current[i]
-                if stream and g.layout == torch.strided and g.is_contiguous() and \
-                        g.dtype == dst.dtype:
-                    _C.stream_copy_cpu(dst, g)
-                else:                                # e.g. channels-last weights, CUDA
-                    dst.copy_(g)
-                filled[i] = True
-                p.grad = None
-            return hook
-
-        for p in shared:
-            p.grad = None
-        handles = [shared[i].register_post_accumulate_grad_hook(make_hook(i)) for i in via_j]
-        try:
-            for t in range(T):
-                current[:] = rows[t] if via_j else []
-                filled[:] = [False] * len(shared)
-                if engine is not None:
-                    engine.task = t
-                torch.autograd.backward(roots[t], grad_tensors=seeds[t], inputs=inputs,
-                                        retain_graph=retain_graph or t < T - 1)
-                for i in via_j:
-                    if not filled[i]:                # task t does not reach shared[i]
-                        current[i].zero_()
-                if engine is not None:
-                    engine.after_task(t)
-        finally:
-            for h in handles:
-                h.remove()
-
     # --- the step ------------------------------------------------------------------------------
     def _scale(self) -> torch.Tensor | None:
+        """The GradScaler's current scale, 0-dim float32 on the parameters' device, read through
+        its public API without a host sync (``scale(1)``); None without an enabled scaler."""
         sc = self.grad_scaler
         if sc is None or not sc.is_enabled():
             return None
-        if getattr(sc, "_scale", None) is None:
-            return None
-        return sc._scale.to(torch.float32).reshape(())
+        dev = self._layout.device if self._layout is not None else self._params()[0].device
+        return sc.scale(torch.ones((), device=dev))
 
     def backward(self, losses: Sequence[torch.Tensor] | torch.Tensor, *,
                  retain_graph: bool = False) -> MTLStepInfo:
@@ -529,14 +234,10 @@ class MTLOptimizer(OptimizerWrapper):
         """
         if self.method.kind == "loss":
             losses = self._loss_terms(losses)
-        roots, seeds, values, separate = self._task_roots(losses)
+        roots, seeds, values, separate = task_roots(losses)
         T = len(roots)
         if not self._layout_ready:
-            if not separate and self._shared_arg == "auto":
-                raise ValueError("MTLOptimizer.backward: shared='auto' needs the losses as a list "
-                                 "or a torch.stack of the task losses (this 1-D tensor mixes them "
-                                 "in its graph); pass shared= explicitly")
-            self._build_layout(roots, T)
+            self._build_layout(roots, separate)
         elif T != self.T:
             raise ValueError(f"MTLOptimizer.backward: got {T} losses, but this optimizer was set "
                              f"up with T = {self.T} on its first step")
@@ -546,29 +247,24 @@ class MTLOptimizer(OptimizerWrapper):
         if (self._summed() and not self.stats_enabled) or (kind == "gram" and not recompute):
             return self._weighted_backward(roots, seeds, values, retain_graph)
 
-        engine = self._engine
-        use_engine = engine is not None and engine.begin(roots, T) > 0   # (None for GradDrop)
-        try:
-            self._per_task_backward(roots, seeds, retain_graph, engine if use_engine else None)
-        finally:
-            if engine is not None:
-                engine.end()
+        engine = self._engine                      # (None for GradDrop)
+        use_engine = per_task_backward(self._layout, roots, seeds, retain_graph, engine)
         J = self._J        # None when the Linear engine took every shared parameter
-        runs = self._uncovered_runs(engine) if use_engine else []
+        runs = uncovered_runs(engine, self.L) if use_engine else []
         if self.process_group is not None and self.sync == "global":
             self._reducer.all_reduce_mean(J)
             self._reducer.reduce_grads(self._specific)
-        if self._keep is not None:
-            J.mul_(self._keep)
+        if self._layout.keep is not None:        # sparse training: the trainable entries only
+            J.mul_(self._layout.keep)
         info = MTLStepInfo()
         need_layers = self.stats_enabled or kind == "layer"
         if need_layers:
-            Gl = self._layer_grams(J, engine, runs) if use_engine else \
-                segment_gram(J, self._offsets)
+            Gl = engine_layer_grams(self._layout, J, engine, runs, self._wdtype) if use_engine \
+                else segment_gram(J, self._offsets)
             G = Gl.sum(0)
             info.layer_gram = Gl
         elif kind != "elementwise":    # GradDrop needs no Gram (computed with stats=True)
-            G = self._gram(J, engine, runs) if use_engine else gram(J)
+            G = engine_gram(self._layout, J, engine, runs) if use_engine else gram(J)
         if kind != "elementwise" or need_layers:
             info.gram = G
             info.conflict_incidence = metrics.conflict_incidence(G)
@@ -598,65 +294,10 @@ class MTLOptimizer(OptimizerWrapper):
         self._stats.accumulate(info)
         return info
 
-    # --- the Linear engine's share of the Gram and combine stages -----------------------------
-    def _uncovered_runs(self, engine: LinearEngine) -> list[tuple[int, int]]:
-        """Runs ``[i0, i1)`` of consecutive shared parameters no active Linear layer covers."""
-        covered = engine.covered()
-        runs, i0 = [], None
-        for i in range(self.L + 1):
-            if i < self.L and i not in covered:
-                i0 = i if i0 is None else i0
-            elif i0 is not None:
-                runs.append((i0, i))
-                i0 = None
-        return runs
-
-    def _run_offsets(self, i0: int, i1: int) -> torch.Tensor:
-        """The segment table of shared parameters ``[i0, i1)`` within their columns of ``J``."""
-        return self._offsets_cpu[i0:i1 + 1] - self._offsets_cpu[i0]
-
-    def _gram(self, J: torch.Tensor | None, engine: LinearEngine,
-              runs: list[tuple[int, int]]) -> torch.Tensor:
-        """``G = J J^T``: active factored layers from their factors, the other ``runs`` of
-        parameters from ``J``."""
-        b = self._bounds
-        parts = [G for l in engine.active() for _, G in engine.param_grams(l)]
-        parts += [gram(J[:, b[i0]:b[i1]]) for i0, i1 in runs if b[i1] > b[i0]]
-        return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
-
-    def _layer_grams(self, J: torch.Tensor | None, engine: LinearEngine,
-                     runs: list[tuple[int, int]]) -> torch.Tensor:
-        """Per-parameter Grams ``[L, T, T]``: active factored layers from their factors, the other
-        ``runs`` of parameters from ``J``."""
-        b = self._bounds
-        Gl = torch.zeros(self.L, self.T, self.T, dtype=self._wdtype,
-                         device=self._shared[0].device)
-        for l in engine.active():
-            for i, G in engine.param_grams(l):
-                Gl[i] = G
-        for i0, i1 in runs:
-            Gl[i0:i1] = segment_gram(J[:, b[i0]:b[i1]], self._run_offsets(i0, i1))
-        return Gl
-
     def _combine_with(self, engine: LinearEngine, J: torch.Tensor | None, w: torch.Tensor,
                       g: torch.Tensor, runs: list[tuple[int, int]]) -> None:
-        """``g = w^T J`` (per parameter for ``[L, T]`` weights): active factored layers from their
-        factors, the other ``runs`` of parameters from ``J``."""
-        b, per = self._bounds, w.dim() == 2
-        views = self._g_views
-        for l in engine.active():
-            bi = l.b_index
-            engine.combine_into(l, w[l.w_index] if per else w,
-                                None if bi is None else (w[bi] if per else w),
-                                views[l.w_index], None if bi is None else views[bi])
-        for i0, i1 in runs:
-            if b[i1] == b[i0]:
-                continue
-            if per:
-                combine(J[:, b[i0]:b[i1]], w[i0:i1], self._run_offsets(i0, i1),
-                        out=g[b[i0]:b[i1]])
-            else:
-                combine(J[:, b[i0]:b[i1]], w, out=g[b[i0]:b[i1]])
+        """``g = w^T J`` with the Linear engine's share (:func:`._engine_share.engine_combine`)."""
+        engine_combine(self._layout, engine, J, w, g, runs)
 
     def _weighted_backward(self, roots, seeds, values, retain_graph) -> MTLStepInfo:
         """One backward of ``sum_t w_t L_t`` (EW, a loss-level method's terms, or the steps
@@ -833,11 +474,6 @@ class MTLOptimizer(OptimizerWrapper):
         if self._method_ready:
             m.after_step(self._loss_values(new))
         return out
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the parameters' gradients (each :meth:`backward` overwrites the per-task buffer
-        row by row, so it needs no clearing)."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus ``"mtl"``: the method's name and state (GradVac

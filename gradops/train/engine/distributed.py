@@ -3,9 +3,10 @@
 
 Each process trains on its share of every global batch (a ``DistributedSampler``: the global batch
 of ``--batch-size`` samples is the same set of samples as in a single-process run); the model is
-wrapped in ``DistributedDataParallel`` and handed to ``MTLOptimizer(ddp_model=...)``, which
-all-reduces the per-task gradients once per step, so every process runs the method on the global
-batch's gradients. Rank 0 evaluates and writes the run directory.
+wrapped in ``DistributedDataParallel`` and handed to
+``MTLOptimizer(distributed=Distributed(ddp_model=...))``, which all-reduces the per-task gradients
+once per step, so every process runs the method on the global batch's gradients. Rank 0
+evaluates and writes the run directory.
 
 BatchNorm: each process normalises with its own share of the batch (DDP's default; the running
 statistics are broadcast from rank 0 at every forward). A model with BatchNorm therefore trains

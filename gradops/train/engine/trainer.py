@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
-from ...optim import MTLOptimizer
+from ...optim import Distributed, MTLOptimizer
 from ...optim.sparse_training import SparseTraining
 from ...sparse import psn_masks
 from ...weighting import LossMethod
@@ -167,7 +167,7 @@ class Trainer:
                                     method_options=method_options(cfg), num_tasks=self.T,
                                     sparse=masks, module=encoder if masks is not None else None,
                                     stats=cfg.stats, grad_scaler=self.scaler,
-                                    ddp_model=self.ddp)
+                                    distributed=Distributed(ddp_model=self.ddp))
             # a loss-level method's parameters (UW's log-variances) joined the inner optimizer
             self.params = params + self.opt.method.parameters() \
                 if isinstance(self.opt.method, LossMethod) else params
