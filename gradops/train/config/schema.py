@@ -13,7 +13,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .backbones import check_backbone
+from .datasets import check_dataset
 from .errors import ConfigError
+from .extras import RECON_INITS, parse_probe, read_ranking, top_layers
 
 __all__ = ["TrainConfig", "METHODS", "MTL_METHODS", "LOSS_METHODS", "SPARSE_RULES",
            "canonical_sparse", "parse_sparse", "parse_sparse_rule", "read_toml", "to_toml",
@@ -146,7 +149,6 @@ class TrainConfig:
     # --- validation --------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
         """Check every field (types, ranges, names); returns ``self``."""
-        from ..data import check_dataset
         for f in fields(self):
             v = getattr(self, f.name)
             want = f.type if isinstance(f.type, type) else {"str": str, "int": int,
@@ -181,17 +183,8 @@ class TrainConfig:
         if self.dwa_temperature <= 0 or self.gamma <= 0:
             bad = "dwa_temperature" if self.dwa_temperature <= 0 else "gamma"
             raise ConfigError(option_name(bad), f"must be > 0, got {getattr(self, bad)}")
-        from ..models.dense import DENSE_BACKBONES
-        if self.backbone not in ("cnn", "mlp") + DENSE_BACKBONES:
-            from ..models.encoders import _timm
-            try:
-                import timm
-            except ImportError:
-                timm = None
-            if timm is None or not timm.is_model(self.backbone):
-                _timm(self.backbone, 1)   # raises the error naming --backbone
-        from ..addons import validate_addons
-        validate_addons(self)
+        check_backbone(self.backbone)
+        _validate_extras(self)
         return self
 
     # --- construction ------------------------------------------------------------------------
@@ -228,6 +221,24 @@ def parse_milestones(value: str) -> list[int]:
         raise ConfigError("--milestones", f"expected increasing epochs >= 1 separated by "
                           f"commas (e.g. 60,90) for --schedule multistep, got {value!r}")
     return ms
+
+
+def _validate_extras(cfg: TrainConfig) -> None:
+    """Check ``--recon``, ``--recon-topk``, ``--recon-init``, ``--probe``,
+    ``--selective-decay``, ``--selective-warmup`` (raises :class:`ConfigError`)."""
+    if cfg.recon:
+        if cfg.method == "stl":
+            raise ConfigError("--recon", "stl has no shared encoder to branch")
+        top_layers(read_ranking(cfg.recon), cfg.recon_topk)
+    elif cfg.recon_topk:
+        raise ConfigError("--recon-topk", "needs --recon RANKING_JSON")
+    if cfg.recon_init not in RECON_INITS:
+        raise ConfigError("--recon-init", f"unknown value {cfg.recon_init!r}", RECON_INITS)
+    parse_probe(cfg.probe)
+    if not 0.0 < cfg.selective_decay <= 1.0:
+        raise ConfigError("--selective-decay", f"must be in (0, 1], got {cfg.selective_decay}")
+    if cfg.selective_warmup < 0:
+        raise ConfigError("--selective-warmup", f"must be >= 0, got {cfg.selective_warmup}")
 
 
 # --- TOML --------------------------------------------------------------------------------------
