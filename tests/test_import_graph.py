@@ -44,11 +44,11 @@ TOP_LEVEL_ORDER: tuple[tuple[str, ...], ...] = (
     ("_backend",), ("_validate",), ("segments",), ("ops", "reference", "metrics"),
     ("weighting",), ("sparse",), ("optim",), ("train",), ("bench",), ("cli",), ("__main__",),
 )
-# Folders of gradops/train, following the data path. `loss_methods` (UW, DWA, FAMO: imports
-# nothing of gradops/train, and is on its way into gradops.weighting) comes first.
+# Folders of gradops/train, following the data path. `tasks` (task types, losses, metrics)
+# comes before `data`: a data set declares its tasks with tasks' types.
 TRAIN_ORDER: tuple[tuple[str, ...], ...] = (
-    ("loss_methods",), ("config",), ("data",), ("tasks",), ("models",), ("engine",), ("recon",),
-    ("runs",), ("report",),
+    ("config",), ("tasks",), ("data",), ("models",), ("engine",), ("recon",), ("runs",),
+    ("report",),
 )
 PACKAGE = "gradops"
 TRAIN = "gradops.train"

@@ -96,7 +96,7 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 def run_search(args: argparse.Namespace) -> int:
     from ..train import ConfigError
-    from ..train.recon import recon_search
+    from ..train.runs.recon_search import recon_search
     try:
         _check_paths(args)
         cfg = _merge(args)
@@ -113,10 +113,11 @@ def run_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..train import ConfigError
-    from ..train.engine.checkpoint import atomic_write_text
+    from ..train.config.atomic import atomic_write_text
     from ..train.config.cli_options import parse_list
     from ..train.recon import read_ranking
-    from ..train.recon.search import check_empty_dir, encoder_layers
+    from ..train.recon.search import encoder_layers
+    from ..train.runs.recon_search import check_empty_dir
     from ..train.report.recon_seeds import format_console_summary, format_recon_report, recon_seeds
     from ..train.runs.rundir import DirLock
     try:

@@ -8,19 +8,21 @@ Example::
                           "runs/pcgrad")
     run_grid(TrainConfig(epochs=2), ["ew", "pcgrad"], ["off", "fraction=0.3"], [0, 1], "cmp")
 
-Folders, in the order of the data path (each imports only from those before it): :mod:`.config` (the
-options), :mod:`.data` (data sets), :mod:`.tasks` (losses and metrics), :mod:`.models`,
-:mod:`.engine` (the epoch loop, conflict statistics, checkpoints, torchrun), :mod:`.recon`,
-:mod:`.runs` (one run directory, ``compare``'s grid), :mod:`.report`; :mod:`.loss_methods` (UW, DWA,
-FAMO). Needs scikit-learn for the digits data sets and tqdm for progress bars (``pip install
-gradops[train]``).
+Folders, in the order of the data path (each imports only from those before it):
+:mod:`.config` (the options; ``--method`` reads :mod:`gradops.weighting`'s registry) ->
+:mod:`.tasks` (losses and metrics) -> :mod:`.data` (data sets) -> :mod:`.models` ->
+:mod:`.engine` (the Trainer, its
+optimizers, conflict statistics, checkpoints, torchrun) -> :mod:`.recon` -> :mod:`.runs` (one run
+directory, ``compare``'s grid) -> :mod:`.report` (and ``run_grid``). Needs scikit-learn for the
+digits data sets and tqdm for progress bars (``pip install gradops[train]``).
 """
 from __future__ import annotations
 
 from .config.errors import ConfigError
 from .config.method_options import trainer_methods
 from .config.schema import TrainConfig, parse_sparse
-from .runs.grid import BUDGETS, run_grid, run_name
+from .report.compare import run_grid
+from .runs.grid import BUDGETS, run_name
 from .runs.run import run_training
 
 __all__ = ["BUDGETS", "ConfigError", "METHODS", "TrainConfig", "parse_sparse", "run_grid",

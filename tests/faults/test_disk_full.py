@@ -83,7 +83,7 @@ def test_a_full_disk_leaves_no_temporary_file(tmp_path, limit, monkeypatch):
     names the target; the old file stays whole."""
     import errno
 
-    from gradops.train.engine import checkpoint
+    from gradops.train.config import atomic
     target = tmp_path / "f.txt"
     target.write_text("old\n")
     real_open = open
@@ -105,8 +105,8 @@ def test_a_full_disk_leaves_no_temporary_file(tmp_path, limit, monkeypatch):
         def __exit__(self, *a):
             self.f.close()
 
-    monkeypatch.setattr(checkpoint, "open", lambda p, m: Full(real_open(p, m)), raising=False)
+    monkeypatch.setattr(atomic, "open", lambda p, m: Full(real_open(p, m)), raising=False)
     with pytest.raises(OSError) as e:
-        checkpoint.atomic_write_text(target, "new " * 100)
+        atomic.atomic_write_text(target, "new " * 100)
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(target)
     assert target.read_text() == "old\n" and temporaries(tmp_path) == []

@@ -8,7 +8,8 @@ import torch
 from dense_fixtures import write_celeba, write_mnist_like, write_mtan
 
 from gradops.cli import main
-from gradops.train.models.dense import DilatedResNet, SegNet, build_model
+from gradops.train.models.build import build_model
+from gradops.train.models.dense import DilatedResNet, SegNet
 from gradops.train.tasks.dense import Depth, Normals, Segmentation
 from gradops.train.config.errors import ConfigError
 from gradops.train.config.presets import PRESETS, preset_config

@@ -7,7 +7,9 @@ from torch import nn
 
 from gradops.train.config.errors import ConfigError
 from gradops.train.models.encoders import MTLModel
-from gradops.train.engine.probes import GradientProbe, parse_probe, per_sample_task_gradients
+from gradops.train.config.extras import parse_probe
+from gradops.train.engine.probes import GradientProbe, per_sample_task_gradients
+from gradops.train.runs.extra_files import write_probes
 from gradops.train.tasks.types import Binary, Classification, Regression
 
 TASKS = [Classification("a", n_out=3), Regression("b"), Binary("c")]
@@ -92,7 +94,7 @@ def test_epoch_statistics_against_a_direct_computation(tmp_path):
         np.testing.assert_allclose([r["mean"], r["std"], r["p2_5"], r["p97_5"]],
                                    [v.mean(), v.std(), np.percentile(v, 2.5),
                                     np.percentile(v, 97.5)], rtol=1e-4, atol=1e-5)
-    probe.write(tmp_path)
+    write_probes(probe, tmp_path)
     assert (tmp_path / "probes.csv").read_text().splitlines()[0] == \
         "epoch,setup,measure,mean,std,p2_5,p97_5,n"
     assert (tmp_path / "probes.png").stat().st_size > 0

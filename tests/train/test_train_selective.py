@@ -4,7 +4,8 @@ group that stepped, and the bookkeeping (history, state, errors)."""
 import pytest
 import torch
 
-from gradops.train.engine.selective import SelectiveGroups, selective_step, write_selective_outputs
+from gradops.train.engine.selective import SelectiveGroups, selective_step
+from gradops.train.runs.extra_files import write_selective_outputs
 
 
 def _driver(losses_of, params, lr):

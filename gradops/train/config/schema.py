@@ -13,8 +13,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .backbones import check_backbone
+from .datasets import check_dataset
 from .errors import ConfigError
 from .method_options import check_method, legacy_method_opt, parse_method_opt
+from .extras import RECON_INITS, parse_probe, read_ranking, top_layers
 
 __all__ = ["TrainConfig", "SPARSE_RULES",
            "canonical_sparse", "parse_sparse", "parse_sparse_rule", "read_toml", "to_toml",
@@ -137,7 +140,6 @@ class TrainConfig:
     # --- validation --------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
         """Check every field (types, ranges, names); returns ``self``."""
-        from ..data import check_dataset
         for f in fields(self):
             v = getattr(self, f.name)
             want = f.type if isinstance(f.type, type) else {"str": str, "int": int,
@@ -171,17 +173,8 @@ class TrainConfig:
             parse_milestones(self.milestones)
         if self.gamma <= 0:
             raise ConfigError("--gamma", f"must be > 0, got {self.gamma}")
-        from ..models.dense import DENSE_BACKBONES
-        if self.backbone not in ("cnn", "mlp") + DENSE_BACKBONES:
-            from ..models.encoders import _timm
-            try:
-                import timm
-            except ImportError:
-                timm = None
-            if timm is None or not timm.is_model(self.backbone):
-                _timm(self.backbone, 1)   # raises the error naming --backbone
-        from ..addons import validate_addons
-        validate_addons(self)
+        check_backbone(self.backbone)
+        _validate_extras(self)
         return self
 
     # --- construction ------------------------------------------------------------------------
@@ -218,6 +211,24 @@ def parse_milestones(value: str) -> list[int]:
         raise ConfigError("--milestones", f"expected increasing epochs >= 1 separated by "
                           f"commas (e.g. 60,90) for --schedule multistep, got {value!r}")
     return ms
+
+
+def _validate_extras(cfg: TrainConfig) -> None:
+    """Check ``--recon``, ``--recon-topk``, ``--recon-init``, ``--probe``,
+    ``--selective-decay``, ``--selective-warmup`` (raises :class:`ConfigError`)."""
+    if cfg.recon:
+        if cfg.method == "stl":
+            raise ConfigError("--recon", "stl has no shared encoder to branch")
+        top_layers(read_ranking(cfg.recon), cfg.recon_topk)
+    elif cfg.recon_topk:
+        raise ConfigError("--recon-topk", "needs --recon RANKING_JSON")
+    if cfg.recon_init not in RECON_INITS:
+        raise ConfigError("--recon-init", f"unknown value {cfg.recon_init!r}", RECON_INITS)
+    parse_probe(cfg.probe)
+    if not 0.0 < cfg.selective_decay <= 1.0:
+        raise ConfigError("--selective-decay", f"must be in (0, 1], got {cfg.selective_decay}")
+    if cfg.selective_warmup < 0:
+        raise ConfigError("--selective-warmup", f"must be >= 0, got {cfg.selective_warmup}")
 
 
 # --- TOML --------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..engine.checkpoint import atomic_write_bytes
+from ..config.atomic import atomic_write_bytes
+from ..config.io_errors import describe_os_error
 
 __all__ = ["cache_dir", "cached_arrays"]
 
@@ -80,7 +81,6 @@ _warned: set[str] = set()
 
 
 def _warn_unwritable(d: Path, e: OSError) -> None:
-    from ..config.io_errors import describe_os_error
     if str(d) in _warned:
         return
     _warned.add(str(d))

@@ -1,5 +1,6 @@
-"""The registry of data sets the trainer knows (``--data NAME``) and the in-memory form they
-load into.
+"""The in-memory form the data sets of the trainer (``--data NAME``) load into, and
+:func:`load_dataset`. The registry of their names is :mod:`gradops.train.config.datasets`
+(re-exported here).
 
 A data set is a builder ``build(root, data_seed) -> MTLData``. Builders of data sets read from
 local files (NYUv2, CityScapes, ...) take ``--data-root PATH``; register them with
@@ -13,10 +14,12 @@ from typing import Callable
 
 import torch
 
-from ..config.errors import ConfigError
+from ..config.datasets import (check_dataset, dataset_builder, dataset_names,
+                               register_dataset)
 from ..tasks.types import Task
 
-__all__ = ["MTLData", "Split", "register_dataset", "dataset_names", "load_dataset"]
+__all__ = ["MTLData", "Split", "register_dataset", "dataset_names", "check_dataset",
+           "load_dataset"]
 
 
 @dataclass
@@ -71,39 +74,6 @@ class MTLData:
         return tuple(self.splits["train"].x.shape[1:])
 
 
-@dataclass
-class _Entry:
-    build: Callable[..., MTLData]
-    needs_root: bool
-    description: str
-
-
-_REGISTRY: dict[str, _Entry] = {}
-
-
-def register_dataset(name: str, build: Callable[..., MTLData], *, needs_root: bool = False,
-                     description: str = "") -> None:
-    """Make ``build(root, data_seed) -> MTLData`` available as ``--data name``."""
-    if name in _REGISTRY:
-        raise ValueError(f"register_dataset: {name!r} is already registered")
-    _REGISTRY[name] = _Entry(build, needs_root, description)
-
-
-def dataset_names() -> tuple[str, ...]:
-    """The names ``--data`` accepts."""
-    return tuple(_REGISTRY)
-
-
-def check_dataset(name: str, root: str | None) -> None:
-    """Raise :class:`ConfigError` for an unknown name or a missing ``--data-root``."""
-    if name not in _REGISTRY:
-        raise ConfigError("--data", f"unknown data set {name!r}", dataset_names())
-    if _REGISTRY[name].needs_root and not root:
-        raise ConfigError("--data-root", f"data set {name!r} reads local files: give their "
-                          "directory")
-
-
 def load_dataset(name: str, root: str | None = None, data_seed: int = 0) -> MTLData:
     """Build (or read from the cache) the data set ``name``."""
-    check_dataset(name, root)
-    return _REGISTRY[name].build(root, data_seed)
+    return dataset_builder(name, root)(root, data_seed)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import struct
 import sys
 from pathlib import Path
@@ -15,10 +14,10 @@ from typing import Any
 
 import torch
 
+from ..config.atomic import atomic_write_bytes
 from ..config.errors import ConfigError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "restore_trainer", "atomic_write_bytes",
-           "atomic_write_text", "CHECKPOINT", "MAGIC"]
+__all__ = ["save_checkpoint", "load_checkpoint", "restore_trainer", "CHECKPOINT", "MAGIC"]
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
@@ -30,44 +29,6 @@ _HEX = 64
 #: The keys every checkpoint's state has (and those of its ``trainer`` entry).
 _KEYS = ("epoch", "trainer", "history", "config")
 _TRAINER_KEYS = ("model", "optimizer", "rng")
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, whole."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:   # a full disk, a signal, ...: no temporary file stays behind
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if isinstance(e, OSError) and e.filename is None:
-            raise type(e)(e.errno, e.strerror or str(e), str(path)) from e
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def _eocd_ok(data: bytes, comment_len: int) -> bool:

@@ -51,6 +51,9 @@ from typing import Any
 
 import torch
 
+from ..tasks.dense import Attribute
+from ..tasks.types import Binary, Classification, Regression
+
 __all__ = ["CHANCE_FROM_EPOCH", "CHANCE_MARGIN", "CHANCE_PATIENCE", "EXIT_DIVERGED",
            "REGRESSION_MARGIN",
            "ChanceLevel", "Divergence", "chance_levels", "check_epoch", "strict_json"]
@@ -106,8 +109,6 @@ def chance_levels(tasks: Sequence[Any], targets: Mapping[str, torch.Tensor]
                   ) -> dict[str, ChanceLevel]:
     """The chance rule of each task that has one (see the module docstring), from the validation
     split's ``targets`` (read once, when the run starts)."""
-    from ..tasks.dense import Attribute
-    from ..tasks.types import Binary, Classification, Regression
     out: dict[str, ChanceLevel] = {}
     for t in tasks:
         y = targets.get(t.name)

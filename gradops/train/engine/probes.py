@@ -23,10 +23,7 @@ running statistics are not updated by the probe, and the model's mode is restore
 """
 from __future__ import annotations
 
-import csv
-import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,32 +32,13 @@ from torch.func import functional_call, jacrev, vmap
 
 from ... import metrics
 from ...ops.gram import gram
+from ..config.extras import parse_probe
 
 __all__ = ["GradientProbe", "parse_probe", "per_sample_task_gradients", "pair_statistics",
            "PROBE_COLUMNS"]
 
 PROBE_COLUMNS = ("epoch", "setup", "measure", "mean", "std", "p2_5", "p97_5", "n")
 MEASURES = ("cos", "gms", "sign_conflict")
-
-
-def parse_probe(spec: str, option: str = "--probe") -> tuple[int, int] | None:
-    """``"off"`` -> None; ``"every=5,samples=8"`` -> ``(5, 8)`` (either key may be left out:
-    defaults 5 and 8). Raises :class:`~gradops.train.config.errors.ConfigError` naming
-    ``option``."""
-    from ..config.errors import ConfigError
-    v = str(spec).strip()
-    if v in ("off", ""):
-        return None
-    out = {"every": 5, "samples": 8}
-    for part in v.split(","):
-        m = re.fullmatch(r"\s*(every|samples)=(\d+)\s*", part)
-        if not m or int(m.group(2)) < 1:
-            raise ConfigError(option, f"malformed value {spec!r} (every=INT>=1, samples=INT>=1)",
-                              ["off", "every=5,samples=8"])
-        out[m.group(1)] = int(m.group(2))
-    if out["samples"] < 2:
-        raise ConfigError(option, "samples must be >= 2 (inter-sample pairs)")
-    return out["every"], out["samples"]
 
 
 def per_sample_task_gradients(model: nn.Module, shared: Sequence[torch.Tensor], tasks,
@@ -158,20 +136,6 @@ class GradientProbe:
         self._values = {}
         self.rows.extend(rows)
         return rows
-
-    def write(self, out_dir: Path) -> None:
-        """``probes.csv`` (:data:`PROBE_COLUMNS`) and ``probes.png`` (Elich et al.'s Fig. 4)."""
-        out = Path(out_dir)
-        import io
-
-        from .checkpoint import atomic_write_text
-        buf = io.StringIO(newline="")
-        w = csv.DictWriter(buf, fieldnames=PROBE_COLUMNS)
-        w.writeheader()
-        w.writerows(self.rows)
-        atomic_write_text(out / "probes.csv", buf.getvalue())
-        from ..recon.plots import plot_probes
-        plot_probes(self.rows, out / "probes.png")
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "rows": list(self.rows)}

@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["SelectiveGroups", "selective_step", "write_selective_outputs"]
+__all__ = ["SelectiveGroups", "selective_step"]
 
 
 class SelectiveGroups:
@@ -194,22 +193,3 @@ def selective_step(sel: SelectiveGroups,
         before = after
     sel.end_step()
     return first, outs
-
-
-def write_selective_outputs(sel: SelectiveGroups, names: Sequence[str], out_dir: Path) -> None:
-    """``selective_groups.csv`` (step, number of groups, the groups as ``a+b|c``),
-    ``selective_affinity.csv`` and the plots ``selective_affinity.png`` and
-    ``selective_groups.png``."""
-    out = Path(out_dir)
-    lines = ["step,n_groups,groups"]
-    for i, gs in enumerate(sel.history, 1):
-        lines.append(f"{i},{len(gs)}," + "|".join("+".join(names[t] for t in g) for g in gs))
-    from .checkpoint import atomic_write_text
-    atomic_write_text(out / "selective_groups.csv", "\n".join(lines) + "\n")
-    A = sel.affinity.cpu().tolist()
-    rows = ["source," + ",".join(names)] + [names[s] + "," + ",".join(repr(v) for v in row)
-                                             for s, row in enumerate(A)]
-    atomic_write_text(out / "selective_affinity.csv", "\n".join(rows) + "\n")
-    from ..recon.plots import plot_affinity, plot_group_counts
-    plot_affinity(A, names, out / "selective_affinity.png")
-    plot_group_counts([len(gs) for gs in sel.history], out / "selective_groups.png")

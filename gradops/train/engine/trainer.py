@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,23 +25,28 @@ import torch
 from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
-from ...optim import Distributed, MTLOptimizer
+from ...optim import MTLOptimizer, MTLStepInfo
 from ...optim.sparse_training import SparseTraining
 from ...sparse import psn_masks
 from ...weighting import LossMethod
-from ..config.method_options import method_options
+from ..config.errors import ConfigError
+from ..config.extras import parse_probe
 from ..config.schema import TrainConfig, parse_milestones, parse_sparse_rule
 from ..data import MTLData, Split
-from .distributed import Dist
-from ..config.errors import ConfigError
-from ..models.dense import build_model
+from ..models.branch import shared_module
+from ..models.build import branch_trainer_model, build_model
 from ..tasks.metrics import MetricAccumulator
+from .distributed import Dist
+from .optimizers import inner_optimizer, mtl_optimizer
+from .probes import GradientProbe
+from .selective import SelectiveGroups, selective_step
 from .stats import ConflictStats, layer_index
-from ..addons import branch_trainer_model, selective_trainer_step, shared_module
-from .probes import GradientProbe, parse_probe
-from .selective import SelectiveGroups
 
-__all__ = ["Trainer", "resolve_device", "memory_format"]
+__all__ = ["Trainer", "StepCallback", "resolve_device", "memory_format"]
+
+#: Called after every training step with that step's :class:`~gradops.optim.MTLStepInfo` (None
+#: for ``stl``; the group updates of ``selective`` call no callback, as they add no statistics).
+StepCallback = Callable[[MTLStepInfo | None], None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -137,7 +143,7 @@ class Trainer:
 
         params = list(self.net.parameters())
         self.params = params
-        inner = self._inner_optimizer(params)
+        inner = inner_optimizer(cfg, params)
 
         rule, kind, value = parse_sparse_rule(cfg.sparse)
         masks = None
@@ -163,11 +169,8 @@ class Trainer:
             self.opt: torch.optim.Optimizer = (SparseTraining(inner, masks, encoder)
                                                if masks is not None else inner)
         else:
-            self.opt = MTLOptimizer(inner, method=cfg.method, shared=encoder,
-                                    method_options=method_options(cfg), num_tasks=self.T,
-                                    sparse=masks, module=encoder if masks is not None else None,
-                                    stats=cfg.stats, grad_scaler=self.scaler,
-                                    distributed=Distributed(ddp_model=self.ddp))
+            self.opt = mtl_optimizer(cfg, inner, encoder, masks, self.scaler, self.ddp,
+                                     num_tasks=self.T)
             # a loss-level method's parameters (UW's log-variances) joined the inner optimizer
             self.params = params + self.opt.method.parameters() \
                 if isinstance(self.opt.method, LossMethod) else params
@@ -187,6 +190,13 @@ class Trainer:
         layers, index = layer_index(encoder, shared)
         self.layers = layers
         self.stats = ConflictStats(self.T, device, layers, index)
+        self._step_callbacks: list[StepCallback] = [self.stats.add]
+
+    def add_step_callback(self, fn: StepCallback) -> None:
+        """Call ``fn(info)`` after every training step, after the trainer's own statistics
+        (:data:`StepCallback`; ``info``'s tensors stay on the device: no host read). Recon's
+        search counts its layer scores this way."""
+        self._step_callbacks.append(fn)
 
     # --- construction helpers ---------------------------------------------------------------
     def _to_device(self, s: Split) -> Split:
@@ -200,22 +210,16 @@ class Trainer:
         key = ((self.cfg.seed * 1_000_003 + epoch) * 1_000_003 + self.dist.rank) * 1_000_003 + i
         return torch.Generator().manual_seed(key % (2**63 - 1))
 
-    def _inner_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-        c = self.cfg
-        if c.optim == "adam":
-            return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
-        if c.optim == "adamw":
-            return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # --- one step ------------------------------------------------------------------------------
-    def _losses(self, module: nn.Module, x: torch.Tensor, ys: dict[str, torch.Tensor]
-                ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    def losses(self, module: nn.Module, x: torch.Tensor, ys: dict[str, torch.Tensor]
+               ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """The T task losses of ``module`` (the trainer's model, its DDP wrapper or the bare
+        network) on the batch ``(x, ys)`` under autocast (``--amp``), and its outputs."""
         with self._autocast():
             outs = module(x)
         return [t.loss(outs[t.name], ys[t.name]) for t in self.tasks], outs
@@ -255,16 +259,20 @@ class Trainer:
 
         def closure() -> list[torch.Tensor]:
             with _keep_running_stats(self.net):
-                return self._losses(self.net, x, ys)[0]
+                return self.losses(self.net, x, ys)[0]
         return closure
 
-    def _step(self, x: torch.Tensor, ys: dict[str, torch.Tensor]):
+    def step(self, x: torch.Tensor, ys: dict[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One training step on the batch ``(x, ys)`` (module docstring): returns the T losses
+        before the step (a detached float tensor) and the forward's outputs; then calls the
+        step callbacks (:meth:`add_step_callback`)."""
         if self.probe is not None:            # before the step, on the batch's first samples
             self.probe.step(self.net, [p for p in shared_module(self.net).parameters()
                                        if p.requires_grad], self.tasks, x, ys)
         if self.selective is not None:
-            return selective_trainer_step(self, x, ys)
-        losses, outs = self._losses(self.model, x, ys)
+            return self._selective_step(x, ys)
+        losses, outs = self.losses(self.model, x, ys)
         self.opt.zero_grad(set_to_none=True)
         values = torch.stack([v.detach().float() for v in losses])
         sc = self.scaler
@@ -275,8 +283,29 @@ class Trainer:
         else:   # a loss-level method turns the losses into its terms in backward
             info = self.opt.backward(sc.scale(losses) if sc is not None else losses)
         self.clip_and_step(self._closure(x, ys))
-        self.stats.add(info)
+        for fn in self._step_callbacks:
+            fn(info)
         return values, outs
+
+    def _selective_step(self, x: torch.Tensor, ys: dict[str, torch.Tensor]):
+        """One batch of ``--method selective`` on the trainer's model and optimizer (AMP's
+        GradScaler, clipping and sparse training as in the other methods); returns the losses
+        before the first group's step and that forward's outputs."""
+        sc = self.scaler
+
+        def forward():
+            return self.losses(self.model, x, ys)
+
+        def update(loss: torch.Tensor) -> None:
+            self.opt.zero_grad(set_to_none=True)
+            (sc.scale(loss) if sc is not None else loss).backward()
+            self.clip_and_step()
+
+        def measure():
+            with torch.no_grad(), _keep_running_stats(self.net):
+                return self.losses(self.net, x, ys)[0]
+
+        return selective_step(self.selective, forward, update, measure, reduce=self.dist.mean_)
 
     # --- epochs --------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -301,7 +330,7 @@ class Trainer:
         for i in bar:
             bi = idx[i * b:(i + 1) * b]
             x, ys = tr.batch(bi, self._generator(epoch, i))
-            values, outs = self._step(x, ys)
+            values, outs = self.step(x, ys)
             loss_sum += values.double()
             acc.add(outs, ys)
         mean_losses = self.dist.mean_(loss_sum / max(nb, 1))
@@ -333,7 +362,7 @@ class Trainer:
         acc = MetricAccumulator(self.tasks, self.device)
         for a in range(0, n, self.cfg.eval_batch_size):
             x, ys = s.batch(slice(a, a + self.cfg.eval_batch_size))
-            losses, outs = self._losses(self.net, x, ys)
+            losses, outs = self.losses(self.net, x, ys)
             loss_sum += torch.stack([v.double() for v in losses]) * len(x)
             acc.add(outs, ys)
         self.net.train()

@@ -41,10 +41,12 @@ import torch.fx
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["BranchedEncoder", "BranchedMTLModel", "branch_model", "branch_report",
-           "layer_names", "INITS", "MODES"]
+from ..config.extras import RECON_INITS
 
-INITS = ("reinit", "copy")
+__all__ = ["BranchedEncoder", "BranchedMTLModel", "branch_model", "branch_report",
+           "layer_names", "shared_module", "INITS", "MODES"]
+
+INITS = RECON_INITS
 MODES = ("auto", "fx", "replay")
 
 
@@ -304,6 +306,11 @@ class BranchedMTLModel(nn.Module):
                                                     align_corners=False)
             out[name] = y
         return out
+
+
+def shared_module(net: nn.Module) -> nn.Module:
+    """The module holding the shared parameters: the encoder, or a branched encoder's base."""
+    return net.encoder.base if isinstance(net, BranchedMTLModel) else net.encoder
 
 
 def branch_model(model: nn.Module, layers: Sequence[str], init: str = "reinit",

@@ -31,14 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tasks.dense import is_dense
+from ..config.backbones import DENSE_BACKBONES
 from ..config.errors import ConfigError
 from ..tasks.types import Task
 
-__all__ = ["DENSE_BACKBONES", "DenseMTLModel", "SegNet", "DilatedResNet", "build_dense_encoder",
-           "build_model"]
+__all__ = ["DENSE_BACKBONES", "DenseMTLModel", "SegNet", "DilatedResNet", "build_dense_encoder"]
 
-DENSE_BACKBONES = ("segnet", "resnet-dilated")
 
 
 def _conv_bn_relu(cin: int, cout: int, dilation: int = 1) -> nn.Sequential:
@@ -202,38 +200,3 @@ class DenseMTLModel(nn.Module):
                 y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
             out[name] = y
         return out
-
-
-def _dense_net(backbone: str, input_shape: tuple[int, ...], width: int, tasks: Sequence[Task],
-               weights: str | None) -> DenseMTLModel:
-    from .encoders import _load_weights
-    enc = build_dense_encoder(backbone, input_shape[0], width)
-    if weights:
-        _load_weights(enc, weights)
-    return DenseMTLModel(enc, tasks, "segnet" if backbone == "segnet" else "conv")
-
-
-def build_model(backbone: str, input_shape: tuple[int, ...], width: int, tasks: Sequence[Task],
-                weights: str | None = None, stl: bool = False) -> nn.Module:
-    """The trainer's network for ``tasks``: a :class:`DenseMTLModel` when the tasks are dense,
-    else :class:`~gradops.train.models.encoders.MTLModel`; with ``stl`` one such model per task
-    (:class:`~gradops.train.models.encoders.STLModel`)."""
-    from .encoders import MTLModel, STLModel, build_encoder
-    dense = [is_dense(t) for t in tasks]
-    if any(dense) and not all(dense):
-        raise ConfigError("--data", "a data set mixes dense and per-image tasks, which no "
-                          "model of the trainer serves")
-    if not any(dense) and backbone in DENSE_BACKBONES:
-        raise ConfigError("--backbone", f"{backbone!r} is a dense-prediction backbone; the "
-                          "tasks of this data set are per image", ["cnn", "mlp",
-                                                                   "a timm model name"])
-
-    def one(ts: Sequence[Task]) -> nn.Module:
-        if all(dense):
-            return _dense_net(backbone, input_shape, width, ts, weights)
-        enc, feat = build_encoder(backbone, input_shape, width, weights)
-        return MTLModel(enc, feat, list(ts))
-
-    if stl:
-        return STLModel({t.name: one([t]) for t in tasks})
-    return one(tasks)

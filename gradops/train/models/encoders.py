@@ -22,13 +22,11 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from ..config.backbones import BUILTIN_BACKBONES, require_timm
 from ..config.errors import ConfigError
 from ..tasks.types import Task
 
-__all__ = ["MTLModel", "STLModel", "build_encoder", "BUILTIN_BACKBONES"]
-
-BUILTIN_BACKBONES = ("cnn", "mlp")
-
+__all__ = ["MTLModel", "STLModel", "build_encoder", "load_weights", "BUILTIN_BACKBONES"]
 
 def _cnn(in_ch: int, width: int, hw: tuple[int, int]) -> tuple[nn.Module, int]:
     w = width
@@ -53,14 +51,7 @@ def _mlp(in_features: int, width: int) -> tuple[nn.Module, int]:
 
 
 def _timm(name: str, in_ch: int) -> tuple[nn.Module, int]:
-    try:
-        import timm
-    except ImportError as e:
-        raise ConfigError("--backbone", f"{name!r} is not built in and timm is not installed "
-                          "(pip install timm)", BUILTIN_BACKBONES) from e
-    if not timm.is_model(name):
-        raise ConfigError("--backbone", f"unknown backbone {name!r}",
-                          list(BUILTIN_BACKBONES) + ["a timm model name (timm.list_models())"])
+    timm = require_timm(name, BUILTIN_BACKBONES)
     enc = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_ch)
     return enc, int(enc.num_features)
 
@@ -79,7 +70,7 @@ def _check_forward(enc: nn.Module, name: str, input_shape: tuple[int, ...]) -> N
         enc.train()
 
 
-def _load_weights(enc: nn.Module, path: str) -> None:
+def load_weights(enc: nn.Module, path: str) -> None:
     if not os.path.isfile(path):
         raise ConfigError("--weights", f"no such file: {path}")
     try:
@@ -123,7 +114,7 @@ def build_encoder(backbone: str, input_shape: tuple[int, ...], width: int,
         enc, feat = _timm(backbone, in_ch)
         _check_forward(enc, backbone, input_shape)
     if weights:
-        _load_weights(enc, weights)
+        load_weights(enc, weights)
     return enc, feat
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ... import metrics
 from ...ops.gram import segment_gram
+from ...segments import offsets_from_numels
 from ..engine.stats import LayerScores
 
 __all__ = ["LayerScores", "CosineBins", "TABLE6_BINS", "pair_loop_scores", "fused_scores",
@@ -111,7 +112,6 @@ def bench_search_cost(numels: Sequence[int], T: int, S: float = -0.02, repeats: 
     one pass, counts on device) and the pair loop, on random per-task gradients ``[T, P]``
     with one segment per layer of ``numels`` (best of ``repeats``). The two count the same
     (checked here, raising ``RuntimeError`` otherwise)."""
-    from ... import offsets_from_numels
     g = torch.Generator(device="cpu").manual_seed(seed)
     P = int(sum(numels))
     J = torch.randn(T, P, generator=g).to(device)

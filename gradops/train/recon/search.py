@@ -1,12 +1,16 @@
 """Recon's layer search and the before/after conflict comparison (Shi et al., "Recon: Reducing
 Conflicting Gradients from the Root for Multi-Task Learning", ICLR 2023, Algorithm 1, Table 6).
 
-:func:`recon_search` trains the unbranched model of a trainer configuration for ``iters``
+:func:`search_layers` trains the unbranched model of a trainer configuration for ``iters``
 iterations with its method (any method but ``stl``), accumulates each layer's S-conflict count
 on the device from the per-layer Grams the optimizer computes anyway (``stats=True``: one pass
-over the per-task gradients, no host sync per step) and writes ``ranking.json`` (layers sorted
-by score, descending; ties keep the network's order), ``scores.png`` and ``search.json``. The LR
-schedule is not stepped during the search (it is a few hundred iterations at ``--lr``).
+over the per-task gradients, no host sync per step) and ranks the layers by score (descending;
+ties keep the network's order); :func:`gradops.train.runs.recon_search.recon_search` writes the
+search's directory (``ranking.json``, ``scores.png``, ``search.json``). The LR schedule is not
+stepped during the search (it is a few hundred iterations at ``--lr``).
+
+The optimizers are the trainer's (:mod:`gradops.train.engine.optimizers`): ``--optim`` and the
+method's options apply to the search and to :func:`conflict_table` alike.
 
 :func:`conflict_table` trains the unbranched and the branched model (top-``K`` layers of a
 ranking task-specific) from the same seed for the same iterations and counts the pairwise
@@ -16,26 +20,26 @@ layers (``before_all``, the paper's joint-training column).
 """
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ...weighting import get_method, method_names
-from ..config.method_options import method_options
+from ..config.errors import ConfigError
+from ..config.extras import read_ranking, top_layers
 from ..config.schema import TrainConfig
 from ..data import load_dataset
 from ..engine.distributed import Dist
-from ..config.errors import ConfigError
-from ..models.dense import build_model
+from ..engine.optimizers import inner_optimizer, mtl_optimizer
 from ..engine.stats import layer_index
+from ..engine.trainer import Trainer, resolve_device
 from ..models.branch import branch_model
+from ..models.build import build_model
 from .scores import TABLE6_BINS, CosineBins, LayerScores
 
-__all__ = ["recon_search", "read_ranking", "top_layers", "conflict_table",
-           "conflict_table_markdown", "check_empty_dir", "default_iters", "encoder_layers"]
+__all__ = ["search_layers", "read_ranking", "top_layers", "conflict_table",
+           "conflict_table_markdown", "default_iters", "encoder_layers"]
 
 
 def default_iters(cfg: TrainConfig) -> int:
@@ -47,19 +51,6 @@ def default_iters(cfg: TrainConfig) -> int:
     if cfg.train_limit:
         n = min(n, cfg.train_limit)
     return max(1, cfg.epochs * (n // cfg.batch_size))
-
-
-def check_empty_dir(out: Path, option: str = "--out", overwrite: bool = False,
-                    probe: bool = True) -> None:
-    """Refuse a path that is a file, a directory another process writes, or a non-empty
-    directory unless ``overwrite``."""
-    from ..runs.rundir import LOCK_FILE, probe_lock
-    if out.exists() and not out.is_dir():
-        raise ConfigError(option, f"{out} exists and is not a directory")
-    if probe:
-        probe_lock(out, option)
-    if not overwrite and out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
-        raise ConfigError(option, f"{out} is not empty; pass --overwrite to replace its files")
 
 
 def encoder_layers(cfg: TrainConfig) -> list[str]:
@@ -77,39 +68,14 @@ def _layer_params(module: torch.nn.Module, names: list[str]) -> dict[str, int]:
             for n in names}
 
 
-def recon_search(cfg: TrainConfig, iters: int, S: float, out_dir: str | Path, *,
-                 overwrite: bool = False, progress: bool = False) -> list[dict[str, Any]]:
-    """Run Recon's search (module docstring); returns the ranking written to
-    ``out_dir/ranking.json``. Holds ``out_dir``'s lock (:class:`~gradops.train.runs.rundir.DirLock`)
-    while it writes there."""
-    from ..runs.rundir import DirLock
-    lock = DirLock(out_dir, "--out")
-    with lock.holding():
-        return _recon_search(cfg, iters, S, out_dir, overwrite=overwrite, progress=progress,
-                             lock=lock)
-
-
-def _recon_search(cfg: TrainConfig, iters: int, S: float, out_dir: str | Path, *,
-                  overwrite: bool = False, progress: bool = False, lock: Any = None
-                  ) -> list[dict[str, Any]]:
-    from ..engine.trainer import Trainer, resolve_device
-    cfg = cfg.validate()
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ConfigError("--iters", f"must be an integer >= 1, got {iters!r}")
-    if not -1.0 < float(S) <= 0.0:
-        raise ConfigError("--S", f"must be in (-1, 0], got {S}")
-    if cfg.method == "stl":
-        raise ConfigError("--method", "stl has no shared layers to search", ["any other method"])
-    if not cfg.stats:
-        raise ConfigError("--stats", "the search needs the per-task gradients (--stats)")
-    out = Path(out_dir)
-    check_empty_dir(out, overwrite=overwrite)
-    if lock is not None:
-        lock.acquire()
-        check_empty_dir(out, overwrite=overwrite, probe=False)     # again, under the lock
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def search_layers(cfg: TrainConfig, iters: int, S: float, device: torch.device,
+                  progress: bool = False) -> dict[str, Any]:
+    """Recon's search (module docstring) for a validated ``cfg`` on ``device``: trains the
+    unbranched model for ``iters`` steps, counting each layer's S-conflicts through a step
+    callback of the :class:`~gradops.train.engine.trainer.Trainer`. Returns ``ranking`` (layers
+    by score, descending; ties in the network's order), ``layers`` (the network's order),
+    ``counts`` (in that order), ``tasks`` and ``time_s``. The run directory is
+    :func:`gradops.train.runs.recon_search.recon_search`'s."""
     data = load_dataset(cfg.data, cfg.data_root or None, cfg.data_seed)
     trainer = Trainer(cfg, data, device, Dist(), progress=False)
     if len(trainer.tasks) < 2:
@@ -118,15 +84,13 @@ def _recon_search(cfg: TrainConfig, iters: int, S: float, out_dir: str | Path, *
     shared = [p for p in enc.parameters() if p.requires_grad]
     layers, index = layer_index(enc, shared)
     scores = LayerScores(index, len(layers), float(S), device)
-    trainer_add = trainer.stats.add
 
-    def add(info: Any) -> None:
+    def add(info: Any) -> None:        # after the trainer's own statistics
         Gl = getattr(info, "layer_gram", None)
         if Gl is not None:
             scores.add(Gl)
-        trainer_add(info)
 
-    trainer.stats.add = add             # the trainer's own statistics still accumulate
+    trainer.add_step_callback(add)
     t0 = time.perf_counter()
     step, epoch = 0, 0
     tr = trainer.splits["train"]
@@ -144,7 +108,7 @@ def _recon_search(cfg: TrainConfig, iters: int, S: float, out_dir: str | Path, *
             if step >= iters:
                 break
             bi = idx[i * b:(i + 1) * b]
-            trainer._step(*tr.batch(bi))   # the split's own transform (augmentation, dtype)
+            trainer.step(*tr.batch(bi))   # the split's own transform (augmentation, dtype)
             step += 1
             if bar is not None:
                 bar.update(1)
@@ -158,51 +122,19 @@ def _recon_search(cfg: TrainConfig, iters: int, S: float, out_dir: str | Path, *
     order = sorted(range(len(layers)), key=lambda i: -counts[i])
     ranking = [{"layer": layers[i], "score": int(counts[i]), "params": nparams[layers[i]]}
                for i in order]
-    from ..engine.checkpoint import atomic_write_text
-    atomic_write_text(out / "ranking.json", json.dumps(ranking, indent=1) + "\n")
-    meta = {"iters": iters, "S": float(S), "tasks": [t.name for t in trainer.tasks],
-            "pairs_per_step": len(trainer.tasks) * (len(trainer.tasks) - 1) // 2,
-            "layers_in_network_order": layers, "time_s": seconds,
-            "config": cfg.to_dict()}
-    atomic_write_text(out / "search.json", json.dumps(meta, indent=1) + "\n")
-    from .plots import plot_scores
-    plot_scores(layers, counts, iters * meta["pairs_per_step"], float(S), out / "scores.png")
-    return ranking
-
-
-def read_ranking(path: str | Path, option: str = "--recon") -> list[dict[str, Any]]:
-    """A ``ranking.json`` written by :func:`recon_search` (checked)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(option, f"no such file: {p}")
-    try:
-        ranking = json.loads(p.read_text())
-    except ValueError as e:
-        raise ConfigError(option, f"{p} is not valid JSON: {e}") from e
-    if not isinstance(ranking, list) or not all(
-            isinstance(r, dict) and isinstance(r.get("layer"), str) and "score" in r
-            for r in ranking):
-        raise ConfigError(option, f"{p} is not a ranking (a list of {{layer, score, params}})")
-    return ranking
-
-
-def top_layers(ranking: list[dict[str, Any]], k: int, option: str = "--recon-topk") -> list[str]:
-    """The first ``k`` layer names of a ranking (``(root)`` written as ``""``)."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(ranking):
-        raise ConfigError(option, f"must be an integer in [1, {len(ranking)}] (the ranked "
-                          f"layers), got {k!r}")
-    return ["" if r["layer"] == "(root)" else r["layer"] for r in ranking[:k]]
+    return {"ranking": ranking, "layers": layers, "counts": counts,
+            "tasks": [t.name for t in trainer.tasks], "time_s": seconds}
 
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module, shared: list[torch.Tensor]):
-    from ...optim import MTLOptimizer
+    """The trainer's optimizers (:mod:`gradops.train.engine.optimizers`: ``--optim`` and the
+    method's options) over ``model``, the statistics on (the per-layer Grams)."""
     kinds = ("sum", "gram", "layer", "elementwise")
     if get_method(cfg.method).kind not in kinds:
         raise ConfigError("--method", f"the conflict comparison takes a gradient method, "
                           f"got {cfg.method!r}", method_names(kinds))
-    inner = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return MTLOptimizer(inner, method=cfg.method, method_options=method_options(cfg),
-                        shared=shared, stats=True)
+    inner = inner_optimizer(cfg, list(model.parameters()))
+    return mtl_optimizer(cfg.replace(stats=True), inner, shared, None, None, None)
 
 
 def _run_bins(cfg: TrainConfig, data, model: torch.nn.Module, base: torch.nn.Module,
@@ -243,7 +175,6 @@ def conflict_table(cfg: TrainConfig, ranking: list[dict[str, Any]], topk: int, i
     """Before/after distribution of pairwise cosines (module docstring). Percentages per bin of
     :data:`~gradops.train.recon.scores.TABLE6_BINS`; ``reduction_*``: Recon's "Reduction", the
     percentage by which the share of pairs with ``cos < -0.01`` falls."""
-    from ..engine.trainer import resolve_device
     cfg = cfg.validate()
     branched = top_layers(ranking, topk)
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:

@@ -1,7 +1,8 @@
-"""The comparison report: :mod:`.data` (reading runs), :mod:`.build` (tables and
-:func:`~.build.write_report`), :mod:`.published_stl` (published baselines), :mod:`.epochs`,
-:mod:`.lr`, :mod:`.verdicts`, :mod:`.sweep`, :mod:`.plots` (matplotlib), :mod:`.delta_m`, and
-:mod:`.recon_seeds` (Recon's claim over seeds).
+"""The comparison report: :mod:`.data` (reading runs), :mod:`.baseline` and
+:mod:`.published_stl` (the baselines of Δm%), :mod:`.build` (tables and
+:func:`~.build.write_report`), :mod:`.epochs`, :mod:`.lr`, :mod:`.verdicts`, :mod:`.sweep`,
+:mod:`.plots` (matplotlib), :mod:`.delta_m`, :mod:`.compare` (``run_grid``: the grid, then the
+report) and :mod:`.recon_seeds` (Recon's claim over seeds).
 
 Last folder of the trainer: may import from every other one.
 """

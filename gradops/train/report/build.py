@@ -28,15 +28,20 @@ paired seeds (:mod:`gradops.train.report.verdicts`).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..engine.checkpoint import atomic_write_text
+from ..config.atomic import atomic_write_text
+from .baseline import Baseline
+from .data import MissingRun, Run, display_name, load_runs, method_key, sparse_key
 from .delta_m import delta_m
-from .data import (MissingRun, Run, display_name, load_runs, method_key, sparse_key)
+from .epochs import format_epoch_table
+from .lr import format_lr_table, select_lr
+from .published_stl import published_baseline
+from .sweep import MIN_FRACTIONS, plot_fraction_sweep
+from .verdicts import format_reproduction
 
 __all__ = ["Baseline", "format_table_1", "format_table_2", "report_sections", "stl_baseline",
            "summary_rows", "write_report"]
@@ -77,21 +82,6 @@ def _fmt(stat: tuple[float, float | None] | None, digits: int, scale: float = 1.
 
 
 # --- the STL baseline and Δm -------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Baseline:
-    """The STL values Δm% is measured against: the mean over the seeds of the chosen runs."""
-    method: str
-    sparse: str
-    seeds: list[int]
-    metrics: dict[str, dict[str, float]]
-    directions: dict[str, dict[str, str]]
-
-    def describe(self) -> str:
-        seeds = ", ".join(map(str, self.seeds))
-        return (f"`{self.method}` runs with sparse `{self.sparse}`, mean over seed(s) {seeds}"
-                + ("" if self.sparse == "off" else " (no run with sparse `off` exists)"))
-
-
 def stl_baseline(runs: Sequence[Run], baseline: str = "stl") -> Baseline | None:
     """The runs of method ``baseline`` with sparse "off" (else the first other sparse setting),
     their metrics averaged over seeds; None when no run of that method exists.
@@ -99,8 +89,7 @@ def stl_baseline(runs: Sequence[Run], baseline: str = "stl") -> Baseline | None:
     Raises:
         ValueError: the chosen runs disagree on their tasks, metrics or metric directions.
     """
-    if baseline == "published":          # the published STL table (report/published_stl.py)
-        from .published_stl import published_baseline
+    if baseline == "published":          # the published STL table
         return published_baseline(runs)
     chosen = [r for r in runs if r.method == baseline]
     if not chosen:
@@ -388,7 +377,6 @@ def _image(title: str, path: Path | None, why_not: str) -> list[str]:
 
 def _plot_section(runs: Sequence[Run], out_dir: Path, baseline: str = "stl") -> list[str]:
     from . import plots as P  # matplotlib is imported here, not with gradops
-    from .sweep import MIN_FRACTIONS, plot_fraction_sweep
 
     lines = ["## Plots", "", "### Incidence of gradient conflict per epoch (ST paper, Fig. 4)", "",
              "Mean over seeds; solid: without ST, dashed/dotted: with ST.", ""]
@@ -436,9 +424,6 @@ def report_sections(runs: Sequence[Run], missing: Sequence[MissingRun] = (), *,
     the learning-rate choice (with several rates), Tables 1-2, "Does it reproduce?" and the epoch
     choices, all on the runs at the chosen rates (under the key ``"_runs"``), failed runs
     counted per row and left out of every mean."""
-    from .epochs import format_epoch_table
-    from .lr import format_lr_table, select_lr
-    from .verdicts import format_reproduction
     sel = select_lr(runs, missing, baseline=baseline)
     chosen, failed = sel.runs, sel.failed
     base = stl_baseline(chosen, baseline) if chosen else None

@@ -34,7 +34,7 @@ def _split_lines(run, split: str) -> dict[int, dict[str, dict[str, float]]]:
 
 def epoch_choices(run, base) -> dict[str, float | int | None]:
     """``{"final", "last10", "best_val": Δm%, "best_epoch": int}`` of ``run`` against the
-    :class:`~gradops.train.report.build.Baseline` ``base`` (None entries when the log lacks
+    :class:`~gradops.train.report.baseline.Baseline` ``base`` (None entries when the log lacks
     them)."""
     dirs = base.directions
     out: dict[str, float | int | None] = {"final": delta_m(run.tasks, base.metrics, dirs),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from .build import Baseline
+from .baseline import Baseline
 
 __all__ = ["PUBLISHED_STL", "PublishedBaseline", "published_baseline"]
 
@@ -44,7 +44,7 @@ PUBLISHED_STL: dict[str, dict[str, dict[str, float]]] = {
 
 @dataclasses.dataclass(frozen=True)
 class PublishedBaseline(Baseline):
-    """A :class:`~gradops.train.report.build.Baseline` of published values (no run of ours)."""
+    """A :class:`~gradops.train.report.baseline.Baseline` of published values (no run of ours)."""
 
     data: str = ""
     source: str = _SOURCE

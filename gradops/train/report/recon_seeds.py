@@ -1,14 +1,15 @@
 """Recon's claim checked over seeds: ``gradops recon compare --seeds 0,1,2``.
 
-Recon (Shi et al., "Recon: Reducing Conflicting Gradients from the Root for Multi-Task
-Learning", ICLR 2023, Table 6) claims that turning the top-``K`` layers of the S-conflict ranking
-into task-specific layers lowers the share of conflicting task pairs on the layers that stay shared.
-:func:`recon_seeds` runs, for every seed, the search (:func:`..recon.search.recon_search`) on that
-seed unless a ranking is given, then the before/after table (:func:`..recon.search.conflict_table`)
-from that seed. :func:`format_recon_report` writes Recon's Table 6 per seed and the paired change
-per seed of the share of pairs with ``cos < -0.01`` on the layers that stay shared (after minus
-before branching, same seed, in points), its mean ± std, the seeds agreeing in sign and the verdict
-of :func:`gradops.train.report.verdicts.verdict` (claim sign ``"<0"``).
+Recon (Shi et al., "Recon: Reducing Conflicting Gradients from the Root for Multi-Task Learning",
+ICLR 2023, Table 6) claims that turning the top-``K`` layers of the S-conflict ranking into
+task-specific layers lowers the share of conflicting task pairs on the layers that stay shared.
+:func:`recon_seeds` runs, for every seed, the search
+(:func:`gradops.train.runs.recon_search.recon_search`) on that seed unless a ranking is given, then
+the before/after table (:func:`gradops.train.recon.search.conflict_table`) from that seed.
+:func:`format_recon_report` writes Recon's Table 6 per seed and the paired change per seed of the
+share of pairs with ``cos < -0.01`` on the layers that stay shared (after minus before branching,
+same seed, in points), its mean ± std, the seeds agreeing in sign and the verdict of
+:func:`gradops.train.report.verdicts.verdict` (claim sign ``"<0"``).
 """
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..engine.checkpoint import atomic_write_text
+from ..config.atomic import atomic_write_text
 from ..config.schema import TrainConfig
 from .verdicts import MIN_SEEDS, T_MIN, Paired, format_mean_std, format_number
-from ..recon.search import conflict_table, conflict_table_markdown, read_ranking, recon_search
+from ..config.extras import read_ranking
+from ..recon.search import conflict_table, conflict_table_markdown
+from ..runs.recon_search import recon_search
 
 __all__ = ["CLAIM", "recon_seeds", "paired_change", "format_recon_report",
            "format_console_summary", "rule_text", "seed_dir"]

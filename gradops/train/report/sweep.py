@@ -101,7 +101,7 @@ def plot_fraction_sweep(runs: Sequence[Run], delta_m_of: Callable[[Run], float |
         return None
     from matplotlib import colormaps
 
-    from .plots import _figure, _save
+    from .plots import _figure, _save   # matplotlib: optional
     methods = sorted({m for m, _ in points}, key=method_key)
     cmap = colormaps["tab10" if len(methods) <= 10 else "tab20"]
     colour = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}

@@ -1,4 +1,5 @@
-"""``gradops compare``: one training run per (method, sparse setting, seed), then the report.
+"""``gradops compare``'s grid: one training run per (method, sparse setting, seed); the report
+that follows is :func:`gradops.train.report.compare.run_grid`'s (``gradops.train.run_grid``).
 
 Runs go to ``OUT/runs/<method>__<sparse>__s<seed>/`` (``=`` in the sparse setting becomes
 ``-``). ``stl`` (one model per task, the baseline of Δm) runs once per seed with sparse training
@@ -15,26 +16,26 @@ off, whether or not it is listed. The budgets:
   a narrow CNN: seconds, for CI.
 
 Options given explicitly (command line or config file) override the budget's. ``lrs`` (``compare
---lr 2e-3,8e-3``) trains every run at every rate (directories ``..__lr<rate>__s<seed>``); the
-report then picks each (method, sparse)'s rate on validation Δm% (:mod:`.report_lr`). A run that
-diverges (:mod:`.divergence`) does not stop the grid: it is listed and counted in the report,
-never averaged.
+--lr 2e-3,8e-3``) trains every run at every rate (directories ``..__lr<rate>__s<seed>``); the report
+then picks each (method, sparse)'s rate on validation Δm% (:mod:`gradops.train.report.lr`). A run
+that diverges (:mod:`gradops.train.engine.divergence`) does not stop the grid: it is listed and
+counted in the report, never averaged.
 """
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
+from ..config.errors import ConfigError
 from ..config.method_options import check_method, trainer_methods
 from ..config.schema import TrainConfig, canonical_sparse
-from ..config.errors import ConfigError
-from ..config.io_errors import annotate
 from .run import run_training
 from .rundir import LOCK_FILE, DirLock, probe_lock
 
-__all__ = ["BUDGETS", "run_grid", "run_name", "DEFAULT_METHODS"]
+__all__ = ["BUDGETS", "train_grid", "run_name", "DEFAULT_METHODS"]
 
 DEFAULT_METHODS = ("ew", "pcgrad", "cagrad", "graddrop", "mgda", "imtlg", "nashmtl", "famo")
 
@@ -67,23 +68,22 @@ def _plan(methods: list[str], sparses: list[str], seeds: list[int]) -> list[tupl
     return plan
 
 
-def run_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: list[int],
-             out_dir: str | Path, **kw: Any) -> list[dict[str, Any]]:
-    """:func:`_run_grid` holding ``out_dir``'s lock (:class:`.rundir.DirLock`) from before its
+def train_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: list[int],
+               out_dir: str | Path, **kw: Any) -> list[dict[str, Any]]:
+    """:func:`_train_grid` holding ``out_dir``'s lock (:class:`.rundir.DirLock`) from before its
     first write until it returns: a second ``compare`` on the same directory is refused."""
     lock = DirLock(out_dir, "--out")
     with lock.holding():
-        return _run_grid(base, methods, sparses, seeds, out_dir, _lock=lock, **kw)
+        return _train_grid(base, methods, sparses, seeds, out_dir, _lock=lock, **kw)
 
 
-def _run_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: list[int],
-              out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-              progress: bool = True, report: bool = True, jobs: int = 1,
-              baseline: str = "stl", lrs: list[float] | None = None,
-              _lock: DirLock | None = None
-              ) -> list[dict[str, Any]]:
-    """Train every (method, sparse, seed) of the grid into ``out_dir/runs/`` and write the
-    report (:func:`gradops.train.report.build.write_report`, when available). Returns the results.
+def _train_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: list[int],
+                out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+                progress: bool = True, jobs: int = 1, lrs: list[float] | None = None,
+                finish: Callable[[Path], Any] | None = None, _lock: DirLock | None = None
+                ) -> list[dict[str, Any]]:
+    """Train every (method, sparse, seed) of the grid into ``out_dir/runs/``, then call
+    ``finish(out_dir)`` (still holding the lock: the report). Returns the results.
 
     ``resume``: finished runs are kept, interrupted ones continue from their checkpoints.
     ``overwrite``: every run starts again. ``jobs``: runs trained at the same time, each in its
@@ -156,9 +156,8 @@ def _run_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: 
                 finished(futs[f], f.result())
     if bar is not None:
         bar.close()
-    if report:
-        with annotate(out):          # a failed write names the report's directory at least
-            _report(out, baseline)
+    if finish is not None:
+        finish(out)
     return [r for r in results if r is not None]
 
 
@@ -169,27 +168,3 @@ def _one(cfg: TrainConfig, d: Path, how: str, progress: bool, quiet: bool) -> di
     if how == "resume":
         return run_training(cfg, d, resume=True, progress=progress, quiet=quiet)
     return run_training(cfg, d, overwrite=True, progress=progress, quiet=quiet)
-
-
-def _report(out: Path, baseline: str = "stl") -> Path | None:
-    """Write the report of ``out`` and print its Tables 1 and 2 and where it is."""
-    try:
-        from ..report.build import report_sections, write_report
-        from ..report.data import load_runs
-    except ImportError as e:
-        print("gradops compare: no report written (gradops.train.report.build is not "
-              f"available: {e})", flush=True)
-        return None
-    path = write_report(out, baseline=baseline)
-    runs, missing = load_runs(out)
-    if runs:
-        sections = report_sections(runs, missing, baseline=baseline)
-        shown = [t for t in sections if t.startswith(("Learning rate", "Table", "Does it"))]
-        print("\n" + "\n\n".join(f"## {t}\n\n{sections[t]}".rstrip() for t in shown) + "\n",
-              flush=True)
-    diverged = [m.name for m in missing if m.status == "diverged"]
-    if diverged:
-        print(f"gradops compare: {len(diverged)} run(s) diverged and are left out of every mean "
-              f"(listed in report.md): {', '.join(diverged)}", flush=True)
-    print(f"gradops compare: report written to {path}", flush=True)
-    return path

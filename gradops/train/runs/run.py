@@ -21,18 +21,19 @@ from typing import Any
 
 import torch
 
-from ..addons import addon_files, write_addon_outputs
-from ..engine.checkpoint import (CHECKPOINT, atomic_write_text, load_checkpoint, restore_trainer,
-                         save_checkpoint)
-from ..config.schema import TrainConfig, read_toml, to_toml
-from ..data import load_dataset
-from ..engine.distributed import Dist, setup
-from ..engine.divergence import Divergence, chance_levels, check_epoch, strict_json
+from ... import __version__
+from ..config.atomic import atomic_write_text
 from ..config.errors import ConfigError
 from ..config.io_errors import annotate
-from ..engine.trainer import Trainer, resolve_device
-from .rundir import LOCK_FILE, DirLock, Manifest, probe_lock
+from ..config.schema import TrainConfig, read_toml, to_toml
+from ..data import load_dataset
+from ..engine.checkpoint import CHECKPOINT, load_checkpoint, restore_trainer, save_checkpoint
+from ..engine.distributed import Dist, setup
+from ..engine.divergence import Divergence, chance_levels, check_epoch, strict_json
 from ..engine.stats import HIST_BINS
+from ..engine.trainer import Trainer, resolve_device
+from .extra_files import extra_files, write_extra_files
+from .rundir import LOCK_FILE, DirLock, Manifest, probe_lock
 
 __all__ = ["run_training", "RUN_FILES", "check_out_dir", "load_run_config"]
 
@@ -197,7 +198,7 @@ def _run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: bo
         manifest = Manifest(out)
         if ckpt is None:
             manifest.remove_files(fallback=RUN_FILES + LEGACY_ADDON_FILES)
-        manifest.add(RUN_FILES + addon_files(trainer))
+        manifest.add(RUN_FILES + extra_files(trainer))
         if ckpt is None:
             header = (f"resolved configuration of a gradops train run (gradops "
                       f"{_version()}, torch {torch.__version__})")
@@ -245,7 +246,7 @@ def _run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: bo
                 row = [epoch]
             _append(conf_path, ",".join(_fmt(v) for v in row) + "\n")
             with annotate(out):
-                write_addon_outputs(trainer, out)     # recon.json, selective_*, probes.*
+                write_extra_files(trainer, out)     # recon.json, selective_*, probes.*
             if diverged is None and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
                 history["time_s"] += time.perf_counter() - t_run
                 t_run = time.perf_counter()
@@ -316,5 +317,4 @@ def _any_process(dist: Dist, flag: bool, device: torch.device) -> bool:
 
 
 def _version() -> str:
-    from ... import __version__
     return __version__

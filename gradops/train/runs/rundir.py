@@ -6,7 +6,7 @@ system releases it when the process ends, however it ends, so a killed run leave
 a second writer is refused with the holder's PID (a :class:`ConfigError`, exit 2) before it has
 written anything. Holding the lock, the owner removes the temporary files that killed writers
 left (``.NAME.tmpPID``, the pattern of
-:func:`gradops.train.engine.checkpoint.atomic_write_bytes`, only in that directory).
+:func:`gradops.train.config.atomic.atomic_write_bytes`, only in that directory).
 
 :class:`Manifest` (``DIR/.gradops-manifest.json``) lists every file the run writes, recorded
 before the file is first written, so that ``--overwrite`` removes exactly those (and never a
@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..engine.checkpoint import atomic_write_text
+from ..config.atomic import atomic_write_text
 from ..config.errors import ConfigError
 from ..config.io_errors import annotate
 

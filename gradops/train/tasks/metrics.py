@@ -8,20 +8,29 @@ states are summed and the predictions gathered over the processes when the metri
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import torch
 
 from .dense import is_streaming
-from ..engine.distributed import Dist
 from .types import Task
 
-__all__ = ["MetricAccumulator"]
+__all__ = ["MetricAccumulator", "Processes"]
+
+
+class Processes(Protocol):
+    """What the accumulator needs of :class:`gradops.train.engine.distributed.Dist`: whether
+    torchrun's process group is on, and the concatenation of a tensor over the processes."""
+
+    enabled: bool
+
+    def gather_cat(self, t: torch.Tensor) -> torch.Tensor: ...
 
 
 class MetricAccumulator:
     """``add(outs, ys)`` per batch, ``result()`` once: ``{task: {metric: 0-dim tensor}}``."""
 
-    def __init__(self, tasks: Sequence[Task], device: torch.device, dist: Dist | None = None):
+    def __init__(self, tasks: Sequence[Task], device: torch.device, dist: Processes | None = None):
         self.tasks, self.dist = list(tasks), dist
         self.states = {t.name: t.metric_state(device) for t in self.tasks if is_streaming(t)}
         self.preds: dict[str, list[torch.Tensor]] = {t.name: [] for t in self.tasks
