@@ -131,10 +131,11 @@ def test_parse_option_value_reads_by_type():
 
 # --- Gram-weighted methods: the shared property checks ----------------------------------------
 def _gram_case(cls) -> OpCase:
-    """``J -> (w, d)`` with ``w`` from the method on ``G = J J^T`` and ``d = w^T J``."""
-    m = cls()
+    """``J -> (w, d)`` with ``w`` from the method on ``G = J J^T`` and ``d = w^T J``: a fresh
+    method object per problem (a method with state, e.g. MoDo's weights, starts anew)."""
 
     def fn(J, pi):
+        m = cls()
         G = J.double() @ J.double().T
         w, _ = m.weights(G, StepContext(generator=torch.Generator().manual_seed(0),
                                         losses=torch.ones(J.shape[0], dtype=torch.float64),
