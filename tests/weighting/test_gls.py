@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from gradops.optim import MTLOptimizer
 from gradops.weighting import GLS, StepContext, get_method
 from loss_helpers import TwoTask, batch, optimizer, setup_method
 
@@ -73,7 +74,6 @@ def test_nonpositive_or_nan_loss_gives_nan(bad):
 def test_grad_scaler_gives_the_unscaled_gradients():
     """Scaled losses in, unscale_ -> the same gradients as without AMP, the method's own
     parameters included (several steps, so that state and epochs are exercised)."""
-    from gradops.optim import MTLOptimizer
     x, y = batch()
     grads = []
     for use_scaler in (False, True):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gradops.optim import MTLOptimizer
 from gradops.weighting import GradNorm, StepContext, get_method
 from loss_helpers import TwoTask, batch, optimizer, setup_method
 
@@ -156,7 +157,6 @@ def test_amp_scale_and_nonfinite():
 def test_grad_scaler_gives_the_unscaled_gradients():
     """Scaled losses in, unscale_ -> the same gradients as without AMP, the method's own
     parameters included (several steps, so that state and epochs are exercised)."""
-    from gradops.optim import MTLOptimizer
     x, y = batch()
     grads = []
     for use_scaler in (False, True):

@@ -5,6 +5,7 @@ the shared parameters, ``alpha`` from the paper's ``D`` / ``U`` closed form with
 import pytest
 import torch
 
+from gradops.optim import MTLOptimizer
 from gradops.weighting import IMTL, StepContext, get_method
 from loss_helpers import TwoTask, batch, optimizer, setup_method
 
@@ -110,7 +111,6 @@ def test_scaled_losses_scale_the_terms_and_nan_propagates():
 def test_grad_scaler_gives_the_unscaled_gradients():
     """Scaled losses in, unscale_ -> the same gradients as without AMP, the method's own
     parameters included (several steps, so that state and epochs are exercised)."""
-    from gradops.optim import MTLOptimizer
     x, y = batch()
     grads = []
     for use_scaler in (False, True):

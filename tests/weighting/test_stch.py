@@ -4,6 +4,7 @@ here in vector form, step for step: warm-up log losses, nadir from the warm-up e
 import pytest
 import torch
 
+from gradops.optim import MTLOptimizer
 from gradops.weighting import STCH, StepContext, get_method
 from loss_helpers import TwoTask, batch, optimizer, setup_method
 
@@ -125,7 +126,6 @@ def test_scaled_losses_and_nonfinite():
 def test_grad_scaler_gives_the_unscaled_gradients():
     """Scaled losses in, unscale_ -> the same gradients as without AMP, the method's own
     parameters included (several steps, so that state and epochs are exercised)."""
-    from gradops.optim import MTLOptimizer
     x, y = batch()
     grads = []
     for use_scaler in (False, True):
