@@ -31,7 +31,7 @@ class DBMTLOptions(Options):
 @register
 class DBMTL(LossMethod):
     """Loss-scale balancing by log losses, then gradient-magnitude balancing by the largest
-    (EMA'd) gradient norm (the paper's Sec. 3; LibMTL's ``DB_MTL``):
+    (EMA'd) gradient norm (the paper's method; LibMTL's ``DB_MTL``):
 
     - terms ``a_t L_t`` with ``a_t = 1 / (L_t + eps)`` from the detached (global-batch,
       unscaled) losses: the gradient of ``log(L_t + eps)``, per task, correctly scaled under

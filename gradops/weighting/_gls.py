@@ -13,12 +13,13 @@ __all__ = ["GLS"]
 @register
 class GLS(LossMethod):
     """The loss is the geometric mean of the task losses, ``L = (prod_t L_t)^(1/T)`` (the
-    paper's Eq. 2; LibMTL's ``GLS``: ``torch.pow(losses.prod(), 1/T).backward()``). Its
-    gradient is ``sum_t a_t grad L_t`` with ``a_t = L / (T L_t)``: the terms returned are
-    ``a_t L_t`` with ``a`` computed from the detached (global-batch, unscaled) losses, which
-    gives exactly that gradient, keeps every task's gradient separate for the statistics and,
-    being a product, scales correctly under AMP. ``L`` is computed as ``exp(mean_t log L_t)``
-    (no underflow of the product for many small losses; the same value).
+    paper's geometric loss strategy; LibMTL's ``GLS``:
+    ``torch.pow(losses.prod(), 1/T).backward()``). Its gradient is ``sum_t a_t grad L_t``
+    with ``a_t = L / (T L_t)``: the terms returned are ``a_t L_t`` with ``a`` computed from the
+    detached (global-batch, unscaled) losses, which gives exactly that gradient, keeps every
+    task's gradient separate for the statistics and, being a product, scales correctly under
+    AMP. ``L`` is computed as ``exp(mean_t log L_t)`` (no underflow of the product for many
+    small losses; the same value).
 
     Scale convention: LibMTL's (the gradient of the geometric mean itself, whose weights sum to
     ``L sum_t 1/(T L_t)``, 1 when the losses are equal), so its learning rates carry over.

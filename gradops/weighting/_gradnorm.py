@@ -17,7 +17,7 @@ INITIAL = ("epoch", "step")
 
 @dataclass(frozen=True)
 class GradNormOptions(Options):
-    alpha: float = 1.5              # the restoring force alpha (Eq. 2; LibMTL's default)
+    alpha: float = 1.5              # the restoring force alpha (LibMTL's default)
     initial: str = "epoch"          # L_t(0): "epoch" (LibMTL) or "step" (the paper)
 
     def check(self) -> None:
@@ -31,7 +31,7 @@ class GradNormOptions(Options):
 class GradNorm(LossMethod):
     """Loss weights ``c = T softmax(w)`` (LibMTL's parametrisation; ``w`` initialised to 1, so
     ``c = 1``) trained so that the weighted per-task gradient norms ``G_t = c_t ||g_t||`` move
-    towards ``Gbar r_t^alpha`` (the paper's Sec. 3.2, Eq. 2), in the form of LibMTL's
+    towards ``Gbar r_t^alpha`` (the paper's ``L_grad``, Sec. 3), in the form of LibMTL's
     ``GradNorm`` (``rep_grad=False``):
 
     - ``||g_t|| = sqrt(G_tt)`` from the Gram of the raw task losses' gradients over all shared

@@ -28,15 +28,15 @@ class IMTLOptions(Options):
 
 @register
 class IMTL(LossMethod):
-    """The paper's Algorithm 1 on all shared parameters (LibMTL's ``IMTL`` with
-    ``rep_grad=False``):
+    """The paper's hybrid balance (IMTL = IMTL-L + IMTL-G) on all shared parameters
+    (LibMTL's ``IMTL`` with ``rep_grad=False``):
 
-    - IMTL-L (Sec. 3.2): each task loss is scaled by a learned ``e^{s_t}``, the term being
+    - IMTL-L (loss balance): each task loss is scaled by a learned ``e^{s_t}``, the term being
       ``e^{s_t} L_t - s_t`` (``s`` initialised to 0, a parameter trained by the model's
       optimizer: ``MTLOptimizer(num_tasks=T)`` adds it as a parameter group, as LibMTL trains
       its ``loss_scale`` with the model). The gradient of ``s_t`` is that of its term,
       ``e^{s_t} L_t - 1``; task-specific parameters get the terms' gradients unweighted.
-    - IMTL-G (Sec. 3.1): the shared parameters are updated with ``d = sum_t alpha_t g_t``,
+    - IMTL-G (gradient balance): the shared parameters are updated with ``d = sum_t alpha_t g_t``,
       ``g_t`` the gradient of task t's *scaled* term and ``alpha`` the IMTL-G weights of their
       Gram: ``alpha = G^+ n / (1^T G^+ n)``, ``n_t = ||g_t||``
       (:func:`gradops.weighting.imtlg`, the paper's closed form ``alpha_{2..T} =

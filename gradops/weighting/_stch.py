@@ -30,8 +30,8 @@ class STCHOptions(Options):
 @register
 class STCH(LossMethod):
     """The smooth Tchebycheff scalarisation ``mu log sum_t exp(lambda_t (f_t - z_t) / mu)``
-    (the paper's Eq. 8) in the multi-task form of LibMTL's ``STCH`` (modified from the authors'
-    ``STCH_MTL``), kept step for step:
+    in the multi-task form of LibMTL's ``STCH`` (modified from the authors' ``STCH_MTL``),
+    kept step for step:
 
     - epochs ``0 .. warmup_epoch``: the loss is ``sum_t log(L_t + eps)``; during epoch
       ``warmup_epoch`` the per-step losses are averaged into the nadir point ``n`` (LibMTL's

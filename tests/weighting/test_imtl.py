@@ -11,7 +11,7 @@ from loss_helpers import TwoTask, batch, optimizer, setup_method
 
 
 def libmtl_alpha(grads: torch.Tensor) -> torch.Tensor:
-    """LibMTL/weighting/IMTL.py: the paper's IMTL-G closed form (Sec. 3.1)."""
+    """LibMTL/weighting/IMTL.py: the paper's IMTL-G closed form."""
     T = grads.shape[0]
     unit = grads / torch.norm(grads, p=2, dim=-1, keepdim=True)
     D = grads[0:1].repeat(T - 1, 1) - grads[1:]
