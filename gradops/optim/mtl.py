@@ -29,6 +29,7 @@ from ._distributed import Distributed, distributed_from, gradient_sync
 from ._engine_share import (describe_factored, engine_combine, engine_gram, engine_layer_grams,
                             linear_engine, uncovered_runs)
 from ._layout import Layout, layout_attr
+from ._loss_level import LossLevel
 from ._linear_engine import LinearEngine
 from ._methods import resolve_method
 from ._per_task import per_task_backward
@@ -170,9 +171,13 @@ class MTLOptimizer(OptimizerWrapper):
         self._weights: torch.Tensor | None = None           # last weights (update_every, state)
         self._stats = StepStats()
         self._wdtype = torch.float32          # of Grams and weights; set with the layout
-        self._loss_sum: torch.Tensor | None = None           # loss methods: the epoch's losses
-        self._loss_steps = 0
-        self._setup_loss_method(num_tasks)
+        if num_tasks is not None and (isinstance(num_tasks, bool) or
+                                      not isinstance(num_tasks, int) or num_tasks < 1):
+            raise ValueError(f"MTLOptimizer: num_tasks must be an int >= 1, got {num_tasks!r}")
+        params = self._params()
+        self._loss_level = None if not isinstance(self.method, LossMethod) else LossLevel(
+            self.method, self.optimizer, num_tasks,
+            params[0].device if params else torch.device("cpu"))
 
     def __repr__(self) -> str:
         return (f"MTLOptimizer(method={self.method!r}, linear_gram={self._linear_mode!r}, "
@@ -232,8 +237,9 @@ class MTLOptimizer(OptimizerWrapper):
         Returns:
             :class:`MTLStepInfo` (device tensors).
         """
-        if self.method.kind == "loss":
-            losses = self._loss_terms(losses)
+        if self._loss_level is not None:
+            losses = self._loss_level.terms(losses, self._context(None), self.process_group,
+                                            self.optimizer)
         roots, seeds, values, separate = task_roots(losses)
         T = len(roots)
         if not self._layout_ready:
@@ -364,73 +370,12 @@ class MTLOptimizer(OptimizerWrapper):
         self._weights = w if prev is None else torch.where(torch.isfinite(w), w, prev)
         return w, converged
 
-    # --- loss-level methods ---------------------------------------------------------------------
-    def _setup_loss_method(self, num_tasks: int | None) -> None:
-        """Set a loss-level method up for ``num_tasks`` now (its parameters join the inner
-        optimizer as a parameter group), or on the first :meth:`backward`."""
-        m = self.method
-        self._method_ready = not isinstance(m, LossMethod)
-        if num_tasks is not None and (isinstance(num_tasks, bool) or
-                                      not isinstance(num_tasks, int) or num_tasks < 1):
-            raise ValueError(f"MTLOptimizer: num_tasks must be an int >= 1, got {num_tasks!r}")
-        if self._method_ready:
-            return
-        if num_tasks is None:
-            if m.has_parameters:
-                raise ValueError(f"MTLOptimizer: method {m.name!r} learns per-task parameters "
-                                 "that the optimizer must hold from the start: pass num_tasks=T")
-            return
-        params = self._params()
-        m.setup(num_tasks, params[0].device if params else torch.device("cpu"))
-        if m.parameters():
-            self.optimizer.add_param_group({"params": m.parameters()})
-        self._method_ready = True
-
-    def _loss_values(self, losses: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        """The detached losses ``[T]`` in float32, averaged over the process group."""
-        values = torch.stack([l.detach().float().reshape(()) for l in losses])
-        if self.process_group is not None:
-            world = torch.distributed.get_world_size(self.process_group)
-            torch.distributed.all_reduce(values, group=self.process_group)
-            values = values / world
-        return values
-
-    def _loss_terms(self, losses: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
-        """A loss-level method's per-task terms of ``losses``."""
-        items = list(losses.unbind(0)) if isinstance(losses, torch.Tensor) else list(losses)
-        if not items:
-            raise ValueError("MTLOptimizer.backward: losses is empty")
-        m = self.method
-        if not self._method_ready:
-            m.setup(len(items), items[0].device)
-            self._method_ready = True
-        elif len(items) != m.T:
-            raise ValueError(f"MTLOptimizer.backward: got {len(items)} losses, but method "
-                             f"{m.name!r} was set up for {m.T} tasks")
-        ctx = self._context(None)
-        values = self._loss_values(items)
-        if ctx.scale is not None:
-            values = values / ctx.scale
-        ctx.losses = values
-        self._loss_sum = values if self._loss_sum is None else self._loss_sum + values
-        self._loss_steps += 1
-        return m.terms(items, values, ctx)
-
     def end_epoch(self, mean_losses: torch.Tensor | None = None) -> None:
         """Tell a loss-level method that an epoch ended (DWA reweights from the epoch's mean
         losses): ``mean_losses`` ``[T]``, or the mean of the losses :meth:`backward` saw since the
         last call. Does nothing for the other methods."""
-        m = self.method
-        if not isinstance(m, LossMethod):
-            return
-        if mean_losses is None:
-            if self._loss_sum is None:
-                raise ValueError("MTLOptimizer.end_epoch: no backward since the last call; pass "
-                                 "mean_losses")
-            mean_losses = self._loss_sum / self._loss_steps
-        if self._method_ready:
-            m.end_epoch(mean_losses.detach().float())
-        self._loss_sum, self._loss_steps = None, 0
+        if self._loss_level is not None:
+            self._loss_level.end_epoch(mean_losses)
 
     # --- statistics ----------------------------------------------------------------------------
     def stats(self, reset: bool = True) -> dict[str, Any]:
@@ -471,8 +416,7 @@ class MTLOptimizer(OptimizerWrapper):
         out = self.optimizer.step()
         with torch.no_grad():
             new = closure()
-        if self._method_ready:
-            m.after_step(self._loss_values(new))
+        self._loss_level.after_step(new, self.process_group)
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -484,7 +428,7 @@ class MTLOptimizer(OptimizerWrapper):
                                "weights": None if self._weights is None else self._weights.clone()}
         if self._own_generator:
             mtl["generator"] = self._generator.get_state()
-        if isinstance(self.method, LossMethod) and self._method_ready:
+        if self._loss_level is not None and self._loss_level.ready:
             mtl["num_tasks"] = self.method.T
         sd["mtl"] = mtl
         return sd
@@ -508,11 +452,12 @@ class MTLOptimizer(OptimizerWrapper):
             self._generator.set_state(mtl["generator"])
         dev = self._generator.device
         state = mtl["method_state"]
-        if state and not self._method_ready:       # a loss-level method not set up yet
+        lvl = self._loss_level
+        if state and lvl is not None and not lvl.ready:     # a loss-level method not set up yet
             if "num_tasks" not in mtl:
                 raise ValueError("MTLOptimizer.load_state_dict: the state holds no num_tasks "
                                  f"for method {name!r}; construct with num_tasks=T")
-            self._setup_loss_method(int(mtl["num_tasks"]))
+            lvl.setup(int(mtl["num_tasks"]), dev, self.optimizer)
         self.method.load_state_dict(_clone(state))
         if self._weights is not None:
             self._weights = self._weights.to(dev)

@@ -120,7 +120,9 @@ def __getattr__(name: str):
 
 
 ITERATIVE = frozenset({"mgda", "cagrad", "nashmtl"})
-"""Methods whose status can report non-convergence (the others are closed forms)."""
+"""The iterative methods with a plain function here whose solver loops also run in C++ and
+Triton (op ``weighting_solvers``); every registered method says whether it is iterative
+(``Method.iterative``)."""
 
 
 def get(name: str) -> Callable:
