@@ -77,8 +77,9 @@ def dual_cone_weights(G: torch.Tensor, U: torch.Tensor, reg_eps: float, max_iter
             break
         add = ok & can_add
         S = (lam > 0) | (add[:, None] & ej)
-        Hm = torch.where(S[:, :, None] & S[:, None, :], H, 0.0) + torch.diag_embed(
-            torch.where(S, jitter, 1.0).to(dt))
+        Sf = S.to(dt)
+        Hm = H * (Sf[:, :, None] * Sf[:, None, :])          # H on S x S, 0 elsewhere
+        Hm.diagonal(dim1=1, dim2=2).add_(1.0 - Sf + jitter * Sf)   # 1 off S: z = 0 there
         L, info = torch.linalg.cholesky_ex(Hm)
         z = torch.cholesky_solve(torch.where(S, -c, 0.0)[:, :, None], L)[:, :, 0]
         fail = (info != 0) | ~torch.isfinite(z).all(1)
