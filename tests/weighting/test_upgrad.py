@@ -75,7 +75,7 @@ def test_agrees_with_the_vector_form_oracle(T, P, reg_eps):
         assert bool(status.converged) and float(status.residual) < 1e-12
         worst = max(worst, float(np.abs(w.numpy() - w_ref).max()),
                     float(np.abs((w @ J).numpy() - d_ref).max()))
-    assert worst < 1e-9, worst          # measured: <= 3e-12 (reg 1e-4), float64
+    assert worst < 1e-9, worst          # measured (all cases): 6.8e-13 on w, 1.6e-13 on d
 
 
 class _NNLSProjector:
@@ -89,7 +89,8 @@ class _NNLSProjector:
         from torchjd._linalg import normalize, regularize   # QuadprogProjector's own steps
         G = regularize(normalize(G, self.norm_eps), self.reg_eps).double().numpy()
         Lt = np.linalg.cholesky(G).T                    # v^T G v = ||Lt v||^2
-        rows = [u + nnls(Lt, -Lt @ u, maxiter=10_000)[0] for u in U.double().numpy()]
+        rows = [u + nnls(Lt, -Lt @ u, maxiter=10_000)[0]
+                for u in U.double().numpy().reshape(-1, G.shape[0])]
         return torch.tensor(np.stack(rows), dtype=U.dtype).reshape(U.shape)
 
 
@@ -104,7 +105,7 @@ def test_agrees_with_torchjds_upgrad_aggregator():
         J = _J(T, P, seed)
         w = UPGrad().weights(J @ J.T, StepContext(dtype=torch.float64))[0]
         worst = max(worst, float((w @ J - agg(J)).abs().max()))
-    assert worst < 1e-9, worst          # measured: ~1e-13
+    assert worst < 1e-9, worst          # measured: 3.1e-14
 
 
 def test_pinned_values():
