@@ -11,9 +11,9 @@ Example::
 Folders, in the order of the data path (each imports only from those before it): :mod:`.config` (the
 options), :mod:`.data` (data sets), :mod:`.tasks` (losses and metrics), :mod:`.models`,
 :mod:`.engine` (the epoch loop, conflict statistics, checkpoints, torchrun), :mod:`.recon`,
-:mod:`.runs` (one run directory, ``compare``'s grid), :mod:`.report`; :mod:`.loss_methods` (UW, DWA,
-FAMO). Needs scikit-learn for the digits data sets and tqdm for progress bars (``pip install
-gradops[train]``).
+:mod:`.runs` (one run directory, ``compare``'s grid), :mod:`.report`; the loss-level methods
+(UW, DWA, FAMO) are in :mod:`gradops.weighting`. Needs scikit-learn for the digits data sets
+and tqdm for progress bars (``pip install gradops[train]``).
 """
 from __future__ import annotations
 
