@@ -84,7 +84,8 @@ def method_page(cls: type) -> str:
     if d["kind"] == "trainer":
         lines += ["```bash", f"gradops train --method {name} --out runs/{name}", "```", ""]
     else:
-        kw = f", method_options={{{first[0]!r}: {first[1]!r}}}" if first else ""
+        kw = (f",\n                                 method_options={{{first[0]!r}: {first[1]!r}}}"
+              if first else "")
         cli = f" --method-opt {first[0]}={_cli_value(first[1])}" if first else ""
         lines += ["```python",
                   f"opt = gradops.optim.MTLOptimizer(inner, method={name!r}{kw})",
@@ -93,6 +94,11 @@ def method_page(cls: type) -> str:
     lines += ["## Reference", "", "```{eval-rst}",
               f".. autoclass:: gradops.weighting.{cls.__name__}", "   :no-members:",
               "```", ""]
+    if fn is not None:
+        # the plain function holds the math (its page entry is on the API page)
+        lines += ["### The function `G -> w`", "", "```{eval-rst}",
+                  f".. autofunction:: gradops.weighting.{fn.__name__}", "   :no-index:",
+                  "```", ""]
     return "\n".join(lines)
 
 
