@@ -26,6 +26,7 @@ extensions = [
     "sphinx.ext.napoleon",
     "gradops_methods",
     "gradops_xref",
+    "gradops_coverage",
 ]
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
