@@ -17,7 +17,7 @@ Example::
     opt = gradops.optim.SparseTraining(torch.optim.AdamW(model.parameters()), masks, encoder)
 
 Which parameter gets which mask (the first rule that matches wins)
------------------------------------------------------------------
+------------------------------------------------------------------
 Each parameter of ``module`` (``module.named_parameters()``, shared parameters once) falls under
 exactly one rule; its *name* is the name in ``module.named_parameters()`` and its *owner* the
 module holding it directly:

@@ -192,7 +192,7 @@ def combine(J: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | None
         weights: ``[T]``, or ``[L, T]`` with ``offsets``: segment ``l`` (columns
             ``offsets[l]:offsets[l+1]``) is combined with ``weights[l]`` (per-layer methods).
         offsets: int64 ``[L+1]`` segment table (docs/methods.md#segment-tables-and-layers), only
-        with 2-D ``weights``.
+            with 2-D ``weights``.
         out: optional 1-D ``[P]`` destination (float32/bfloat16/float16/float64, e.g. a flat
             view over parameters' ``.grad`` storage); written in place and returned. Nothing
             outside it is touched.

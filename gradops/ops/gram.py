@@ -403,9 +403,9 @@ def segment_gram(J: torch.Tensor, offsets: torch.Tensor, *, return_sign_counts: 
         J: ``[T, P]`` float32 / bfloat16 / float16 (fp32 accumulation) or float64 (fp64
             accumulation), rows may be strided.
         offsets: int64 ``[L+1]`` segment table (docs/methods.md#segment-tables-and-layers):
-        ``offsets[0] == 0``, non-decreasing,
-            ``offsets[-1] == P``. Empty segments are allowed and give zero Grams. Keep it on the
-            CPU (values are validated there; gradops copies it to the device for GPU kernels).
+            ``offsets[0] == 0``, non-decreasing, ``offsets[-1] == P``. Empty segments are
+            allowed and give zero Grams. Keep it on the CPU (values are validated there;
+            gradops copies it to the device for GPU kernels).
         return_sign_counts: also return per-segment sign counts (:class:`GramWithSignCounts`).
 
     Returns:

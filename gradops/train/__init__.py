@@ -9,10 +9,10 @@ Example::
     run_grid(TrainConfig(epochs=2), ["ew", "pcgrad"], ["off", "fraction=0.3"], [0, 1], "cmp")
 
 Folders, in the order of the data path (each imports only from those before it):
-:mod:`.config` (the options; ``--method`` reads :mod:`gradops.weighting`'s registry) ->
-:mod:`.tasks` (losses and metrics) -> :mod:`.data` (data sets) -> :mod:`.models` ->
-:mod:`.engine` (the Trainer, its
-optimizers, conflict statistics, checkpoints, torchrun) -> :mod:`.recon` -> :mod:`.runs` (one run
+:mod:`.config` (the options; ``--method`` reads :mod:`gradops.weighting`'s registry, where the
+loss-level methods UW, DWA, FAMO also live) -> :mod:`.tasks` (losses and metrics) ->
+:mod:`.data` (data sets) -> :mod:`.models` -> :mod:`.engine` (the Trainer, its optimizers,
+conflict statistics, checkpoints, torchrun) -> :mod:`.recon` -> :mod:`.runs` (one run
 directory, ``compare``'s grid) -> :mod:`.report` (and ``run_grid``). Needs scikit-learn for the
 digits data sets and tqdm for progress bars (``pip install gradops[train]``).
 """

@@ -37,7 +37,7 @@ def cagrad(G: torch.Tensor, c: float = 0.4, rescale: int = 1, max_iter: int = 25
     Smoothing: ``||g_w||`` is replaced by ``sqrt(||g_w||^2 + delta^2)`` in the objective and in
     ``lam``, ``delta = smooth * max_i ||g_i||`` (default ``smooth = max(sqrt(eps), 1e-6)`` of
     the working dtype: 3.5e-4 in fp32, 1e-6 in fp64, where ``delta^2`` stays well above the
-    float64 solver's rounding of ``||g_w||^2``, ~``T eps max_i G_ii``; it was ``sqrt(eps)``
+    float64 solver's rounding of ``||g_w||^2``, about ``T eps max_i G_ii``; it was ``sqrt(eps)``
     = 1.5e-8 in fp64, at that rounding level), the scale-free form of the authors' and LibMTL's
     ``sqrt(. + 1e-8)`` and ``+ 1e-8``. The smoothed dual is CAGrad's dual for the gradients
     ``(g_i, delta)`` lifted by one shared coordinate, so the ``d`` returned maximises
