@@ -25,7 +25,7 @@ import torch
 
 import gradops
 
-from conftest import cpu_backends, gpu_backends
+from backend_lists import cpu_backends, gpu_backends
 
 Index = tuple  # an index into an output: ints, slices, Ellipsis
 

@@ -173,7 +173,7 @@ def test_cpu_isa_variants_agree_bitwise(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     outs = {}
     for isa in ("avx512", "avx2", "portable"):
         path = tmp_path / f"{isa}.pt"

@@ -14,7 +14,7 @@ import gradops
 from gradops import weighting as W
 
 import method_references as R
-from conftest import cpu_backends
+from backend_lists import cpu_backends
 
 TS = (1, 2, 3, 5, 8, 40)
 P = 64

@@ -42,7 +42,7 @@ from gradops.ops.pcgrad import random_orders
 import geometries as GEO
 from _asserts import (assert_finite, assert_non_conflicting, assert_updates_close,
                       problem_scale, task_permutation)
-from conftest import cpu_backends
+from backend_lists import cpu_backends
 
 RTOL = {torch.float64: 1e-6, torch.float32: 2e-3}
 NC_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5}

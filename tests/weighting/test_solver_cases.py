@@ -13,7 +13,7 @@ from gradops.optim import MTLOptimizer
 from gradops.reference import graddrop_reference
 from gradops.weighting import gradvac_weights, imtlg, mgda, nashmtl
 
-from conftest import cpu_backends
+from backend_lists import cpu_backends
 
 # the loops over hundreds of inputs run on the compiled backends; interpreted Triton (seconds
 # per solve) takes the single reproductions above them

@@ -23,7 +23,7 @@ from gradops import _backend
 from gradops import weighting as W
 from gradops.weighting import _common as WC, _solvers as WS
 
-from conftest import cpu_backends
+from backend_lists import cpu_backends
 
 SOLVER_BACKENDS = [b for b in ("cpp", "triton") if b in cpu_backends()]
 """The non-reference backends that can run on CPU tensors here (Triton: under the interpreter)."""
