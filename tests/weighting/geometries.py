@@ -11,6 +11,9 @@ import torch
 SCALES = (1e-10, 1.0, 1e15)
 """Scales applied to every family (``J -> sJ``)."""
 
+NC_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5}
+"""Relative margin of the non-conflict checks (``assert_non_conflicting``) per dtype."""
+
 ZERO_IN_HULL = frozenset({"strong_stationary", "weak_stationary", "zero_rows"})
 
 
