@@ -261,7 +261,7 @@ def assert_gram_form_equals_vector_form(op: OpCase, J: torch.Tensor) -> None:
     assert compared, f"{op}: the reference compares no output"
 
 
-# -- properties of a weighting's update d = w^T J (tests/test_weighting_geometries.py) --------- #
+# -- properties of a weighting's update d = w^T J (tests/weighting/test_geometries.py) --------- #
 
 def assert_finite(y: torch.Tensor, what: str = "") -> None:
     """Finite output (for a finite input)."""

@@ -1,4 +1,4 @@
-"""Matrix families for the weighting property tests (tests/test_weighting_geometries.py), in the
+"""Matrix families for the weighting property tests (tests/weighting/test_geometries.py), in the
 spirit of TorchJD's test matrices (normal, strongly / weakly stationary, rank-deficient, zero
 rows, scales from 1e-10 to 1e15): each ``J [T, P]`` in float64, deterministic per seed.
 

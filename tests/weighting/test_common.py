@@ -28,7 +28,7 @@ def test_degenerate_no_nan(name, method, dtype, solver_backend):
     kw = {"perms": gradops.random_orders(J.shape[0], generator=torch.Generator()
                                          .manual_seed(0))} if method == "pcgrad" else {}
     # PCGrad's recurrence is a kernel op: float64 runs on the torch path (a forced C++ backend
-    # refuses it, tests/test_float64.py); the fixture is about the iterative solvers' loops
+    # refuses it, tests/ops/test_float64.py); the fixture is about the iterative solvers' loops
     with gradops.use_backend("torch" if method == "pcgrad" and dtype == torch.float64 else
                              solver_backend):
         w, st = W.get(method)(gram(J, dtype), **kw, return_status=True)

@@ -1,4 +1,4 @@
-"""Every weighting of gradops.weighting on the matrix families of tests/geometries.py (normal,
+"""Every weighting of gradops.weighting on the matrix families of geometries.py (normal,
 aligned, strongly / weakly stationary, rank-deficient, zero rows; T up to 64; float32 and
 float64; scales 1e-10 to 1e15), on every CPU backend (torch reference, C++, Triton under the
 interpreter), through the shared property checks of tests/_asserts.py:
@@ -19,7 +19,7 @@ non-conflict margin is ``NC_RTOL[dtype] m^2`` for MGDA, and for CAGrad its smoot
 
 Nash-MTL has no solution where 0 is in the hull of the non-zero gradients: there it must give
 finite weights, ``w = 0`` and ``converged=False``. PCGrad's random orders are fixed (its task order
-is its orders' business, tests/test_pcgrad.py).
+is its orders' business, tests/ops/test_pcgrad_weights.py).
 
 The methods that are not ``G -> w`` functions run on the same families and scales in
 :func:`test_elementwise_and_per_layer_methods_on_geometries`: the PCGrad op (``J`` and fixed

@@ -1,6 +1,7 @@
 """gradops.weighting's solver backends against the torch reference loops: the C++ CPU loops
 (csrc/weighting_cpu.cpp) and, under TRITON_INTERPRET=1, the Triton programs of
-gradops/weighting/_triton_solvers.py (the GPU path; on a GPU, tests/test_gpu.py runs them for real).
+gradops/weighting/_triton_solvers.py (the GPU path; on a GPU, tests/ops/test_gpu.py runs them for
+real).
 
 The C++ loops run the torch loops' algorithms in double precision; the Triton Nash-MTL loop runs
 in G's dtype, the MGDA / CAGrad active-set solver in float64 everywhere. Nash-MTL (Newton: no
@@ -284,7 +285,7 @@ TIGHT_FW = {torch.float64: dict(max_iter=3000, tol=1e-12),
 _TIGHT_CASES = [(n, dt) for dt in DTYPES for n in UNIQUE
                 if dt == torch.float64 or CASES[n].shape[0] <= 13]
 _TIGHT_TRITON = [("random_T3", torch.float32), ("random_T3", torch.float64),
-                 ("conflicting_T8", torch.float64)]   # T = 40, 64: tests/test_gpu.py on a GPU
+                 ("conflicting_T8", torch.float64)]   # T = 40, 64: tests/ops/test_gpu.py, GPU
 
 
 @pytest.mark.parametrize("backend,name,dtype",
