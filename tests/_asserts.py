@@ -25,7 +25,7 @@ import torch
 
 import gradops
 
-from conftest import cpu_backends, gpu_backends
+from backend_lists import cpu_backends, gpu_backends
 
 Index = tuple  # an index into an output: ints, slices, Ellipsis
 
@@ -261,7 +261,7 @@ def assert_gram_form_equals_vector_form(op: OpCase, J: torch.Tensor) -> None:
     assert compared, f"{op}: the reference compares no output"
 
 
-# -- properties of a weighting's update d = w^T J (tests/test_weighting_geometries.py) --------- #
+# -- properties of a weighting's update d = w^T J (tests/weighting/test_geometries.py) --------- #
 
 def assert_finite(y: torch.Tensor, what: str = "") -> None:
     """Finite output (for a finite input)."""

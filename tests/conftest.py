@@ -13,27 +13,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import gradops  # noqa: E402,F401
-from gradops import _backend  # noqa: E402
+from backend_lists import cpu_backends  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
-
-
-def cpu_backends() -> list[str]:
-    """Backends the tests run on CPU tensors: the C++ kernels (required unless the build was
-    skipped on purpose with GRADOPS_NO_EXT=1), the torch reference, and Triton when interpreted."""
-    names = ["torch"]
-    if os.environ.get("GRADOPS_NO_EXT", "0") != "1":
-        names.append("cpp")  # a missing extension then fails the tests, as it should
-    if _backend.triton_interpret() and _backend.triton_importable()[0]:
-        names.append("triton")
-    return names
-
-
-def gpu_backends() -> list[str]:
-    names = ["torch", "triton"]
-    if _backend.cuda_ext_available():
-        names.append("cuda")
-    return names
 
 
 def pytest_collection_modifyitems(config, items):

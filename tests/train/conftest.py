@@ -1,14 +1,11 @@
 """Shared set-up of the trainer tests: one data-set cache for the session (the tests that check
-the cache itself use their own directory), small and fast training options."""
+the cache itself use their own directory). The small, fast training options are in
+train_helpers.py."""
 import os
 
 import pytest
 
 pytest.importorskip("sklearn", reason="the trainer's data sets need scikit-learn")
-
-# options that keep a run to about a second on a busy 2-core machine
-SMALL = ["--train-limit", "128", "--width", "4", "--batch-size", "32", "--threads", "1",
-         "--no-progress"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import SMALL
+from train_helpers import SMALL
 from torch import nn
 
 from gradops import offsets_from_numels

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_report import write_fake_run
+from fake_runs import write_fake_run
 
 from gradops.cli import main
 from gradops.sparse import METHODS as SPARSE_METHODS

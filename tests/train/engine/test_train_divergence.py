@@ -10,8 +10,8 @@ import re
 
 import pytest
 import torch
-from conftest import SMALL
-from test_train_report import GRID, STL, write_fake_run
+from train_helpers import SMALL
+from fake_runs import GRID, STL, write_fake_run
 
 from gradops.cli import main
 from gradops.train.engine.divergence import (CHANCE_FROM_EPOCH, CHANCE_MARGIN, CHANCE_PATIENCE,

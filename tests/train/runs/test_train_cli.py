@@ -6,7 +6,7 @@ import tomllib
 
 import pytest
 import torch
-from conftest import SMALL
+from train_helpers import SMALL
 
 from gradops.cli import main
 from gradops.train import METHODS, TrainConfig, run_training

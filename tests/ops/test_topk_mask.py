@@ -12,7 +12,7 @@ import gradops
 from gradops import _backend
 from gradops.reference import topk_mask_reference
 
-from conftest import cpu_backends
+from backend_lists import cpu_backends
 
 # the module (gradops.ops.topk_mask, the attribute, is the function)
 topk_module = importlib.import_module("gradops.ops.topk_mask")

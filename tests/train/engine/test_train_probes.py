@@ -112,7 +112,7 @@ def test_parse_probe():
 def test_train_with_probes(tmp_path):
     import csv
 
-    from conftest import SMALL
+    from train_helpers import SMALL
 
     from gradops.cli import main
     out = tmp_path / "run"

@@ -10,7 +10,7 @@ import torch
 import gradops
 from gradops.reference import sign_counts_reference
 
-from conftest import gpu_backends
+from backend_lists import gpu_backends
 from helpers import DTYPES, assert_gram_close, make_J, random_offsets
 
 pytestmark = pytest.mark.gpu

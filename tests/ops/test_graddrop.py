@@ -1,4 +1,5 @@
-"""GradDrop: exact selection given the noise, reproducible and statistically right without it."""
+"""GradDrop: exact selection given the noise, reproducible and statistically right without it;
+the reported scale failures (purity is scale-free, ``eps`` is relative) reproduced."""
 from __future__ import annotations
 
 import math
@@ -173,7 +174,7 @@ def test_cpu_isa_variants_agree_bitwise(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     outs = {}
     for isa in ("avx512", "avx2", "portable"):
         path = tmp_path / f"{isa}.pt"
@@ -188,3 +189,40 @@ def test_cpu_isa_variants_agree_bitwise(tmp_path):
             if a.dtype in bits:
                 a, b = a.view(bits[a.dtype]), b.view(bits[b.dtype])
             assert torch.equal(a, b), isa
+
+
+# --- reproduced: GradDrop's purity is scale-free (the reported failures) --------------------------
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-8, 1e-6, 1.0, 1e8, 1e30])
+def test_graddrop_scale_free(cpu_backend, scale):
+    """``J = [[1, -3], [1, 1]] s``, ``noise = [0.6, 0.3]`` gave ``[2, -3] s`` for ``s >= 1e-6``
+    but ``[0, 1] s`` at ``s = 1e-8`` (the all-positive column dropped): now ``[2, -3] s`` at
+    every scale, on every backend."""
+    J = torch.tensor([[1.0, -3.0], [1.0, 1.0]]) * scale
+    g, mask = gradops.graddrop(J, noise=torch.tensor([0.6, 0.3]), return_mask=True)
+    torch.testing.assert_close(g.double(), torch.tensor([2.0, -3.0], dtype=torch.float64) * scale,
+                               rtol=1e-6, atol=0)
+    assert mask.tolist() == [[True, True], [True, False]]
+
+
+def test_graddrop_scale_free_float64():
+    J = torch.tensor([[1.0, -3.0], [1.0, 1.0]], dtype=torch.float64) * 1e-200
+    g = gradops.graddrop(J, noise=torch.tensor([0.6, 0.3]))
+    torch.testing.assert_close(g, torch.tensor([2.0, -3.0], dtype=torch.float64) * 1e-200)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.5])
+def test_graddrop_relative_eps_and_zero_columns(cpu_backend, eps):
+    """``eps`` is relative (``p = 0.5 (1 + S / ((1 + eps) A))``), a column of zeros has purity
+    0.5 (0 / 0) and gives 0; a NaN still reaches its column. Every backend = the reference."""
+    J = torch.tensor([[1.0, -3.0, 0.0, 2.0, 1.0],
+                      [1.0, 1.0, 0.0, -1.0, float("nan")]]) * 1e-9
+    noise = torch.tensor([0.6, 0.3, 0.2, 0.7, 0.5])
+    g, m = gradops.graddrop(J, noise=noise, eps=eps, return_mask=True)
+    ref, mref = graddrop_reference(J, torch.zeros(2), noise, eps)
+    torch.testing.assert_close(g, ref, equal_nan=True)
+    assert torch.equal(m, mref)
+    assert g[2] == 0 and torch.isnan(g[4])
+    # column 3: S / A = 1/3: p = 2/3 (eps = 0) keeps the positive entry at U = 0.7 only if
+    # p > 0.7: dropped; with eps = 0.5, p = 0.5 (1 + 2/9) = 0.61: dropped too, the negative kept
+    assert float(g[3]) == pytest.approx(-1e-9)

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import gradops
 
-from conftest import cpu_backends
+from backend_lists import cpu_backends
 from helpers import make_J, random_offsets
 
 CASES = settings(max_examples=25, deadline=None,

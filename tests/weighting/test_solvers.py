@@ -1,6 +1,7 @@
 """gradops.weighting's solver backends against the torch reference loops: the C++ CPU loops
 (csrc/weighting_cpu.cpp) and, under TRITON_INTERPRET=1, the Triton programs of
-gradops/weighting/_triton_solvers.py (the GPU path; on a GPU, tests/test_gpu.py runs them for real).
+gradops/weighting/_triton_solvers.py (the GPU path; on a GPU, tests/ops/test_gpu.py runs them for
+real).
 
 The C++ loops run the torch loops' algorithms in double precision; the Triton Nash-MTL loop runs
 in G's dtype, the MGDA / CAGrad active-set solver in float64 everywhere. Nash-MTL (Newton: no
@@ -9,7 +10,8 @@ argmin / argmax of a gradient, so at a rounding-level tie the backends may take 
 valid) corrals to the same optimum: MGDA / CAGrad are compared where a comparison is exact: the
 first step (before any tie), the solution at a tight tolerance (unique there), and at the default
 tolerance through the solver's own certificate (both within ``residual`` of the optimum), with
-the same ``converged``.
+the same ``converged``. CAGrad's own comparisons are in tests/weighting/test_cagrad.py; the cases
+and the comparison helpers in tests/weighting/solver_helpers.py.
 """
 from __future__ import annotations
 
@@ -21,12 +23,11 @@ import torch
 import gradops
 from gradops import _backend
 from gradops import weighting as W
-from gradops.weighting import _common as WC, _solvers as WS
+from gradops.weighting import _solvers as WS
 
-from conftest import cpu_backends
-
-SOLVER_BACKENDS = [b for b in ("cpp", "triton") if b in cpu_backends()]
-"""The non-reference backends that can run on CPU tensors here (Triton: under the interpreter)."""
+from backend_lists import cpu_backends
+from solver_helpers import (CASES, DTYPES, SOLVER_BACKENDS, UNIQUE, _bn, _both, _gram,
+                            _its_close, _losses, _rel_err, _same_status_types)
 
 needs_cpp = pytest.mark.skipif("cpp" not in cpu_backends(),
                                reason="GRADOPS_NO_EXT=1: the C++ extension was not built")
@@ -37,88 +38,7 @@ def backend(request):
     return request.param
 
 
-TRITON_CASES = ("random_T3", "zero_row")
-"""The cases the interpreted Triton solver runs where a test sweeps every case (the interpreter
-takes ~0.1 s per active-set iteration): the C++ kernels run them all."""
-
-
-def _bn(names):
-    """``(backend, name)`` pairs: every case for C++, :data:`TRITON_CASES` for Triton."""
-    return [(b, n) for b in SOLVER_BACKENDS for n in names if b != "triton" or n in TRITON_CASES]
-
-DTYPES = (torch.float32, torch.float64)
 MGDA_NORMS = ("none", "l2", "loss", "loss+")
-
-
-def _jac(T: int, P: int = 256, seed: int = 0, common: float = 0.5) -> torch.Tensor:
-    """Task gradients with scales 0.1..3 and a shared component (fp64)."""
-    g = torch.Generator().manual_seed(100 * T + seed)
-    Z = torch.randn(T, P, generator=g, dtype=torch.float64)
-    Z = Z + common * torch.randn(1, P, generator=g, dtype=torch.float64)
-    return Z * (0.1 + 2.9 * torch.rand(T, 1, generator=g, dtype=torch.float64))
-
-
-def _cases() -> dict[str, torch.Tensor]:
-    out = {f"random_T{T}": _jac(T) for T in (1, 2, 3, 5, 7, 13, 40, 64)}
-    g = torch.Generator().manual_seed(11)
-    J = _jac(5, seed=1)
-    J[3] = J[1]
-    out["duplicate_rows"] = J
-    J = _jac(6, seed=2)
-    J[2] = 2.0 * J[0]
-    J[5] = 0.5 * J[4]
-    out["collinear_rows"] = J
-    B = torch.randn(3, 256, generator=g, dtype=torch.float64)
-    out["rank3_of_7"] = torch.rand(7, 3, generator=g, dtype=torch.float64) @ B
-    J = _jac(4, seed=3)
-    J[2] = 0.0
-    out["zero_row"] = J
-    # strongly conflicting: zero-mean rows of different scales, a small shared part
-    Z = torch.randn(8, 256, generator=g, dtype=torch.float64)
-    out["conflicting_T8"] = ((Z - Z.mean(0)) * (0.1 + 3 * torch.rand(8, 1, generator=g,
-                                                                     dtype=torch.float64))
-                             + 0.1 * torch.randn(1, 256, generator=g, dtype=torch.float64))
-    return out
-
-
-CASES = _cases()
-RANDOM = [n for n in CASES if n.startswith("random")]
-UNIQUE = RANDOM + ["conflicting_T8"]     # affinely independent rows: w* is unique
-
-
-def _gram(J: torch.Tensor, dtype) -> torch.Tensor:
-    return (J @ J.T).to(dtype)
-
-
-def _losses(T: int) -> torch.Tensor:
-    return torch.linspace(0.5, 2.0, T, dtype=torch.float64)
-
-
-def _run(backend: str, fn, G, *args, **kw):
-    with gradops.use_backend(backend):
-        return fn(G, *args, **kw, return_status=True)
-
-
-def _both(fn, G, *args, backend="cpp", **kw):
-    return _run("torch", fn, G, *args, **kw), _run(backend, fn, G, *args, **kw)
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b| (0 when both are 0)."""
-    scale = float(b.double().abs().max())
-    diff = float((a.double() - b.double()).abs().max())
-    return diff / scale if scale > 0 else diff
-
-
-def _same_status_types(st_t: W.SolverStatus, st_c: W.SolverStatus) -> None:
-    for a, b in zip(st_t, st_c):
-        assert a.dtype == b.dtype and a.shape == b.shape == () and a.device == b.device
-
-
-def _its_close(it_t: int, it_c: int) -> bool:
-    """Frank-Wolfe iteration counts: the paths may part at a rounding-level tie (module
-    docstring), after which each converges at the same linear rate."""
-    return abs(it_t - it_c) <= 12 + max(it_t, it_c) // 4
 
 
 def _mgda_inverse_scales(J: torch.Tensor, normalization: str) -> torch.Tensor:
@@ -356,58 +276,6 @@ def test_mgda_matches_torch(name, normalization, dtype, backend):
     assert dist <= bound * math.sqrt(gn_max), (dist, bound * math.sqrt(gn_max))
 
 
-def _cagrad_problem(G: torch.Tensor, c: float):
-    """CAGrad's Frank-Wolfe problem as gradops.weighting.cagrad sets it up."""
-    G = WC._prep(G, "test")
-    T = G.shape[0]
-    b = G.sum(1) / T
-    k = c * torch.sqrt(torch.clamp(b.sum() / T, min=0.0))
-    scale = torch.clamp(G.diagonal().max(), min=WC._tiny(G))
-    delta2 = (math.sqrt(WC._eps(G)) ** 2) * scale + WC._tiny(G)
-    return G, b, k, delta2, scale
-
-
-def _cagrad_objective(w, G, b, k, delta2) -> float:
-    w, G, b = w.double(), G.double(), b.double()
-    return float(b @ w + float(k) * torch.sqrt(torch.clamp(w @ G @ w, min=0.0) + float(delta2)))
-
-
-@pytest.mark.parametrize("backend,name", _bn(list(CASES)))
-@pytest.mark.parametrize("c", [0.1, 0.4, 1.0, 2.0])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cagrad_solver_matches_torch(name, c, dtype, backend):
-    """The Frank-Wolfe solve itself, default budget and tolerance: both converge, and their
-    objective values are within the certificate ``f(w) - f* <= residual * scale``."""
-    G, b, k, delta2, scale = _cagrad_problem(_gram(CASES[name], dtype), c)
-    res = {}
-    for bk in ("torch", backend):
-        with gradops.use_backend(bk):
-            res[bk] = WS._simplex_qp(G, 250, 1e-6, scale, b=b, k=k, delta2=delta2)
-    (w_t, st_t), (w_c, st_c) = res["torch"], res[backend]
-    assert bool(st_t.converged) and bool(st_c.converged), (st_t, st_c)
-    assert _its_close(int(st_t.iterations), int(st_c.iterations)), (st_t, st_c)
-    assert bool((w_c >= 0).all()) and abs(float(w_c.double().sum()) - 1.0) < 1e-6
-    f_t, f_c = (_cagrad_objective(w, G, b, k, delta2) for w in (w_t, w_c))
-    noise = 1e-6 if dtype == torch.float32 else 1e-13
-    slack = (max(float(st_t.residual), float(st_c.residual), 0.0) + noise) * float(scale)
-    assert abs(f_t - f_c) <= slack, (f_t, f_c, slack)
-
-
-@pytest.mark.parametrize("backend,name", _bn(list(CASES)))
-@pytest.mark.parametrize("c,rescale", [(0.4, 1), (0.5, 0), (2.0, 2), (0.0, 1), (0.0, 0)])
-def test_cagrad_weights_match_torch(name, c, rescale, backend):
-    """Public API, default settings: same status; c = 0 is the exact mean (no solve)."""
-    G = _gram(CASES[name], torch.float32)
-    (w_t, st_t), (w_c, st_c) = _both(W.cagrad, G, c, rescale, backend=backend)
-    assert w_c.dtype == w_t.dtype == torch.float32
-    _same_status_types(st_t, st_c)
-    assert bool(st_t.converged) and bool(st_c.converged)
-    if c == 0:
-        assert torch.equal(w_c, w_t) and int(st_c.iterations) == 0
-    else:
-        assert _its_close(int(st_t.iterations), int(st_c.iterations)), (st_t, st_c)
-
-
 TIGHT_FW = {torch.float64: dict(max_iter=3000, tol=1e-12),
             torch.float32: dict(max_iter=600, tol=1e-9)}
 
@@ -417,7 +285,7 @@ TIGHT_FW = {torch.float64: dict(max_iter=3000, tol=1e-12),
 _TIGHT_CASES = [(n, dt) for dt in DTYPES for n in UNIQUE
                 if dt == torch.float64 or CASES[n].shape[0] <= 13]
 _TIGHT_TRITON = [("random_T3", torch.float32), ("random_T3", torch.float64),
-                 ("conflicting_T8", torch.float64)]   # T = 40, 64: tests/test_gpu.py on a GPU
+                 ("conflicting_T8", torch.float64)]   # T = 40, 64: tests/ops/test_gpu.py, GPU
 
 
 @pytest.mark.parametrize("backend,name,dtype",

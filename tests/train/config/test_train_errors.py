@@ -1,7 +1,7 @@
 """Bad input to ``gradops train`` / ``compare``: a one-line error naming the option (and the valid
 choices), exit status 2, and nothing already written lost or changed."""
 import pytest
-from conftest import SMALL
+from train_helpers import SMALL
 
 from gradops.cli import main
 

@@ -1,8 +1,8 @@
 """MTLOptimizer: the data path (per-task gradients -> method -> combined .grad), the
 torch.optim.Optimizer contract (schedulers, state_dict, clipping, AMP), sparse training, and end to
 end training with every method. The methods' own math is checked against independent references
-in test_weighting.py; here each method's combined gradient is checked against the same method run
-on independently computed per-task gradients."""
+in tests/weighting/test_<method>.py; here each method's combined gradient is checked against the
+same method run on independently computed per-task gradients."""
 import copy
 import warnings
 

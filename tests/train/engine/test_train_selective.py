@@ -116,7 +116,7 @@ def test_outputs_are_written(tmp_path):
 
 
 def test_train_selective_with_sparse_training(tmp_path):
-    from conftest import SMALL
+    from train_helpers import SMALL
 
     from gradops.cli import main
     out = tmp_path / "run"

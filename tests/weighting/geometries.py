@@ -1,4 +1,4 @@
-"""Matrix families for the weighting property tests (tests/test_weighting_geometries.py), in the
+"""Matrix families for the weighting property tests (tests/weighting/test_geometries.py), in the
 spirit of TorchJD's test matrices (normal, strongly / weakly stationary, rank-deficient, zero
 rows, scales from 1e-10 to 1e15): each ``J [T, P]`` in float64, deterministic per seed.
 
@@ -10,6 +10,9 @@ import torch
 
 SCALES = (1e-10, 1.0, 1e15)
 """Scales applied to every family (``J -> sJ``)."""
+
+NC_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5}
+"""Relative margin of the non-conflict checks (``assert_non_conflicting``) per dtype."""
 
 ZERO_IN_HULL = frozenset({"strong_stationary", "weak_stationary", "zero_rows"})
 

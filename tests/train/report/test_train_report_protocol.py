@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import SMALL
+from train_helpers import SMALL
 
 from gradops.cli import main
 from gradops.train.report.build import write_report

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import gradops
 from gradops.reference import pcgrad_reference
 
-from conftest import cpu_backends
+from backend_lists import cpu_backends
 from helpers import make_J, random_offsets
 
 

@@ -1,4 +1,4 @@
-"""Every weighting of gradops.weighting on the matrix families of tests/geometries.py (normal,
+"""Every weighting of gradops.weighting on the matrix families of geometries.py (normal,
 aligned, strongly / weakly stationary, rank-deficient, zero rows; T up to 64; float32 and
 float64; scales 1e-10 to 1e15), on every CPU backend (torch reference, C++, Triton under the
 interpreter), through the shared property checks of tests/_asserts.py:
@@ -19,7 +19,7 @@ non-conflict margin is ``NC_RTOL[dtype] m^2`` for MGDA, and for CAGrad its smoot
 
 Nash-MTL has no solution where 0 is in the hull of the non-zero gradients: there it must give
 finite weights, ``w = 0`` and ``converged=False``. PCGrad's random orders are fixed (its task order
-is its orders' business, tests/test_pcgrad.py).
+is its orders' business, tests/ops/test_pcgrad_weights.py).
 
 The methods that are not ``G -> w`` functions run on the same families and scales in
 :func:`test_elementwise_and_per_layer_methods_on_geometries`: the PCGrad op (``J`` and fixed
@@ -40,12 +40,12 @@ from gradops import weighting as W
 from gradops.ops.pcgrad import random_orders
 
 import geometries as GEO
+from geometries import NC_RTOL
 from _asserts import (assert_finite, assert_non_conflicting, assert_updates_close,
                       problem_scale, task_permutation)
-from conftest import cpu_backends
+from backend_lists import cpu_backends
 
 RTOL = {torch.float64: 1e-6, torch.float32: 2e-3}
-NC_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5}
 SHAPES = {"torch": [(5, 30), (20, 8)], "cpp": [(5, 30), (20, 8), (64, 100)],
           "triton": [(3, 10)]}
 """(T, P) per backend: T > P puts 0 in the hull of normal rows; the interpreted Triton solver
@@ -149,27 +149,7 @@ def test_weighting_properties_on_geometries(backend, T, P, fam, dtype):
                 assert_updates_close(w_s.double() @ J, d, J, rtol, f"{what} x{s:g}")
 
 
-# -- the reported MGDA and CAGrad failures, reproduced and pinned ------------------------------ #
-
-def _cagrad_primal(J: torch.Tensor, c: float) -> float:
-    """``max_d min_i g_i . d`` s.t. ``||d - g0|| <= c ||g0||`` (CAGrad's primal, their Eq. 3), an
-    independent float64 solve: scipy's SLSQP on ``(d, t)``, maximise ``t`` s.t. ``J d >= t``."""
-    so = pytest.importorskip("scipy.optimize")
-    import numpy as np
-    A = J.double().numpy()
-    T, P = A.shape
-    g0 = A.mean(0)
-    R = c * float(np.linalg.norm(g0))
-    x0 = np.concatenate([g0, [float((A @ g0).min())]])
-    cons = [{"type": "ineq", "fun": lambda x: A @ x[:P] - x[P],
-             "jac": lambda x: np.hstack([A, -np.ones((T, 1))])},
-            {"type": "ineq", "fun": lambda x: R * R - float(((x[:P] - g0) ** 2).sum()),
-             "jac": lambda x: np.concatenate([-2 * (x[:P] - g0), [0.0]])}]
-    r = so.minimize(lambda x: -x[P], x0, jac=lambda x: np.concatenate([np.zeros(P), [-1.0]]),
-                    constraints=cons, method="SLSQP", options=dict(maxiter=2000, ftol=1e-13))
-    assert r.status in (0, 8), r.message      # 8: the line search stalled at rounding level
-    return float(-r.fun)
-
+# -- the reported MGDA failures, reproduced and pinned (CAGrad's: tests/weighting/test_cagrad.py) #
 
 SOLVER_BACKENDS = [b for b in cpu_backends() if b in ("torch", "cpp", "triton")]
 
@@ -204,45 +184,6 @@ def test_issue27_mgda_T40_all_converge():
         assert_non_conflicting(J, w.double() @ J.double(), 1e-5, f"seed {seed}")
         its.append(int(st.iterations))
     assert max(its) <= 80, its
-
-
-@pytest.mark.parametrize("backend", SOLVER_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_issue27_cagrad_zero_in_hull_is_non_conflicting(backend, dtype):
-    """Case 2: ``c = 2``, 0 in the hull: ``J d`` was ``[0.448, 0.444, -0.008, -0.197]``,
-    unconverged; the optimal value is 0 (``d = 0`` is feasible), every maximiser is
-    non-conflicting, and so is this one within the smoothing's bound."""
-    J = torch.randn(4, 3, generator=torch.Generator().manual_seed(181))
-    X = J.to(dtype)
-    with gradops.use_backend(backend):
-        w, st = W.cagrad(X @ X.T, c=2.0, rescale=0, return_status=True)
-    assert bool(st.converged), st
-    d = w.double() @ J.double()
-    smooth = max(math.sqrt(torch.finfo(dtype).eps), 1e-6)
-    assert_non_conflicting(J, d, 2 * 2.0 * smooth + NC_RTOL[dtype], "seed 181")
-    assert abs(_cagrad_primal(J, 2.0)) <= 1e-9                # the optimum is 0 here
-    g0 = J.double().mean(0)
-    assert float((d - g0).norm()) <= 2.0 * float(g0.norm()) * (1 + 1e-6)   # feasible
-
-
-@pytest.mark.parametrize("backend", [b for b in SOLVER_BACKENDS if b != "triton"])
-@pytest.mark.parametrize("c", [0.4, 2.0])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_issue27_cagrad_reaches_the_primal_optimum(backend, c, seed):
-    """Case 2: 0 not in the hull (20 x 100): pairwise Frank-Wolfe stopped short (0.061 against
-    0.079 on such a case); ``d`` now attains the primal optimum of an independent solve."""
-    J = torch.randn(20, 100, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    J = J + 0.3 * torch.randn(1, 100, generator=torch.Generator().manual_seed(99),
-                              dtype=torch.float64)
-    with gradops.use_backend(backend):
-        w, st = W.cagrad(J @ J.T, c=c, rescale=0, return_status=True)
-    assert bool(st.converged), st
-    d = w @ J
-    g0 = J.mean(0)
-    assert float((d - g0).norm()) <= c * float(g0.norm()) * (1 + 1e-9)       # feasible
-    m2 = float(J.norm(dim=1).max()) ** 2
-    opt = _cagrad_primal(J, c)
-    assert abs(float((J @ d).min()) - opt) <= 1e-7 * m2, (float((J @ d).min()), opt)
 
 
 def _gradvac_updates(J: torch.Tensor, calls: int = 5) -> list[torch.Tensor]:
