@@ -192,6 +192,8 @@ class Method:
             ``s > 0`` (so GradScaler's scaled gradients need no unscaling for the method).
         iterative: the method runs an iterative solver whose status may say "not converged".
         random: the method draws from the optimizer's generator.
+        permutation_equivariant: permuting the tasks permutes the weights (False for a method
+            that treats the tasks asymmetrically by design, e.g. PCD's primary task).
         order: position in listings (the built-in methods are numbered; new ones sort after by
             name).
     """
@@ -204,6 +206,7 @@ class Method:
     scale_invariant: ClassVar[bool] = True
     iterative: ClassVar[bool] = False
     random: ClassVar[bool] = False
+    permutation_equivariant: ClassVar[bool] = True
     order: ClassVar[int] = 1000
 
     def __init__(self, options: Options | None = None, **kwargs: Any):
@@ -235,7 +238,7 @@ class Method:
                 "options": {k: v if isinstance(v, (int, float, str, bool, type(None))) else
                             repr(v) for k, v in opts.items()},
                 "scale_invariant": cls.scale_invariant, "iterative": cls.iterative,
-                "random": cls.random}
+                "random": cls.random, "permutation_equivariant": cls.permutation_equivariant}
 
     def torchjd(self, T: int) -> Any:
         """TorchJD's aggregator of the same method with the same options (benchmarks and
