@@ -10,13 +10,14 @@ from typing import Any, ClassVar
 import torch
 
 from ._common import SolverStatus, _check_iter, _prep, _stop_early
+from ._mgda import mgda
 from ._registry import GramMethod, Options, StepContext, register
 
 __all__ = ["PCD", "PCDOptions", "pcd_qp"]
 
 
-def pcd_qp(Gn: torch.Tensor, tau: float, max_iter: int = 50, tol: float = 1e-10, *,
-           early_exit: bool | None = None):
+def pcd_qp(Gn: torch.Tensor, tau: float, max_iter: int = 50, tol: float = 1e-12, *,
+           dependence_tol: float = 1e-9, early_exit: bool | None = None):
     """PCD's quadratic program on the Gram ``Gn`` of the (normalised) gradients, row 0 the
     primary one: ``min_d 1/2 ||d - g_1||^2`` s.t. ``g_j . d >= tau ||g_j||^2`` (``j >= 2``),
     through its dual, the non-negative QP ``min_{mu >= 0} 1/2 mu^T Q mu - b^T mu`` with
@@ -31,11 +32,13 @@ def pcd_qp(Gn: torch.Tensor, tau: float, max_iter: int = 50, tol: float = 1e-10,
     ``<= tol``. (TorchJD solves the same program exactly with Goldfarb & Idnani's active-set
     method on the host; the minimiser is the same.)
 
-    Infeasible constraints (``m >= 3``, e.g. two anti-parallel secondary gradients) make the dual
-    unbounded: the iterate runs off along ``u = mu / sum(mu)`` with ``u^T Q u ~ 0`` and
-    ``b^T u > 0`` (Farkas' certificate); when the solve has not converged and ``u`` certifies
-    it (``u^T Q u <= sqrt(eps) b^T u``), the result is PCD's rule for that case, the
-    constraints dropped (``mu = 0``), flagged by ``infeasible``.
+    Infeasible constraints (``m >= 3``, e.g. two anti-parallel secondary gradients): by Farkas'
+    lemma, with ``tau > 0`` the constraints are infeasible iff ``0`` is in the convex hull of the
+    non-zero secondary gradients, i.e. ``delta^2 = min_{u in simplex} u^T Q u = 0`` (the dual is
+    then unbounded). ``delta^2`` comes from MGDA's exact min-norm solve
+    (:func:`gradops.weighting.mgda`, on the device); ``delta^2 <= dependence_tol max_j Q_jj``
+    (TorchJD's ``max(1e-9, 10 eps)`` of the input dtype) counts as infeasible, and the result is
+    PCD's rule for that case, the constraints dropped (``mu = 0``), flagged by ``infeasible``.
 
     Returns ``(w, converged, iterations, residual, infeasible)``, ``w = [1, mu]``.
     """
@@ -88,9 +91,14 @@ def pcd_qp(Gn: torch.Tensor, tau: float, max_iter: int = 50, tol: float = 1e-10,
         its = its + (~done).to(torch.int64)
     res = residual(mu, s)
     converged = res <= tol
-    u = mu / torch.clamp(mu.sum(), min=1e-300)
-    bu = b @ u
-    infeasible = ~converged & (bu > 0) & (u @ Q @ u <= math.sqrt(torch.finfo(dt).eps) * bu)
+    nz = Q.diagonal() > 0
+    big = torch.full_like(b, 2.0 * n)                  # keeps zero gradients out of the hull
+    Qh = Q + torch.diag(torch.where(nz, torch.zeros_like(b), big))
+    u = mgda(Qh, normalization="none", early_exit=early_exit)
+    delta2 = u @ Qh @ u
+    infeasible = nz.any() & (delta2 <= dependence_tol)
+    if tau == 0:                                       # d = 0 is feasible
+        infeasible = torch.zeros_like(infeasible)
     mu = torch.where(infeasible, torch.zeros_like(mu), torch.clamp(mu, min=0.0))
     return torch.cat([one, mu]), converged, its, res, infeasible
 
@@ -101,7 +109,7 @@ class PCDOptions(Options):
     beta: float = 0.999             # decay of the EMA of the squared gradient norms
     eps: float = 1e-8               # added to the EMA before its inverse square root
     max_iter: int = 50
-    tol: float = 1e-10
+    tol: float = 1e-12
     early_exit: bool | None = None
 
     def check(self) -> None:
@@ -130,8 +138,9 @@ class PCD(GramMethod):
     (:func:`pcd_qp`), then ``d = d~ ||g_1|| / ||d~||``: the weights are ``w_i = mu_i s_i
     ||g_1|| / ||d~||`` (``mu_1 = 1``). ``g_1 = 0`` gives ``w = 0``; ``||d~||^2`` at or below
     ``10 eps (sum_i |mu_i| ||g~_i||)^2`` (zero to rounding) gives ``w = 0``; infeasible
-    constraints give ``d = g_1`` with the status ``converged`` False and ``residual = inf``
-    (counted by ``MTLOptimizer`` as no solution), as TorchJD's rule (which says nothing).
+    constraints (``0`` in the hull of the secondary gradients, see :func:`pcd_qp`) give
+    ``d = g_1`` with the status ``converged`` False and ``residual = inf`` (counted by
+    ``MTLOptimizer`` as no solution), as TorchJD's rule (which says nothing).
 
     Scale convention = TorchJD's: ``||d|| = ||g_1||`` (the primary gradient's norm, so its
     learning rate carries over); ``w`` is invariant to ``J -> sJ`` (up to ``eps``). Not
@@ -140,7 +149,8 @@ class PCD(GramMethod):
 
     State (``state_dict``): the EMA ``[T]`` (float64) and the count of steps in it; a step whose
     Gram is non-finite returns NaN weights and leaves both as they were. Cost: the ``T x T``
-    solve, nothing beyond the backward passes."""
+    interior-point solve and an MGDA min-norm solve (the infeasibility test), nothing beyond
+    the backward passes."""
 
     name = "pcd"
     display = "PCD"
@@ -179,7 +189,8 @@ class PCD(GramMethod):
         scales = torch.where(den > 0, 1.0 / torch.where(den > 0, den, torch.ones_like(den)),
                              torch.zeros_like(den))
         Gn = Gd * scales[:, None] * scales[None, :]
-        w, conv, its, res, infeasible = pcd_qp(Gn, o.tau, o.max_iter, o.tol,
+        dep = max(1e-9, 10.0 * torch.finfo(dt).eps)
+        w, conv, its, res, infeasible = pcd_qp(Gn, o.tau, o.max_iter, o.tol, dependence_tol=dep,
                                                early_exit=o.early_exit)
         dn2 = w @ Gn @ w
         magnitude = (w.abs() @ torch.sqrt(torch.clamp(Gn.diagonal(), min=0.0))) ** 2

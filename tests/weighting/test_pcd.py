@@ -30,12 +30,12 @@ def test_declaration_and_option_errors():
 
 
 def test_pinned_values():
-    """Computed once by this implementation after it agreed with TorchJD (below) to 2e-9."""
+    """Computed once by this implementation after it agreed with TorchJD (below) to 1e-12."""
     m = W.PCD(tau=0.3)
     w, st = m.weights(J3 @ J3.T, CTX)
     torch.testing.assert_close(w, torch.tensor([0.5309430505, 3.0899056660, 2.8108110173],
                                                dtype=torch.float64), atol=1e-8, rtol=0)
-    assert bool(st.converged) and float(st.residual) <= 1e-10
+    assert bool(st.converged) and float(st.residual) <= 1e-12
     d = w @ J3
     torch.testing.assert_close(d.norm(), J3[0].norm())              # ||d|| = ||g_1||
     torch.testing.assert_close(m.state_dict()["pcd_ema"],
@@ -47,7 +47,7 @@ def test_pinned_values():
                                      (6, 4, 0.2), (8, 20, 0.9)])
 def test_agrees_with_torchjd_over_steps(T, P, tau):
     """TorchJD 0.18's PCDWeighting (Goldfarb-Idnani on the host), 6 steps of growing scale
-    sharing the EMA: relative agreement 1e-8 (measured <= 1.8e-9). With T > P some steps have
+    sharing the EMA: relative agreement 1e-10 (measured 9.7e-13). With T > P some steps have
     infeasible constraints (6 gradients in R^4): both drop them (d = g_1), ours says so."""
     g = torch.Generator().manual_seed(T * 100 + P)
     m = W.PCD(tau=tau)
@@ -57,7 +57,7 @@ def test_agrees_with_torchjd_over_steps(T, P, tau):
         w, st = m.weights(J @ J.T, CTX)
         r = ref(J @ J.T)
         assert bool(st.converged) or math.isinf(float(st.residual))
-        assert float((w - r).abs().max()) <= 1e-8 * float(r.abs().max())
+        assert float((w - r).abs().max()) <= 1e-10 * float(r.abs().max())
     J = torch.randn(T, P, generator=g, dtype=torch.float64)
     w32, _ = m.weights((J @ J.T).float(), StepContext())
     assert w32.dtype == torch.float32
@@ -111,3 +111,33 @@ def test_fixed_budget_matches_early_exit():
     m1, m2 = W.PCD(tau=0.3, early_exit=True), W.PCD(tau=0.3, early_exit=False)
     G = J3 @ J3.T
     assert torch.equal(m1.weights(G, CTX)[0], m2.weights(G, CTX)[0])
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-8), (torch.float32, 1e-5)])
+def test_random_problems_converge_or_are_infeasible_as_torchjd(dtype, rtol):
+    """60 random problems (T = 2..8, P = 3..29, mixed gradient scales, some with T > P), the
+    EMA shared while T stays the same: every solve converges or is flagged infeasible (0 in the
+    hull of the secondary gradients), and the weights are TorchJD's (measured: 1.5e-9 relative
+    in float64, 4e-7 in float32, on 300 such problems)."""
+    g = torch.Generator().manual_seed(7)
+    m, ref, T_prev, infeasible = None, None, None, 0
+    for _ in range(60):
+        T = int(torch.randint(2, 9, (1,), generator=g))
+        P = int(torch.randint(3, 30, (1,), generator=g))
+        J = (torch.randn(T, P, generator=g) * torch.rand(T, 1, generator=g) * 10).to(dtype)
+        if T != T_prev:
+            m, ref, T_prev = W.PCD(), torchjd_aggregation.PCDWeighting(), T
+        G = J @ J.T
+        w, st = m.weights(G, StepContext(dtype=dtype))
+        r = ref(G)
+        infeasible += int(math.isinf(float(st.residual)))
+        assert bool(st.converged) or math.isinf(float(st.residual))
+        assert float((w - r).abs().max()) <= rtol * float(r.abs().max())
+    for _ in range(5):                  # 6 secondary gradients in R^2: 0 is often in the hull
+        J = torch.randn(7, 2, generator=g).to(dtype)
+        w, st = W.PCD().weights(J @ J.T, StepContext(dtype=dtype))
+        r = torchjd_aggregation.PCDWeighting()(J @ J.T)
+        infeasible += int(math.isinf(float(st.residual)))
+        assert bool(st.converged) or math.isinf(float(st.residual))
+        assert float((w - r).abs().max()) <= rtol * float(r.abs().max())
+    assert infeasible >= 1
