@@ -31,10 +31,9 @@ class CRMOGMOptions(Options):
 
 @register
 class CRMOGM(GramMethod):
-    """CR-MOGM's weight smoothing (Zhou et al., NeurIPS 2022, Alg. 2 / Eq. 7, the
-    "correlation-reduced" MOGM; TorchJD 0.18's ``CRMOGMWeighting``): with ``lambda^_k`` the
-    weights of the ``base`` method (default MGDA, the paper's main instance, with the base's
-    default options) on this step's Gram,
+    """CR-MOGM's weight smoothing (Zhou et al., NeurIPS 2022, the "correlation-reduced" MOGM;
+    TorchJD 0.18's ``CRMOGMWeighting``): with ``lambda^_k`` the weights of the ``base`` method
+    (default MGDA, with the base's default options) on this step's Gram,
 
         ``lambda_k = alpha lambda_{k-1} + (1 - alpha) lambda^_k``,  ``lambda_0 = lambda^_1``
 

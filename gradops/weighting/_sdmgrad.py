@@ -31,7 +31,7 @@ def project_simplex(y: torch.Tensor) -> torch.Tensor:
 def sdmgrad_step(G: torch.Tensor, w: torch.Tensor, lam: float = 0.3, lr: float = 10.0,
                  momentum: float = 0.5, n_iter: int = 20
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SDMGrad weighting step (Xiao et al., NeurIPS 2023, Alg. 1 lines 3-6; TorchJD's
+    """One SDMGrad weighting step (Xiao et al., NeurIPS 2023, Algorithm 1, SDMGrad; TorchJD's
     ``SDMGradWeighting.forward``, LibMTL's ``SDMGrad.backward``), from the inner iterate ``w``
     (on the simplex, carried over from the previous step): with ``A = G / s^2``,
     ``s = mean_i sqrt(max(G_ii, 0))`` and ``w~ = 1/T`` (the mean's direction), ``n_iter`` steps of
@@ -40,11 +40,12 @@ def sdmgrad_step(G: torch.Tensor, w: torch.Tensor, lam: float = 0.3, lr: float =
         v <- grad (first step) | momentum v + grad,   grad = A (w + lam w~)
         w <- proj_simplex(w - lr v)
 
-    on ``1/2 ||J^T (w + lam w~)||^2 / s^2`` (the paper's Eq. 7: the direction-oriented MGDA's
-    dual, a regulariser pulling ``d`` toward ``g0 = J^T w~``). Returns the weights
-    ``(w + lam w~) / (1 + lam)`` of ``d = (J^T w + lam g0) / (1 + lam)`` (Alg. 1 line 7) and the
-    new inner iterate. ``n_iter`` is a fixed budget by design (the paper's algorithm; it does not
-    iterate to a tolerance), so there is no convergence status.
+    on ``1/2 ||J^T (w + lam w~)||^2 / s^2`` (the direction-oriented MGDA's dual, a regulariser
+    pulling ``d`` toward ``g0 = J^T w~``). Returns the weights ``(w + lam w~) / (1 + lam)`` of
+    the algorithm's update ``d = (J^T w + lam g0) / (1 + lam)`` and the new inner iterate.
+
+    ``n_iter`` is a fixed budget by design (the paper's algorithm; it does not iterate to a
+    tolerance), so there is no convergence status.
     """
     G = _prep(G, "sdmgrad")
     T = G.shape[0]
@@ -84,7 +85,7 @@ class SDMGrad(GramMethod):
     """Direction-oriented MGDA with a regulariser toward the mean gradient
     (:func:`sdmgrad_step`).
 
-    Batches: the paper (Alg. 1) estimates ``A = J_xi J_xi'^T`` from two independent batches and
+    Batches: the paper (Algorithm 1) estimates ``A = J_xi J_xi'^T`` from two independent batches and
     takes ``g0`` from a third, for unbiased stochastic gradients; the registry's ``gram`` kind
     has one batch, so here ``A = G = J J^T`` and ``d = w^T J`` of the same batch (TorchJD's
     ``SDMGradWeighting`` applied to the Gram; the deterministic form of their analysis). No
