@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -144,7 +144,8 @@ class PCD(GramMethod):
 
     Scale convention = TorchJD's: ``||d|| = ||g_1||`` (the primary gradient's norm, so its
     learning rate carries over); ``w`` is invariant to ``J -> sJ`` (up to ``eps``). Not
-    symmetric in the tasks (``symmetric = False``): the order given to ``MTLOptimizer`` matters.
+    symmetric in the tasks (``permutation_equivariant = False``): the order given to
+    ``MTLOptimizer`` matters.
     Only a scalar ``tau`` (TorchJD also takes one per secondary objective).
 
     State (``state_dict``): the EMA ``[T]`` (float64) and the count of steps in it; a step whose
@@ -158,7 +159,7 @@ class PCD(GramMethod):
              "Hierarchical Multi-Objective Optimization, TMLR 2026 (arXiv:2606.29521)")
     Options = PCDOptions
     iterative = True
-    symmetric: ClassVar[bool] = False   # task 0 is the primary objective
+    permutation_equivariant = False   # task 0 is the primary objective
 
     def __init__(self, options: PCDOptions | None = None, **kwargs: Any):
         super().__init__(options, **kwargs)

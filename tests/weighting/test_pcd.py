@@ -19,7 +19,7 @@ CTX = StepContext(dtype=torch.float64)
 def test_declaration_and_option_errors():
     cls = get_method("PCD")
     assert cls is W.PCD and cls.kind == "gram" and cls.iterative and cls.scale_invariant
-    assert cls.symmetric is False
+    assert cls.permutation_equivariant is False
     for opt, bad, msg in [("tau", 1.5, r"'tau' must be in \[0, 1\]"),
                           ("beta", 1.0, r"'beta' must be in \[0, 1\)"),
                           ("eps", -1.0, "'eps' must be >= 0"),
