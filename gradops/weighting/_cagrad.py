@@ -101,10 +101,10 @@ def cagrad(G: torch.Tensor, c: float = 0.4, rescale: int = 1, max_iter: int = 25
 class CAGradOptions(Options):
     c: float = 0.4                  # the radius of the ball around the mean gradient
     rescale: int = 1                # 0, 1 (divide by 1 + c^2, LibMTL) or 2 (by 1 + c)
-    max_iter: int = 250
-    tol: float = 1e-6
+    max_iter: int = 250             # the solver's iteration budget (a Python int: no host sync)
+    tol: float = 1e-6               # the tolerance that freezes a converged iterate on the device
     smooth: float | None = None
-    early_exit: bool | None = None
+    early_exit: bool | None = None  # CPU eager: stop once converged (None: automatic; same result)
 
     def check(self) -> None:
         self.check_nonnegative("max_iter", "tol", "c", "smooth")

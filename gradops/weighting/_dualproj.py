@@ -50,7 +50,7 @@ class DualProjOptions(Options):
     reg_eps: float = 1e-4           # ridge on G / tr(G) (TorchJD's reg_eps)
     max_iter: int = 250             # active-set steps
     tol: float = 1e-6               # on the KKT residual
-    early_exit: bool | None = None
+    early_exit: bool | None = None  # CPU eager: stop once converged (None: automatic; same result)
 
     def check(self) -> None:
         if not self.reg_eps >= 0:

@@ -128,9 +128,9 @@ def _fair_newton(Gn: torch.Tensor, alpha: float, max_iter: int, tol: float,
 @dataclass(frozen=True)
 class FairGradOptions(Options):
     alpha: float = 1.0              # the fairness exponent (their alpha; 0: mean, 1: Nash)
-    max_iter: int = 50
-    tol: float = 1e-8
-    early_exit: bool | None = None
+    max_iter: int = 50              # the solver's iteration budget (a Python int: no host sync)
+    tol: float = 1e-8               # the tolerance that freezes a converged iterate on the device
+    early_exit: bool | None = None  # CPU eager: stop once converged (None: automatic; same result)
 
     def check(self) -> None:
         if not self.alpha >= 0:

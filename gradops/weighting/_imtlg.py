@@ -69,7 +69,7 @@ def imtlg(G: torch.Tensor, ridge: float = 0.0, rcond: float | None = None, *,
 
 @dataclass(frozen=True)
 class IMTLGOptions(Options):
-    ridge: float = 0.0
+    ridge: float = 0.0              # added to the Gram's diagonal before the solve
     rcond: float | None = None
 
     def check(self) -> None:

@@ -71,9 +71,9 @@ def mgda(G: torch.Tensor, normalization: str = "none", losses: torch.Tensor | No
 @dataclass(frozen=True)
 class MGDAOptions(Options):
     normalization: str = "none"     # one of MGDA_NORMALIZATIONS
-    max_iter: int = 250
-    tol: float = 1e-5
-    early_exit: bool | None = None
+    max_iter: int = 250             # the solver's iteration budget (a Python int: no host sync)
+    tol: float = 1e-5               # the tolerance that freezes a converged iterate on the device
+    early_exit: bool | None = None  # CPU eager: stop once converged (None: automatic; same result)
 
     def check(self) -> None:
         self.check_nonnegative("max_iter", "tol")

@@ -110,9 +110,9 @@ def _no_solution(Gact: torch.Tensor, active: torch.Tensor, a: torch.Tensor,
 @dataclass(frozen=True)
 class NashMTLOptions(Options):
     max_norm: float = 1.0           # clip ||d|| to this (0: no clip)
-    max_iter: int = 20
-    tol: float = 1e-5
-    early_exit: bool | None = None
+    max_iter: int = 20              # the solver's iteration budget (a Python int: no host sync)
+    tol: float = 1e-5               # the tolerance that freezes a converged iterate on the device
+    early_exit: bool | None = None  # CPU eager: stop once converged (None: automatic; same result)
 
     def check(self) -> None:
         self.check_nonnegative("max_iter", "tol", "max_norm")

@@ -108,9 +108,9 @@ class PCDOptions(Options):
     tau: float = 0.02               # the fraction of normalised progress each secondary keeps
     beta: float = 0.999             # decay of the EMA of the squared gradient norms
     eps: float = 1e-8               # added to the EMA before its inverse square root
-    max_iter: int = 50
-    tol: float = 1e-12
-    early_exit: bool | None = None
+    max_iter: int = 50              # the solver's iteration budget (a Python int: no host sync)
+    tol: float = 1e-12              # the tolerance that freezes a converged iterate on the device
+    early_exit: bool | None = None  # CPU eager: stop once converged (None: automatic; same result)
 
     def check(self) -> None:
         if not 0 <= self.tau <= 1:
