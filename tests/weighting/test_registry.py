@@ -226,6 +226,50 @@ def test_mtloptimizer_runs_every_method_and_resumes_bit_exactly(cls):
         assert torch.equal(p, q), f"{cls.name}: {k} differs after a resume"
 
 
+def _scaler_run(cls, use_scaler: bool, T: int = 3) -> list[torch.Tensor]:
+    """Four steps of ``cls`` (an epoch boundary after the second), with AMP's GradScaler or
+    without; the gradients of every parameter after ``unscale_``."""
+    torch.manual_seed(0)
+    net = _Net(T)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) if use_scaler else None
+    opt = MTLOptimizer(torch.optim.SGD(net.parameters(), lr=0.05), method=cls.name,
+                       shared=net.encoder, num_tasks=T, grad_scaler=scaler, linear_gram="off",
+                       generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(6)
+    seen = []
+    for step in range(4):
+        x, y = torch.randn(16, 5, generator=g), torch.randn(16, T, generator=g)
+        losses = net.losses(x, y)
+        closure = (lambda x=x, y=y: net.losses(x, y)) \
+            if isinstance(opt.method, LossMethod) and opt.method.needs_closure else None
+        opt.zero_grad()
+        if scaler is None:
+            opt.backward(losses)
+        else:
+            opt.backward(scaler.scale(torch.stack(losses)))
+            scaler.unscale_(opt)
+        seen.append(torch.cat([p.grad.reshape(-1) for grp in opt.param_groups
+                               for p in grp["params"] if p.grad is not None]))
+        args = () if closure is None else (closure,)
+        if scaler is None:
+            opt.step(*args)
+        else:
+            scaler.step(opt, *args)
+            scaler.update()
+        if step == 1:
+            opt.end_epoch()
+    return seen
+
+
+@pytest.mark.parametrize("cls", OPTIMIZER_METHODS, ids=_ids(OPTIMIZER_METHODS))
+def test_grad_scaler_gives_the_unscaled_gradients(cls):
+    """AMP: scaled losses in, ``unscale_`` -> the gradients of an unscaled run, step after step
+    (the method's own parameters included): a method that is not scale-invariant gets the
+    unscaled Gram, a loss-level method scales what it adds to the losses."""
+    for a, b in zip(_scaler_run(cls, False), _scaler_run(cls, True)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
 def test_trainer_modes_are_refused_by_mtloptimizer():
     net = _Net(2)
     with pytest.raises(ValueError, match="mode of the bundled trainer"):

@@ -7,7 +7,6 @@ from torchjd.aggregation import Random, RandomWeighting
 from gradops.optim import MTLOptimizer
 from gradops.weighting import RGW, StepContext, get_method
 from loss_helpers import TwoTask, batch
-from test_registry import _Net
 
 J3 = torch.tensor([[1.0, 2.0, 0.0, -1.0], [0.0, -1.0, 3.0, 0.5], [2.0, 0.0, 1.0, 1.0]])
 
@@ -81,32 +80,3 @@ def test_mtloptimizer_step_is_the_random_combination_with_fresh_weights_each_ste
         seen.append(info.weights.clone())
         opt.step()
     assert not torch.equal(seen[0], seen[1])
-
-
-def test_grad_scaler_gives_the_unscaled_updates():
-    """AMP: scaled losses in, ``unscale_`` -> the updates of an unscaled run, step after step."""
-    runs = []
-    for use_scaler in (False, True):
-        net = _Net(3)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) if use_scaler else None
-        opt = MTLOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), method="rgw",
-                           shared=net.encoder, grad_scaler=scaler, linear_gram="off",
-                           generator=torch.Generator().manual_seed(5))
-        g = torch.Generator().manual_seed(6)
-        grads = []
-        for _ in range(3):
-            x, y = torch.randn(16, 5, generator=g), torch.randn(16, 3, generator=g)
-            L = torch.stack(net.losses(x, y))
-            opt.zero_grad()
-            if scaler is None:
-                opt.backward(L)
-                opt.step()
-            else:
-                opt.backward(scaler.scale(L))
-                scaler.unscale_(opt)
-                scaler.step(opt)
-                scaler.update()
-            grads.append(torch.cat([p.grad.reshape(-1) for p in net.encoder.parameters()]))
-        runs.append(grads)
-    for a, b in zip(*runs):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
