@@ -136,13 +136,18 @@ def linear_combine(X: torch.Tensor, D: torch.Tensor, weights: torch.Tensor, *,
     gradients, as one product ``(sum_t w_t D_t)^T X``.
 
     Args:
-        X: ``[N, in]``; D: ``[T, N, out]`` (as :func:`linear_gram`).
-        weights: ``[T]``.
+        X: the layer's inputs ``[N, in]`` (as :func:`linear_gram`).
+        D: the per-task output gradients ``[T, N, out]`` (as :func:`linear_gram`).
+        weights: the task weights ``[T]``, on ``D``'s device.
         out: optional ``[out, in]`` contiguous destination in ``X``'s dtype (e.g. a view of a
             flat gradient buffer); written and returned.
 
     Returns:
         ``[out, in]``. The bias gradient's combination is ``weights @ D.sum(1)``.
+
+    Raises:
+        ValueError: for shapes that do not match, ``weights`` on another device, or a bad
+            ``out``.
     """
     _check(X, D, "linear_combine")
     T, N, n_out = D.shape

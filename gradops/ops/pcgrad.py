@@ -104,7 +104,21 @@ _COEFFICIENTS = {"triton": _coefficients_triton, "cpp": _coefficients_cpp,
 def random_orders(T: int, batch: tuple[int, ...] = (), *, generator: torch.Generator | None = None,
                   device: torch.device | str | None = None) -> torch.Tensor:
     """Random visiting orders ``[*batch, T, T]`` (row ``i``: a permutation of ``0..T-1``) drawn
-    from ``generator`` (default: the global generator of ``device``), on ``device``."""
+    from ``generator`` (default: the global generator of ``device``), on ``device``.
+
+    The ``perms`` of :func:`pcgrad_weights` (PCGrad's random task order, Yu et al., "Gradient
+    Surgery for Multi-Task Learning", NeurIPS 2020).
+
+    Args:
+        T: the number of tasks.
+        batch: leading batch dimensions (``(L,)`` for per-layer orders).
+        generator: the generator to draw from (it may live on another device than ``device``:
+            the orders are then copied).
+        device: the device of the result (default: CPU).
+
+    Returns:
+        int64 ``[*batch, T, T]``.
+    """
     device = torch.device(device) if device is not None else torch.device("cpu")
     gen_device = generator.device if generator is not None else device
     keys = torch.rand((*batch, T, T), generator=generator, device=gen_device)
