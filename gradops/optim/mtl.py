@@ -408,7 +408,7 @@ class MTLOptimizer(OptimizerWrapper):
             reset: start the next means afresh (False: keep accumulating).
 
         Returns:
-            The means and counts, as a dict of Python values and CPU tensors.
+            A dict: the counts as ints, the means as tensors.
         """
         out = self._stats.summary(self.method.name, reset)
         out["factored_layers"] = len(self.factored_layers)

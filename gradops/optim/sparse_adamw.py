@@ -251,8 +251,11 @@ class SparseAdamW(torch.optim.Optimizer):
 
     Raises:
         ValueError: for a negative ``lr``, ``eps`` or ``weight_decay``, ``betas`` outside
-            ``[0, 1)``, a non-contiguous masked parameter, or masks that do not fit.
-        TypeError: for a masked complex or sparse parameter.
+            ``[0, 1)``, a non-contiguous masked parameter, name-keyed masks without ``module``, or a
+            mask whose shape is not its parameter's.
+        TypeError: for masks of the wrong type (keys, values), or a masked complex or sparse
+            parameter.
+        KeyError: for a mask name that is no parameter of ``module``.
 
     Entries outside the masks are never written: they stay bit-identical. ``state_dict()`` /
     ``load_state_dict()`` round-trip the packed state (index tables included, kept int32).

@@ -213,6 +213,13 @@ class SparseTraining(OptimizerWrapper):
             mask; less memory once more than 1/8 of an fp32 weight is selected), see the module
             docstring.
 
+    Raises:
+        TypeError: for an ``optimizer`` that is not a torch optimizer, or masks of the wrong type
+            (keys, values).
+        ValueError: for an unknown ``snapshot``, name-keyed masks without ``module``, or a mask
+            whose shape is not its parameter's.
+        KeyError: for a mask name that is no parameter of ``module``.
+
     Guarantee: entries outside the masks stay bit-identical to their values when the wrapper was
     made (see the module docstring for how, and what it stores).
     """
