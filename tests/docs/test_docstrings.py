@@ -131,7 +131,10 @@ def public_callables() -> dict[str, tuple[object, str]]:
     for q, cls in classes.items():
         if cls.__init__ is not object.__init__:
             found[q] = (cls, _constructor_docs(cls))
-        for name, attr in vars(cls).items():
+        members = {}                          # its own and those of its gradops bases
+        for c in reversed(_gradops_bases(cls)):
+            members.update(vars(c))
+        for name, attr in members.items():
             if name.startswith("_") or isinstance(attr, property):
                 continue
             fn = attr.__func__ if isinstance(attr, (staticmethod, classmethod)) else attr
