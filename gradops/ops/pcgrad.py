@@ -223,6 +223,8 @@ def pcgrad_weights(G: torch.Tensor, *, generator: torch.Generator | None = None,
                    libmtl_self_visit: bool = False) -> torch.Tensor:
     """PCGrad's combination weights from the Gram: ``g_pcgrad = w^T J`` (docs/methods.md#pcgrad).
 
+    PCGrad: Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020, Alg. 1.
+
     Args:
         G: ``[T, T]`` Gram (or a batch ``[..., T, T]``, e.g. per-layer Grams ``[L, T, T]``: one
             PCGrad per segment, weights ``[L, T]``).
@@ -241,6 +243,12 @@ def pcgrad_weights(G: torch.Tensor, *, generator: torch.Generator | None = None,
     Returns:
         float32 weights ``[..., T]`` (float64 for a float64 ``G``, computed in float64) on ``G``'s
         device. Non-finite ``G`` gives non-finite weights.
+
+    Raises:
+        TypeError: for a ``G`` that is not floating point.
+        ValueError: for a ``G`` that is not ``[..., T, T]``, ``perms`` that are not int64
+            permutations of ``G``'s shape on its device, an unknown ``reduction``, a negative
+            ``eps``, or a ``libmtl_self_visit`` that is not a bool.
     """
     if perms is None:
         perms = random_orders(G.shape[-1], tuple(G.shape[:-2]), generator=generator,
@@ -258,7 +266,8 @@ def pcgrad(J: torch.Tensor, *, generator: torch.Generator | None = None,
            offsets: torch.Tensor | None = None, out: torch.Tensor | None = None,
            return_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """PCGrad-combined gradient of task gradients ``J`` ``[T, P]``: a Gram pass, the ``T x T``
-    recurrence on device, and a combine pass (docs/methods.md#pcgrad).
+    recurrence on device, and a combine pass (docs/methods.md#pcgrad; Yu et al., "Gradient
+    Surgery for Multi-Task Learning", NeurIPS 2020).
 
     Args:
         J: ``[T, P]`` float32 / bfloat16 / float16 (fp32 math), or float64 (fp64 math throughout:
@@ -273,6 +282,11 @@ def pcgrad(J: torch.Tensor, *, generator: torch.Generator | None = None,
 
     Returns:
         ``g`` ``[P]`` in ``J``'s dtype (or ``out``), or ``(g, weights)``.
+
+    Raises:
+        TypeError: for a ``J`` that is not a dense tensor of a supported floating dtype.
+        ValueError: for a ``J`` that is not 2-D ``[T, P]``, and as :func:`segment_gram`,
+            :func:`pcgrad_weights` and :func:`combine` for their arguments.
     """
     check_matrix(J, "pcgrad")
     G = gram(J) if offsets is None else segment_gram(J, offsets)

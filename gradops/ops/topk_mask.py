@@ -287,7 +287,8 @@ def _index(k, op: str) -> int:
 
 
 def topk_mask(W: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-neuron top-``k`` magnitude mask of a weight (docs/methods.md#sparse-training).
+    """Per-neuron top-``k`` magnitude mask of a weight (docs/methods.md#sparse-training): the
+    parameter selection per neuron (PSN) of Zhang et al.'s sparse-training paper, Sec. 3.4.
 
     Args:
         W: weight, ``[out, ...]`` (Linear ``[out, in]``, conv ``[out, in, kh, kw]``, a 1-D vector
