@@ -102,6 +102,15 @@ _local = threading.local()
 def use_backend(name: str | None) -> Iterator[None]:
     """Force every gradops op in this thread to use backend ``name`` (``None``: automatic).
 
+    A context manager; the previous choice comes back on exit.
+
+    Args:
+        name: one of :data:`BACKENDS` (``"torch"``, ``"cpp"``, ``"triton"``...), or None.
+
+    Raises:
+        ValueError: for a name not in :data:`BACKENDS` (on entry). An op that cannot run on
+            the forced backend raises when it is called.
+
     Example::
 
         with gradops.use_backend("torch"):
@@ -269,7 +278,14 @@ def info() -> dict:
 
 
 def format_info(report: dict | None = None) -> str:
-    """:func:`info` as a human-readable table."""
+    """:func:`info` as a human-readable table.
+
+    Args:
+        report: a dict returned by :func:`info`; None calls :func:`info`.
+
+    Returns:
+        The table, lines joined by newlines.
+    """
     r = report or info()
     lines = [f"gradops backends (torch {r['torch']}, CUDA build {r['torch_cuda']}, "
              f"triton {r['triton']}{', TRITON_INTERPRET=1' if r['triton_interpret'] else ''})",

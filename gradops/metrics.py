@@ -24,7 +24,18 @@ def _check_gram(G: torch.Tensor, fn: str) -> None:
 
 
 def norms(G: torch.Tensor) -> torch.Tensor:
-    """Gradient norms ``n_i = sqrt(G_ii)``, ``[..., T]`` (negative rounding noise clamped to 0)."""
+    """Gradient norms ``n_i = sqrt(G_ii)``, ``[..., T]`` (negative rounding noise clamped to 0).
+
+    Args:
+        G: a Gram ``J J^T`` ``[T, T]`` or a batch ``[..., T, T]`` (floating point).
+
+    Returns:
+        ``[..., T]`` in ``G``'s dtype.
+
+    Raises:
+        TypeError: for a ``G`` that is not a floating-point tensor.
+        ValueError: for a ``G`` that is not ``[..., T, T]``.
+    """
     _check_gram(G, "norms")
     return torch.diagonal(G, dim1=-2, dim2=-1).clamp_min(0).sqrt()
 
@@ -38,7 +49,18 @@ def cosine(G: torch.Tensor) -> torch.Tensor:
     """Pairwise cosine similarities ``G_ij / (n_i n_j)``, ``[..., T, T]``, in ``[-1, 1]``.
 
     0 where either norm is 0 (Yu et al. define conflict as ``cos < 0``: zero gradients never
-    conflict). NaN/Inf in ``G`` propagate.
+    conflict). NaN/Inf in ``G`` propagate (Yu et al., "Gradient Surgery for Multi-Task
+    Learning", NeurIPS 2020).
+
+    Args:
+        G: a Gram ``J J^T`` ``[T, T]`` or a batch ``[..., T, T]`` (floating point).
+
+    Returns:
+        ``[..., T, T]`` in ``G``'s dtype.
+
+    Raises:
+        TypeError: for a ``G`` that is not a floating-point tensor.
+        ValueError: for a ``G`` that is not ``[..., T, T]``.
     """
     _check_gram(G, "cosine")
     ni, nj = _pair_norms(G)
@@ -51,7 +73,18 @@ def gms(G: torch.Tensor) -> torch.Tensor:
     """Gradient magnitude similarity ``2 n_i n_j / (n_i^2 + n_j^2)`` (Yu et al., 2020), ``[..., T,
     T]``.
 
-    In ``[0, 1]``; 0 where both norms are 0 (undefined: reported as 0, like the cosine).
+    In ``[0, 1]``; 0 where both norms are 0 (undefined: reported as 0, like the cosine). Yu et
+    al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020.
+
+    Args:
+        G: a Gram ``J J^T`` ``[T, T]`` or a batch ``[..., T, T]`` (floating point).
+
+    Returns:
+        ``[..., T, T]`` in ``G``'s dtype.
+
+    Raises:
+        TypeError: for a ``G`` that is not a floating-point tensor.
+        ValueError: for a ``G`` that is not ``[..., T, T]``.
     """
     _check_gram(G, "gms")
     ni, nj = _pair_norms(G)
@@ -72,6 +105,17 @@ def conflict_counts(G: torch.Tensor, S: float = 0.0) -> torch.Tensor:
 
     With per-layer Grams ``[L, T, T]`` and ``-1 < S <= 0`` this is Recon's S-conflict score of each
     layer for one iteration (Shi et al., ICLR 2023, Def. 3); sum it over iterations to rank layers.
+
+    Args:
+        G: a Gram ``J J^T`` ``[T, T]`` or a batch ``[..., T, T]`` (floating point).
+        S: the cosine threshold, in ``[-1, 1]`` (0: conflict as ``cos < 0``).
+
+    Returns:
+        int64 ``[...]`` (a 0-dim tensor for one Gram).
+
+    Raises:
+        TypeError: for a ``G`` that is not a floating-point tensor.
+        ValueError: for a ``G`` that is not ``[..., T, T]``, or ``S`` outside ``[-1, 1]``.
     """
     if not -1.0 <= S <= 1.0:
         raise ValueError(f"gradops.metrics.conflict_counts: S must be in [-1, 1], got {S}")
@@ -91,6 +135,16 @@ def conflict_incidence(G: torch.Tensor) -> torch.Tensor:
 
     ``N_all = T(T-1)/2`` unordered pairs, ``N_gc`` those with ``cos < 0``. float32 ``[...]``
     (float64 for a float64 ``G``); 0 when ``T == 1`` (no pairs).
+
+    Args:
+        G: a Gram ``J J^T`` ``[T, T]`` or a batch ``[..., T, T]`` (floating point).
+
+    Returns:
+        float32 ``[...]`` (float64 for a float64 ``G``), in ``[0, 1]``.
+
+    Raises:
+        TypeError: for a ``G`` that is not a floating-point tensor.
+        ValueError: for a ``G`` that is not ``[..., T, T]``.
     """
     T = G.shape[-1] if G.dim() >= 2 else 0
     n_all = T * (T - 1) // 2
@@ -102,7 +156,18 @@ def conflict_incidence(G: torch.Tensor) -> torch.Tensor:
 def sign_conflict_ratio(opposite: torch.Tensor, both_nonzero: torch.Tensor) -> torch.Tensor:
     """Fraction of coordinates with opposite signs among those where both gradients are non-zero
     (Elich et al., "ratio of conflicting gradient parameters"); 0 where no coordinate is non-zero
-    in both. Inputs are the counts of ``gram(..., return_sign_counts=True)``. float32."""
+    in both. Inputs are the counts of ``gram(..., return_sign_counts=True)``.
+
+    Args:
+        opposite: per pair, the coordinates where the two gradients have opposite signs.
+        both_nonzero: per pair, the coordinates where both are non-zero (same shape).
+
+    Returns:
+        float32, of the inputs' shape.
+
+    Raises:
+        ValueError: when the two shapes differ.
+    """
     if opposite.shape != both_nonzero.shape:
         raise ValueError("gradops.metrics.sign_conflict_ratio: opposite and both_nonzero must have "
                          f"the same shape, got {tuple(opposite.shape)} and "

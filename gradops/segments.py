@@ -11,6 +11,15 @@ def offsets_from_numels(numels: Iterable[int]) -> torch.Tensor:
     """Segment table for consecutive blocks of the given sizes (zeros allowed), on the CPU.
 
     ``offsets_from_numels(p.numel() for p in params)`` gives one segment per parameter tensor.
+
+    Args:
+        numels: the segments' sizes, in order.
+
+    Returns:
+        int64 ``[L+1]``: ``0`` then the cumulative sizes.
+
+    Raises:
+        ValueError: for no sizes or a negative size.
     """
     sizes = [int(n) for n in numels]
     if not sizes:

@@ -102,9 +102,16 @@ def _topk_mask(W: torch.Tensor, k: int) -> torch.Tensor:
 def mask_indices(mask: torch.Tensor) -> torch.Tensor:
     """Column indices of the selected entries of a mask with the same count in every row.
 
-    ``mask`` is viewed as ``[out, F]``; returns int32 ``[out, K]`` (int64 when ``F >= 2**31``),
-    increasing along each row (the layout of ``gradops.topk_indices``). Raises ``ValueError`` when
-    the rows hold different counts (use :func:`row_counts` to check first)."""
+    Args:
+        mask: a bool mask, viewed as ``[out, F]``, with the same count ``K`` in every row.
+
+    Returns:
+        int32 ``[out, K]`` (int64 when ``F >= 2**31``), increasing along each row (the layout of
+        ``gradops.topk_indices``).
+
+    Raises:
+        ValueError: when the rows hold different counts (use :func:`row_counts` to check first).
+    """
     rows = mask.reshape(mask.shape[0], -1)
     counts = rows.sum(1)
     K = int(counts[0]) if rows.shape[0] else 0
@@ -116,7 +123,14 @@ def mask_indices(mask: torch.Tensor) -> torch.Tensor:
 
 
 def row_counts(mask: torch.Tensor) -> torch.Tensor:
-    """Selected entries per row of ``mask`` viewed as ``[out, F]`` (int64 ``[out]``)."""
+    """Selected entries per row of ``mask`` viewed as ``[out, F]``.
+
+    Args:
+        mask: a bool mask (dimension 0 the rows).
+
+    Returns:
+        int64 ``[out]``.
+    """
     return mask.reshape(mask.shape[0], -1).sum(1)
 
 
@@ -185,7 +199,16 @@ def _owned_parameters(module: nn.Module) -> Iterator[tuple[str, str, nn.Module, 
 # --- the result ----------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class LayerReport:
-    """One parameter's line of :meth:`SparseMasks.report`."""
+    """One parameter's line of :meth:`SparseMasks.report`.
+
+    Attributes:
+        name: the parameter's name in the module.
+        shape: its shape.
+        rule: ``"sparse"``, ``"frozen"`` or ``"trainable"``.
+        kept: its trainable entries.
+        total: its entries.
+        k: the per-row K (sparse rules with the same count in every row), else None.
+    """
     name: str
     shape: tuple[int, ...]
     rule: str          # "sparse", "frozen" or "trainable"
@@ -205,6 +228,19 @@ class SparseMasks(Mapping):
     Attributes: ``k`` (the per-row K used), ``method``, ``target_fraction`` (when found from a
     fraction), ``rules`` (``name -> "sparse" | "frozen" | "trainable"``), ``denominator`` (the count
     the total fraction divides by) and ``denominator_desc`` (what it counts).
+
+    Args:
+        masks: ``name -> mask`` (bool, the parameter's shape) or None (trained fully), for every
+            parameter.
+        rules: ``name -> "sparse" | "frozen" | "trainable"``.
+        shapes: ``name -> shape``.
+        k: the per-row K used.
+        method: the selection method (:data:`METHODS`).
+        denominator: the count the total fraction divides by.
+        denominator_desc: what it counts, in words.
+        denominator_mode: ``"all"``, ``"sparse"`` (only the sparse rules' entries are counted as
+            kept) or ``"given"``.
+        target_fraction: the fraction ``k`` was found from, or None.
     """
 
     def __init__(self, masks: dict[str, torch.Tensor | None], rules: dict[str, str],
@@ -272,7 +308,14 @@ class SparseMasks(Mapping):
                 "target_fraction": self.target_fraction, "denominator": self.denominator_desc}
 
     def summary(self, max_rows: int | None = None) -> str:
-        """:meth:`report` as a text table (first ``max_rows`` lines when given)."""
+        """:meth:`report` as a text table.
+
+        Args:
+            max_rows: print only the first ``max_rows`` parameters (None: all).
+
+        Returns:
+            The table, lines joined by newlines, with the total on the last line.
+        """
         r = self.report()
         rows = r["layers"] if max_rows is None else r["layers"][:max_rows]
         w = max([len(x.name) for x in rows] + [9])
@@ -295,7 +338,19 @@ class SparseMasks(Mapping):
         keyed by the parameter objects, to hand to :class:`gradops.optim.SparseTraining` or
         :class:`gradops.optim.SparseAdamW`. Parameters left out are trained fully
         (``include_trainable=True`` lists them too, with ``None``). ``module`` must be the module
-        the masks were computed for (or one with the same parameter names and shapes)."""
+        the masks were computed for (or one with the same parameter names and shapes).
+
+        Args:
+            module: the module the masks were computed for.
+            include_trainable: also list the fully trained parameters (with ``None``).
+
+        Returns:
+            ``{parameter: mask or None}``, masks on their parameter's device.
+
+        Raises:
+            KeyError: for a masked name ``module`` has no parameter of.
+            ValueError: for a parameter whose shape differs from its mask's.
+        """
         params = dict(module.named_parameters())
         out: dict[torch.Tensor, torch.Tensor | None] = {}
         for n, m in self._masks.items():
@@ -311,7 +366,14 @@ class SparseMasks(Mapping):
         return out
 
     def to(self, device: torch.device | str) -> SparseMasks:
-        """A copy with every mask on ``device``."""
+        """A copy with every mask on ``device``.
+
+        Args:
+            device: the destination device.
+
+        Returns:
+            A new :class:`SparseMasks`.
+        """
         new = SparseMasks({n: None if m is None else m.to(device) for n, m in self._masks.items()},
                           self.rules, self._shapes, k=self.k, method=self.method,
                           denominator=self.denominator, denominator_desc=self.denominator_desc,
@@ -405,6 +467,11 @@ def psn_masks(module: nn.Module, k: int | None = None, fraction: float | None = 
     Returns:
         :class:`SparseMasks` (``name -> mask or None``, ``.report()``, ``.summary()``,
         ``.for_params(module)``). Masks are bool tensors of the parameter's shape on its device.
+
+    Raises:
+        ValueError: naming the argument, for both or neither of ``k`` / ``fraction``, a ``k`` or
+            ``fraction`` out of range, or an unknown ``method``, ``other`` or ``denominator``.
+        TypeError: for a matcher (``include``, ``exclude``, ``frozen``) of another type.
     """
     if (k is None) == (fraction is None):
         raise ValueError("psn_masks: give exactly one of k= and fraction=")

@@ -199,6 +199,13 @@ def combine(J: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | None
 
     Returns:
         ``[P]`` in ``J``'s dtype (or ``out``).
+
+    Raises:
+        TypeError: for a ``J``, ``weights`` or ``out`` that is not a floating-point tensor (of a
+            supported dtype), or ``offsets`` that are not int64.
+        ValueError: for shapes that do not match (``weights`` ``[T]`` / ``[L, T]`` with or
+            without ``offsets``, ``out`` ``[P]``), a bad segment table, or a tensor on another
+            device.
     """
     _check(J, weights, offsets, out)
     if plain_eager_cpu(J, weights, offsets, out):  # the ops' implementations, directly

@@ -171,12 +171,14 @@ def graddrop(J: torch.Tensor, *, leak: float | Sequence[float] | torch.Tensor = 
              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """GradDrop-combined gradient ``[P]`` of task gradients ``J`` ``[T, P]`` in one fused pass.
 
+    GradDrop: Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign
+    Dropout", NeurIPS 2020, applied to the parameter gradients (docs/methods.md#graddrop).
+
     Args:
         J: ``[T, P]`` float32 / bfloat16 / float16 (fp32 math), or float64 (fp64 math, on the
             torch path); rows may be strided.
         leak: ``leak_t`` in ``[0, 1]``, a float for all tasks or ``[T]``; ``leak = 1`` gives the
-        plain
-            sum of the task gradients, ``0`` (default) the paper's GradDrop.
+            plain sum of the task gradients, ``0`` (default) the paper's GradDrop.
         generator: source of the random seed (reproducible: the same generator state gives the
             same result, on every backend); default: the global generator of ``J``'s device.
         noise: ``[P]`` uniform numbers ``U_k`` to use instead (tests, external RNG).
@@ -187,6 +189,12 @@ def graddrop(J: torch.Tensor, *, leak: float | Sequence[float] | torch.Tensor = 
 
     Returns:
         ``g`` (``[P]``, ``J``'s dtype), or ``(g, mask)``.
+
+    Raises:
+        TypeError: for a ``J`` that is not a dense floating-point tensor, or a ``generator``
+            that is not a ``torch.Generator``.
+        ValueError: for a ``J`` that is not 2-D, a ``leak`` outside ``[0, 1]`` or of the wrong
+            length, a ``noise`` of the wrong shape or device, or a negative ``eps``.
 
     NaN/Inf in a column of ``J`` reach that column of ``g`` (they are never dropped).
     """

@@ -379,6 +379,10 @@ def gram(J: torch.Tensor, *, return_sign_counts: bool = False
         ``[T, T]`` float32 (float64 for float64 ``J``; symmetric, PSD up to rounding), or a
         :class:`GramWithSignCounts`.
 
+    Raises:
+        TypeError: for a ``J`` that is not a dense tensor of a supported floating dtype.
+        ValueError: for a ``J`` that is not 2-D ``[T, P]`` with ``T >= 1``.
+
     Non-finite entries of ``J`` propagate into the rows/columns of ``G`` they touch. Backend: see
     :func:`gradops.info` (Triton on CUDA, C++ on CPU, torch reference otherwise).
     """
@@ -411,6 +415,12 @@ def segment_gram(J: torch.Tensor, offsets: torch.Tensor, *, return_sign_counts: 
     Returns:
         ``[L, T, T]`` float32 (float64 for float64 ``J``) with ``result.sum(0) == gram(J)`` up to
         rounding, or a :class:`GramWithSignCounts` of ``[L, T, T]`` tensors.
+
+    Raises:
+        TypeError: for a ``J`` that is not a dense tensor of a supported floating dtype, or
+            ``offsets`` that are not int64.
+        ValueError: for a ``J`` that is not 2-D ``[T, P]`` with ``T >= 1``, or a bad segment
+            table (not 1-D, not from 0 to ``P``, decreasing, or on another device).
     """
     _check("segment_gram", J, offsets)
     if plain_eager_cpu(J, offsets):  # the ops' implementation, directly (see ops/_eager.py)

@@ -97,6 +97,11 @@ def linear_gram(X: torch.Tensor, D: torch.Tensor, bias: bool = False, *,
 
     Costs ``N^2 in + T N^2 out + T^2 N out / 2`` multiply-adds (module docstring); when
     ``N >= in`` it forms the gradients ``D_t^T X`` instead, which is then no dearer.
+
+    Raises:
+        TypeError: for ``X`` or ``D`` that are not floating-point tensors of one dtype.
+        ValueError: for shapes that do not match (``X [N, in]``, ``D [T, N, out]``, ``T >= 1``),
+            tensors on two devices, or an unknown ``form``.
     """
     _check(X, D, "linear_gram")
     if form not in ("auto", "eigh", "kernel"):
@@ -136,13 +141,19 @@ def linear_combine(X: torch.Tensor, D: torch.Tensor, weights: torch.Tensor, *,
     gradients, as one product ``(sum_t w_t D_t)^T X``.
 
     Args:
-        X: ``[N, in]``; D: ``[T, N, out]`` (as :func:`linear_gram`).
-        weights: ``[T]``.
+        X: the layer's inputs ``[N, in]`` (as :func:`linear_gram`).
+        D: the per-task output gradients ``[T, N, out]`` (as :func:`linear_gram`).
+        weights: the task weights ``[T]``, on ``D``'s device.
         out: optional ``[out, in]`` contiguous destination in ``X``'s dtype (e.g. a view of a
             flat gradient buffer); written and returned.
 
     Returns:
         ``[out, in]``. The bias gradient's combination is ``weights @ D.sum(1)``.
+
+    Raises:
+        TypeError: for ``X`` or ``D`` that are not floating-point tensors of one dtype.
+        ValueError: for shapes that do not match, ``weights`` or ``X`` on another device, or a
+            bad ``out``.
     """
     _check(X, D, "linear_combine")
     T, N, n_out = D.shape

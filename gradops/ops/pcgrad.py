@@ -104,7 +104,21 @@ _COEFFICIENTS = {"triton": _coefficients_triton, "cpp": _coefficients_cpp,
 def random_orders(T: int, batch: tuple[int, ...] = (), *, generator: torch.Generator | None = None,
                   device: torch.device | str | None = None) -> torch.Tensor:
     """Random visiting orders ``[*batch, T, T]`` (row ``i``: a permutation of ``0..T-1``) drawn
-    from ``generator`` (default: the global generator of ``device``), on ``device``."""
+    from ``generator`` (default: the global generator of ``device``), on ``device``.
+
+    The ``perms`` of :func:`pcgrad_weights` (PCGrad's random task order, Yu et al., "Gradient
+    Surgery for Multi-Task Learning", NeurIPS 2020).
+
+    Args:
+        T: the number of tasks.
+        batch: leading batch dimensions (``(L,)`` for per-layer orders).
+        generator: the generator to draw from (it may live on another device than ``device``:
+            the orders are then copied).
+        device: the device of the result (default: CPU).
+
+    Returns:
+        int64 ``[*batch, T, T]``.
+    """
     device = torch.device(device) if device is not None else torch.device("cpu")
     gen_device = generator.device if generator is not None else device
     keys = torch.rand((*batch, T, T), generator=generator, device=gen_device)
@@ -209,6 +223,8 @@ def pcgrad_weights(G: torch.Tensor, *, generator: torch.Generator | None = None,
                    libmtl_self_visit: bool = False) -> torch.Tensor:
     """PCGrad's combination weights from the Gram: ``g_pcgrad = w^T J`` (docs/methods.md#pcgrad).
 
+    PCGrad: Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020, Alg. 1.
+
     Args:
         G: ``[T, T]`` Gram (or a batch ``[..., T, T]``, e.g. per-layer Grams ``[L, T, T]``: one
             PCGrad per segment, weights ``[L, T]``).
@@ -227,6 +243,12 @@ def pcgrad_weights(G: torch.Tensor, *, generator: torch.Generator | None = None,
     Returns:
         float32 weights ``[..., T]`` (float64 for a float64 ``G``, computed in float64) on ``G``'s
         device. Non-finite ``G`` gives non-finite weights.
+
+    Raises:
+        TypeError: for a ``G`` that is not floating point.
+        ValueError: for a ``G`` that is not ``[..., T, T]``, ``perms`` that are not int64
+            permutations of ``G``'s shape on its device, an unknown ``reduction``, a negative
+            ``eps``, or a ``libmtl_self_visit`` that is not a bool.
     """
     if perms is None:
         perms = random_orders(G.shape[-1], tuple(G.shape[:-2]), generator=generator,
@@ -244,7 +266,8 @@ def pcgrad(J: torch.Tensor, *, generator: torch.Generator | None = None,
            offsets: torch.Tensor | None = None, out: torch.Tensor | None = None,
            return_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """PCGrad-combined gradient of task gradients ``J`` ``[T, P]``: a Gram pass, the ``T x T``
-    recurrence on device, and a combine pass (docs/methods.md#pcgrad).
+    recurrence on device, and a combine pass (docs/methods.md#pcgrad; Yu et al., "Gradient
+    Surgery for Multi-Task Learning", NeurIPS 2020).
 
     Args:
         J: ``[T, P]`` float32 / bfloat16 / float16 (fp32 math), or float64 (fp64 math throughout:
@@ -259,6 +282,11 @@ def pcgrad(J: torch.Tensor, *, generator: torch.Generator | None = None,
 
     Returns:
         ``g`` ``[P]`` in ``J``'s dtype (or ``out``), or ``(g, weights)``.
+
+    Raises:
+        TypeError: for a ``J`` that is not a dense tensor of a supported floating dtype.
+        ValueError: for a ``J`` that is not 2-D ``[T, P]``, and as :func:`segment_gram`,
+            :func:`pcgrad_weights` and :func:`combine` for their arguments.
     """
     check_matrix(J, "pcgrad")
     G = gram(J) if offsets is None else segment_gram(J, offsets)

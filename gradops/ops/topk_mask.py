@@ -287,7 +287,8 @@ def _index(k, op: str) -> int:
 
 
 def topk_mask(W: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-neuron top-``k`` magnitude mask of a weight (docs/methods.md#sparse-training).
+    """Per-neuron top-``k`` magnitude mask of a weight (docs/methods.md#sparse-training): the
+    parameter selection per neuron (PSN) of Zhang et al.'s sparse-training paper, Sec. 3.4.
 
     Args:
         W: weight, ``[out, ...]`` (Linear ``[out, in]``, conv ``[out, in, kh, kw]``, a 1-D vector
@@ -299,6 +300,10 @@ def topk_mask(W: torch.Tensor, k: int) -> torch.Tensor:
         bool tensor of ``W``'s shape: in each row of the ``[out, F]`` view, exactly ``K`` True, at
         the ``K`` largest ``|W|`` (compared in fp64 for fp64 ``W``, else in fp32); equal
         magnitudes go to the lower column index; NaN ranks largest, above ``+inf``.
+
+    Raises:
+        TypeError: for a ``W`` that is not a floating-point tensor, or a ``k`` that is not an int.
+        ValueError: for a 0-dim ``W`` or a negative ``k``.
     """
     k = _index(k, "topk_mask")
     _check(W, k, "topk_mask")
@@ -311,6 +316,17 @@ def topk_indices(W: torch.Tensor, k: int) -> torch.Tensor:
 
     ``torch.zeros(out, F, dtype=bool).scatter_(1, idx.long(), True)`` is ``topk_mask(W, k)``
     viewed as ``[out, F]``; ``W.reshape(out, F).gather(1, idx.long())`` are the kept weights.
+
+    Args:
+        W: the weights, viewed as ``[out, F]`` (dimension 0 the rows).
+        k: how many entries to keep per row (an int >= 0).
+
+    Returns:
+        int32 ``[out, min(k, F)]``.
+
+    Raises:
+        TypeError: for a ``W`` that is not a floating-point tensor, or a ``k`` that is not an int.
+        ValueError: for a 0-dim ``W`` or a negative ``k``.
     """
     k = _index(k, "topk_indices")
     _check(W, k, "topk_indices")

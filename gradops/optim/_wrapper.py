@@ -67,8 +67,17 @@ class OptimizerWrapper(torch.optim.Optimizer):
         return list(chain.from_iterable(g["params"] for g in self.param_groups))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The inner optimizer's ``zero_grad``.
+
+        Args:
+            set_to_none: set the gradients to None instead of zeroing them (torch's default).
+        """
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the inner optimizer."""
+        """Add a group to the inner optimizer.
+
+        Args:
+            param_group: the group, as for ``torch.optim.Optimizer.add_param_group``.
+        """
         self.optimizer.add_param_group(param_group)

@@ -107,6 +107,17 @@ class MTLOptimizer(OptimizerWrapper):
             (Nash-MTL), ``normalization`` (MGDA), ``beta`` (GradVac), ``reduction``,
             ``libmtl_self_visit`` (PCGrad: task ``i`` also visits itself, LibMTL's convention;
             default ``j != i``, the paper's).
+        ddp_model, process_group, sync, bucket_mb: deprecated (a :class:`DeprecationWarning`):
+            the fields of ``distributed``, as separate keywords.
+
+    Raises:
+        TypeError: for an inner optimizer that is already an MTLOptimizer, a ``method``,
+            ``distributed`` or ``ddp_model`` of the wrong type, an unknown method option, or
+            options given both as ``method_options`` and as keywords.
+        ValueError: naming the argument: an unknown method, a bad method option,
+            ``update_every`` or ``num_tasks``, ``sparse=`` with an inner
+            :class:`SparseTraining`, ``distributed`` with the separate keywords, or a bad
+            ``linear_gram``.
 
     Loss-level methods (``kind == "loss"``: UW, DWA, FAMO, ...) turn the losses given to
     :meth:`backward` into per-task terms, whose gradients are combined as EW's; a method that
@@ -373,7 +384,12 @@ class MTLOptimizer(OptimizerWrapper):
     def end_epoch(self, mean_losses: torch.Tensor | None = None) -> None:
         """Tell a loss-level method that an epoch ended (DWA reweights from the epoch's mean
         losses): ``mean_losses`` ``[T]``, or the mean of the losses :meth:`backward` saw since the
-        last call. Does nothing for the other methods."""
+        last call. Does nothing for the other methods.
+
+        Args:
+            mean_losses: the epoch's mean training losses ``[T]``, or None for the mean of the
+                losses :meth:`backward` saw.
+        """
         if self._loss_level is not None:
             self._loss_level.end_epoch(mean_losses)
 
@@ -386,7 +402,14 @@ class MTLOptimizer(OptimizerWrapper):
         ``factored_layers`` (how many ``nn.Linear`` layers the last step took in factored form,
         :attr:`factored_layers`). Reading this
         synchronises with the device (meant for logging once per epoch); a non-zero failure
-        count also raises a ``RuntimeWarning``."""
+        count also raises a ``RuntimeWarning``.
+
+        Args:
+            reset: start the next means afresh (False: keep accumulating).
+
+        Returns:
+            A dict: the counts as ints, the means as tensors.
+        """
         out = self._stats.summary(self.method.name, reset)
         out["factored_layers"] = len(self.factored_layers)
         return out
@@ -405,7 +428,17 @@ class MTLOptimizer(OptimizerWrapper):
         under ``torch.no_grad()`` after the inner step; the method then updates its state from
         them. With ``GradScaler``, pass it positionally: ``scaler.step(opt, closure)`` (a step
         the scaler skips runs no closure). For every other method, ``closure`` goes to the inner
-        optimizer as usual (it must call :meth:`backward` itself)."""
+        optimizer as usual (it must call :meth:`backward` itself).
+
+        Args:
+            closure: see above; None for a plain step.
+
+        Returns:
+            The inner optimizer's return value.
+
+        Raises:
+            ValueError: when the method needs a closure and none is given.
+        """
         m = self.method
         if not (isinstance(m, LossMethod) and m.needs_closure):
             return self.optimizer.step(closure)
@@ -435,7 +468,15 @@ class MTLOptimizer(OptimizerWrapper):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`, or an inner-only one (the method then
-        starts fresh)."""
+        starts fresh).
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict` (or the inner optimizer's).
+
+        Raises:
+            ValueError: for the state of another method, or a loss-level method's state without
+                its number of tasks when the optimizer was built without ``num_tasks``.
+        """
         sd = dict(state_dict)
         mtl = sd.pop("mtl", None)
         self.optimizer.load_state_dict(sd)

@@ -200,7 +200,20 @@ def sparse_adamw_update(p: torch.Tensor, grad: torch.Tensor, idx: torch.Tensor,
 
     ``p`` and ``grad`` (contiguous, same shape) are viewed as ``[R, C]`` with ``R = idx.shape[0]``;
     ``idx`` int32/int64 ``[R, K]``; ``exp_avg`` / ``exp_avg_sq`` / ``max_exp_avg_sq`` fp32
-    ``[R, K]``, contiguous."""
+    ``[R, K]``, contiguous. The arithmetic is AdamW's (Loshchilov & Hutter, "Decoupled Weight
+    Decay Regularization", ICLR 2019), as ``torch.optim.AdamW``'s.
+
+    Args:
+        p: the parameter (updated in place at the selected entries).
+        grad: its gradient.
+        idx: the selected columns of each row ``[R, K]``.
+        exp_avg: the first moments of the selected entries ``[R, K]`` (updated in place).
+        exp_avg_sq: the second moments ``[R, K]`` (updated in place).
+        max_exp_avg_sq: AMSGrad's running maximum ``[R, K]`` (updated in place), or None
+            without AMSGrad.
+        lr, beta1, beta2, eps, weight_decay, maximize: as ``torch.optim.AdamW``.
+        step: the step count after incrementing (bias corrections).
+    """
     backend = select_backend("sparse_adamw", p.device, 1)
     _IMPLS[backend](p, grad, idx, exp_avg, exp_avg_sq, max_exp_avg_sq, lr=lr, beta1=beta1,
                     beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
@@ -235,6 +248,14 @@ class SparseAdamW(torch.optim.Optimizer):
         foreach: for the parameters without a mask, which are stepped by torch's functional
             AdamW (``None``: torch's default, the foreach kernels for CUDA tensors).
         module: the module name-keyed masks refer to.
+
+    Raises:
+        ValueError: for a negative ``lr``, ``eps`` or ``weight_decay``, ``betas`` outside
+            ``[0, 1)``, a non-contiguous masked parameter, name-keyed masks without ``module``, or a
+            mask whose shape is not its parameter's.
+        TypeError: for masks of the wrong type (keys, values), or a masked complex or sparse
+            parameter.
+        KeyError: for a mask name that is no parameter of ``module``.
 
     Entries outside the masks are never written: they stay bit-identical. ``state_dict()`` /
     ``load_state_dict()`` round-trip the packed state (index tables included, kept int32).
@@ -288,6 +309,18 @@ class SparseAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One AdamW step: the masked parameters' selected entries, the others densely.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (as for any torch optimizer),
+                or None.
+
+        Returns:
+            What the closure returned, or None.
+
+        Raises:
+            RuntimeError: for a sparse gradient.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -329,7 +362,12 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``Optimizer.load_state_dict``, but the packed state keeps its dtypes (int32 index
-        tables, fp32 moments) instead of being cast to the parameter's dtype."""
+        tables, fp32 moments) instead of being cast to the parameter's dtype.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict` of a SparseAdamW over the same
+                parameters and masks.
+        """
         saved_state = state_dict["state"]
         packed = {pid: {k: v for k, v in s.items() if k in _SPARSE_KEYS}
                   for pid, s in saved_state.items() if "idx" in s}

@@ -213,6 +213,13 @@ class SparseTraining(OptimizerWrapper):
             mask; less memory once more than 1/8 of an fp32 weight is selected), see the module
             docstring.
 
+    Raises:
+        TypeError: for an ``optimizer`` that is not a torch optimizer, or masks of the wrong type
+            (keys, values).
+        ValueError: for an unknown ``snapshot``, name-keyed masks without ``module``, or a mask
+            whose shape is not its parameter's.
+        KeyError: for a mask name that is no parameter of ``module``.
+
     Guarantee: entries outside the masks stay bit-identical to their values when the wrapper was
     made (see the module docstring for how, and what it stores).
     """
@@ -264,7 +271,14 @@ class SparseTraining(OptimizerWrapper):
         self._handles = []
 
     def trainable_mask(self, p: torch.Tensor) -> torch.Tensor | None:
-        """The bool mask of ``p``'s trainable entries (None when ``p`` is trained fully)."""
+        """The bool mask of ``p``'s trainable entries (None when ``p`` is trained fully).
+
+        Args:
+            p: one of the wrapped optimizer's parameters.
+
+        Returns:
+            A bool tensor of ``p``'s shape, or None.
+        """
         e = self._frozen.get(p)
         if e is None:
             return None
@@ -302,7 +316,15 @@ class SparseTraining(OptimizerWrapper):
 
     # --- the optimizer interface --------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """``inner.step(closure)`` between gradient masking and the restore of frozen entries."""
+        """``inner.step(closure)`` between gradient masking and the restore of frozen entries.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (as for any torch optimizer),
+                or None.
+
+        Returns:
+            The inner optimizer's return value.
+        """
         if self.mask_grads:
             self.mask_gradients()
         if closure is None:
@@ -338,7 +360,15 @@ class SparseTraining(OptimizerWrapper):
         """Load the inner optimizer's state. The masks recorded in ``state_dict`` must match the
         wrapper's (checked by SHA-256), unless the state dict carries the masks themselves
         (``save_masks=True``): then they replace the wrapper's, with a fresh snapshot of the
-        parameters' current values (load the model's weights first)."""
+        parameters' current values (load the model's weights first).
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`.
+
+        Raises:
+            ValueError: when the recorded masks differ from the wrapper's and the state dict
+                does not carry the masks.
+        """
         sd = dict(state_dict)
         info = sd.pop("sparse_training", None)
         new_masks = None

@@ -128,7 +128,18 @@ Triton (op ``weighting_solvers``); every registered method says whether it is it
 def get(name: str) -> Callable:
     """The weighting function ``G -> w`` called ``name`` (case, ``-`` and ``_`` ignored:
     ``"IMTL-G"``, ``"nash_mtl"``, ``"Aligned-MTL"`` work); Gram-weighted methods with a plain
-    function only (see :data:`METHODS`; :func:`get_method` for every registered method)."""
+    function only (see :data:`METHODS`; :func:`get_method` for every registered method).
+
+    Args:
+        name: the method's name.
+
+    Returns:
+        The function, e.g. :func:`mgda`.
+
+    Raises:
+        ValueError: for an unknown method, or one without a plain function (the message lists
+            the valid names).
+    """
     key = canonical_name(name, "gradops.weighting.get") if isinstance(name, str) else name
     if key not in METHODS:
         raise ValueError(f"gradops.weighting.get: {name!r} has no weighting function G -> w; "

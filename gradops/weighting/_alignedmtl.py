@@ -28,6 +28,20 @@ def alignedmtl(G: torch.Tensor, scale_mode: str = "min", rcond: float | None = N
     TorchJD's ``AlignedMTL`` uses the mean preference vector: its weights are ours ``/ T``. The
     rank cut uses the working dtype's eps (fp32 or fp64; LibMTL always fp32's). Rank 0 (``G = 0``)
     gives ``B = I`` (TorchJD). Weights are invariant to ``J -> sJ``; ``d`` scales by ``s``.
+
+    Args:
+        G: the Gram ``J J^T`` ``[T, T]`` (``T >= 1``, floating point, any device).
+        scale_mode: one of :data:`ALIGNED_SCALE_MODES` (``"min"``, ``"median"``, ``"rmse"``).
+        rcond: the relative rank cut (>= 0; None: ``T eps`` of the working dtype).
+        return_status: also return the :class:`SolverStatus`.
+
+    Returns:
+        ``w [T]`` (the update is ``d = w^T J``), or ``(w, status)`` with ``return_status``.
+
+    Raises:
+        TypeError: for a ``G`` that is not a floating-point tensor.
+        ValueError: for a ``G`` that is not a square ``[T, T]``, an unknown ``scale_mode``, or a
+            negative ``rcond``.
     """
     G = _prep(G, "alignedmtl")
     if scale_mode not in ALIGNED_SCALE_MODES:

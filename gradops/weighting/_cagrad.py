@@ -60,6 +60,26 @@ def cagrad(G: torch.Tensor, c: float = 0.4, rescale: int = 1, max_iter: int = 25
     Residual = Frank-Wolfe gap of the smoothed dual / ``max_i G_ii``; ``converged`` when
     ``<= tol``: a problem that does not converge within ``max_iter`` says so. ``c = 0`` needs no
     solve.
+
+    Args:
+        G: the Gram ``J J^T`` ``[T, T]`` (``T >= 1``, floating point, any device).
+        c: the radius of the ball around ``g0``, relative to ``||g0||`` (>= 0).
+        rescale: the final divisor: 0 (none), 1 (``1 + c^2``) or 2 (``1 + c``).
+        max_iter: the solver's iteration budget (a Python int >= 0: no host synchronisation).
+        tol: the residual at which the iterate counts as converged and is frozen (>= 0).
+        early_exit: stop the loop once converged (None: on CPU tensors in eager mode only;
+            the result is the same either way).
+        smooth: the relative smoothing ``delta / max_i ||g_i||`` (>= 0; None: the working
+            dtype's default above).
+        return_status: also return the :class:`SolverStatus`.
+
+    Returns:
+        ``w [T]`` (the update is ``d = w^T J``), or ``(w, status)`` with ``return_status``.
+
+    Raises:
+        TypeError: for a ``G`` that is not a floating-point tensor.
+        ValueError: for a ``G`` that is not a square ``[T, T]``, a negative ``c`` or ``smooth``,
+            another ``rescale``, or a bad ``max_iter`` / ``tol``.
     """
     G = _prep(G, "cagrad")
     _check_iter("cagrad", max_iter, tol)

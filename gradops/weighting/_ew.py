@@ -14,7 +14,20 @@ def ew(G: torch.Tensor, reduction: str = "sum", *, return_status: bool = False):
     """Equal weighting ("Joint Train", docs/methods.md#ew): ``w = 1`` (``reduction="sum"``, the sum
     of the
     losses) or ``w = 1/T`` (``"mean"``, the ST paper's average loss). ``G`` only gives ``T``,
-    the device and the dtype."""
+    the device and the dtype.
+
+    Args:
+        G: the Gram ``J J^T`` ``[T, T]`` (``T >= 1``, floating point, any device).
+        reduction: ``"sum"`` or ``"mean"``.
+        return_status: also return the :class:`SolverStatus`.
+
+    Returns:
+        ``w [T]`` (the update is ``d = w^T J``), or ``(w, status)`` with ``return_status``.
+
+    Raises:
+        TypeError: for a ``G`` that is not a floating-point tensor.
+        ValueError: for a ``G`` that is not a square ``[T, T]``, or another ``reduction``.
+    """
     G = _prep(G, "ew")
     if reduction not in ("sum", "mean"):
         raise ValueError(f"gradops.weighting.ew: reduction must be 'sum' or 'mean', "

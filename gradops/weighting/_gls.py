@@ -38,7 +38,14 @@ class GLS(LossMethod):
         self._w: torch.Tensor | None = None
 
     def coefficients(self, values: torch.Tensor) -> torch.Tensor:
-        """``a_t = (prod_s L_s)^(1/T) / (T L_t)`` from the detached losses ``[T]``."""
+        """``a_t = (prod_s L_s)^(1/T) / (T L_t)`` from the detached losses ``[T]``.
+
+        Args:
+            values: the detached, unscaled losses ``[T]``.
+
+        Returns:
+            ``a [T]`` in ``values``' dtype (computed in float64).
+        """
         v = values.detach().to(torch.float64)
         gm = torch.exp(torch.log(v).mean())
         return (gm / (v.numel() * v)).to(values.dtype)

@@ -54,7 +54,19 @@ class GradDrop(ElementwiseMethod):
         self._leak: torch.Tensor | None = None
 
     def leak_tensor(self, T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """``leak`` as ``[T]`` on ``device`` (checked against ``T`` on first use)."""
+        """``leak`` as ``[T]`` on ``device`` (checked against ``T`` on first use).
+
+        Args:
+            T: the number of tasks.
+            device: the device of the result.
+            dtype: its dtype.
+
+        Returns:
+            The leak coefficients ``[T]`` (cached until ``T``, device or dtype change).
+
+        Raises:
+            ValueError: for a per-task ``leak`` whose length is not ``T``.
+        """
         lt = self._leak
         if lt is None or lt.shape != (T,) or lt.device != device or lt.dtype != dtype:
             leak = torch.as_tensor(self.options.leak, dtype=torch.float32)

@@ -110,7 +110,16 @@ class GradNorm(LossMethod):
     def gradient(self, G: torch.Tensor, losses: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's loss weights ``c = T softmax(w)`` and ``dL_grad/dw`` (float64) from the
-        unscaled Gram and the step's losses."""
+        unscaled Gram and the step's losses.
+
+        Args:
+            G: the unscaled Gram of the task gradients ``[T, T]``.
+            losses: the step's detached, unscaled losses ``[T]``.
+
+        Returns:
+            ``(c, grad)``: the loss weights ``[T]`` and the gradient of GradNorm's loss with
+            respect to the logits ``w`` ``[T]``, both float64.
+        """
         T = self.T
         Gd = G.to(torch.float64)
         s = torch.softmax(self.w.detach().to(torch.float64), dim=0)

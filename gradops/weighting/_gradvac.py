@@ -32,8 +32,13 @@ def gradvac_weights(G: torch.Tensor, targets: torch.Tensor, perms: torch.Tensor,
     advance together, ``T`` steps of batched ``[L, T, T]`` arithmetic on ``G``'s device.
 
     Args:
-        G: per-layer Grams ``[L, T, T]``; targets: ``[L, T, T]`` EMA targets (start at 0);
+        G: per-layer Grams ``[L, T, T]``.
+        targets: the EMA targets ``phi^`` ``[L, T, T]`` (start at 0).
         perms: ``[T, T]`` orders (row ``i`` visits the tasks in that order; ``j = i`` is skipped).
+        beta: the EMA weight of a new cosine (Eq. 9), in ``[0, 1]``.
+        eps: added to the norms' products in the cosine and the correction's divisor (guards
+            zero gradients).
+
     Returns:
         weights ``[L, T]`` (``sum_i C[l, i, :]``) and the new targets (non-finite values leave
         the old targets in place, so one overflowed AMP step does not poison the EMA).

@@ -40,6 +40,20 @@ def imtlg(G: torch.Tensor, ridge: float = 0.0, rcond: float | None = None, *,
 
     ``T = 1`` gives ``[1]``. If ``|1^T G^+ n|`` vanishes (``<= eps / max_i n_i``), ``w = 0``
     (TorchJD's choice). Weights are invariant to ``J -> sJ``; ``d`` scales by ``s``.
+
+    Args:
+        G: the Gram ``J J^T`` ``[T, T]`` (``T >= 1``, floating point, any device).
+        ridge: Tikhonov damping, relative to the largest eigenvalue (>= 0).
+        rcond: the relative rank cut (>= 0; None: ``T eps`` of the working dtype).
+        return_status: also return the :class:`SolverStatus`.
+
+    Returns:
+        ``w [T]`` (the update is ``d = w^T J``), or ``(w, status)`` with ``return_status``.
+
+    Raises:
+        TypeError: for a ``G`` that is not a floating-point tensor.
+        ValueError: for a ``G`` that is not a square ``[T, T]``, or a negative ``ridge`` or
+            ``rcond``.
     """
     G = _prep(G, "imtlg")
     if not isinstance(ridge, (int, float)) or not ridge >= 0:

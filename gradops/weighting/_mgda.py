@@ -38,6 +38,25 @@ def mgda(G: torch.Tensor, normalization: str = "none", losses: torch.Tensor | No
     Scale: with ``"none"`` the weights are invariant to ``J -> sJ`` and ``d`` scales by ``s``;
     with ``"l2"``, ``d`` is invariant to scaling any task's gradient by ``c_i > 0``. ``d`` is
     unique; ``w`` is unique when the gradients are affinely independent.
+
+    Args:
+        G: the Gram ``J J^T`` ``[T, T]`` (``T >= 1``, floating point, any device).
+        normalization: one of :data:`MGDA_NORMALIZATIONS` (``"none"``, ``"l2"``, ``"loss"``,
+            ``"loss+"``).
+        losses: the task losses ``[T]`` (needed by ``"loss"`` and ``"loss+"``, else unused).
+        max_iter: the solver's iteration budget (a Python int >= 0: no host synchronisation).
+        tol: the residual at which the iterate counts as converged and is frozen (>= 0).
+        early_exit: stop the loop once converged (None: on CPU tensors in eager mode only;
+            the result is the same either way).
+        return_status: also return the :class:`SolverStatus`.
+
+    Returns:
+        ``w [T]`` (the update is ``d = w^T J``), or ``(w, status)`` with ``return_status``.
+
+    Raises:
+        TypeError: for a ``G`` that is not a floating-point tensor.
+        ValueError: for a ``G`` that is not a square ``[T, T]``, an unknown ``normalization``,
+            missing or misshaped ``losses``, or a bad ``max_iter`` / ``tol``.
     """
     G = _prep(G, "mgda")
     _check_iter("mgda", max_iter, tol)

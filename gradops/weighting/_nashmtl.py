@@ -57,6 +57,24 @@ def nashmtl(G: torch.Tensor, max_norm: float = 1.0, max_iter: int = 20, tol: flo
     (``nonconverged`` and ``no_solution``). Near such a point (small ``delta > 0``) the solution
     exists but ``alpha`` grows as ``1 / delta``; the clip then bounds ``d``, and an unconverged
     solve returns the clipped last iterate.
+
+    Args:
+        G: the Gram ``J J^T`` ``[T, T]`` (``T >= 1``, floating point, any device).
+        max_norm: the bound on ``||d||`` (>= 0; 0 disables the clip).
+        max_iter: the solver's iteration budget (a Python int >= 0: no host synchronisation).
+        tol: the residual at which the iterate counts as converged and is frozen (>= 0).
+        early_exit: stop the loop once converged (None: on CPU tensors in eager mode only;
+            the result is the same either way).
+        return_status: also return the :class:`SolverStatus`.
+
+    Returns:
+        ``alpha [T]`` (the update is ``d = alpha^T J``), or ``(alpha, status)`` with
+        ``return_status``.
+
+    Raises:
+        TypeError: for a ``G`` that is not a floating-point tensor.
+        ValueError: for a ``G`` that is not a square ``[T, T]``, a negative ``max_norm``, or a bad
+            ``max_iter`` / ``tol``.
     """
     G = _prep(G, "nashmtl")
     _check_iter("nashmtl", max_iter, tol)

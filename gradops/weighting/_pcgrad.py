@@ -18,7 +18,22 @@ def pcgrad(G: torch.Tensor, generator: torch.Generator | None = None,
     Gram form: :func:`gradops.pcgrad_weights` (docs/methods.md#pcgrad). Task ``i`` visits the
     tasks ``j != i`` (the paper's Alg. 1, TorchJD's); ``libmtl_self_visit=True`` also visits
     ``j = i``, LibMTL's convention. Weights are float32 (float64 for a float64 ``G``: the
-    recurrence then runs in float64); invariant to ``J -> sJ``."""
+    recurrence then runs in float64); invariant to ``J -> sJ``.
+
+    Args:
+        G: the Gram ``J J^T`` ``[T, T]`` (``T >= 1``, floating point, any device).
+        generator, perms, reduction, libmtl_self_visit: as in :func:`gradops.pcgrad_weights`
+            (``perms`` is ``[T, T]``).
+        return_status: also return the :class:`SolverStatus`.
+
+    Returns:
+        ``w [T]`` (the update is ``d = w^T J``), or ``(w, status)`` with ``return_status``.
+
+    Raises:
+        ValueError: for a ``G`` that is not ``[T, T]``, and as :func:`gradops.pcgrad_weights`
+            for bad ``perms`` or ``reduction``.
+        TypeError: for a ``G`` that is not floating point.
+    """
     if not isinstance(G, torch.Tensor) or G.dim() != 2:
         raise ValueError(f"gradops.weighting.pcgrad: G must be a square Gram [T, T], got "
                          f"{tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__}")

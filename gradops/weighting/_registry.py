@@ -82,21 +82,46 @@ class Options:
         """Range checks of a subclass (call :meth:`fail`)."""
 
     def fail(self, option: str, why: str) -> None:
+        """Reject a value: raise the error that names the method and the option.
+
+        Args:
+            option: the option's (field's) name.
+            why: what is wrong with its value (``"must be >= 0, got -1"``).
+
+        Raises:
+            ValueError: always, ``method 'NAME': option 'OPTION' WHY``.
+        """
         raise ValueError(f"method {self._method!r}: option {option!r} {why}")
 
     def check_nonnegative(self, *options: str) -> None:
-        """Each of ``options`` is >= 0 (None allowed: an unset optional value)."""
+        """Each of ``options`` is >= 0 (None allowed: an unset optional value).
+
+        Args:
+            options: the names of the options (fields) to check.
+
+        Raises:
+            ValueError: through :meth:`fail`, for a negative (or NaN) value.
+        """
         for k in options:
             v = getattr(self, k)
             if v is not None and not v >= 0:
                 self.fail(k, f"must be >= 0, got {v}")
 
     def check_choice(self, option: str, choices: tuple[Any, ...]) -> None:
-        """``option`` is one of ``choices``."""
+        """``option`` is one of ``choices``.
+
+        Args:
+            option: the option's (field's) name.
+            choices: its valid values.
+
+        Raises:
+            ValueError: through :meth:`fail`, for a value not in ``choices``.
+        """
         if getattr(self, option) not in choices:
             self.fail(option, f"must be one of {choices}, got {getattr(self, option)!r}")
 
     def as_dict(self) -> dict[str, Any]:
+        """The options as a dict ``{field name: value}``, in field order."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
@@ -122,7 +147,20 @@ def _simple_types(hint: Any) -> tuple[type, ...] | None:
 def parse_option_value(method: type[Method], option: str, text: str) -> Any:
     """The value of ``option`` of ``method`` from its text form (the trainer's
     ``--method-opt KEY=VALUE``): by the field's type; ``none`` for None, ``true`` / ``false`` for
-    booleans; tuples as ``a/b/c``. Raises ``ValueError`` naming the method and the option."""
+    booleans; tuples as ``a/b/c``.
+
+    Args:
+        method: the method class (its :class:`Options` dataclass gives the field's type).
+        option: the option's name.
+        text: the value as text.
+
+    Returns:
+        The value, of the field's type.
+
+    Raises:
+        ValueError: naming the method and the option, for an unknown option or a text that is
+            not a value of the field's type.
+    """
     opts = {f.name: f for f in fields(method.Options)}
     if option not in opts:
         raise ValueError(f"method {method.name!r} has no option {option!r}; its options: "
@@ -181,6 +219,17 @@ class StepContext:
 class Method:
     """Base of every method. A subclass sets the class attributes below, implements the function
     of its kind, and is registered with :func:`register`.
+
+    Args:
+        options: the method's options as its :class:`Options` dataclass, or None to build them
+            from ``kwargs`` (the defaults when there are none).
+        kwargs: the options by name (``CAGrad(c=0.4)``), instead of ``options``.
+
+    Raises:
+        TypeError: for an option the method does not have, for both ``options`` and ``kwargs``,
+            or for an ``options`` of another method's dataclass.
+        ValueError: for an option value of the wrong type or out of its range (the message
+            names the option).
 
     Class attributes:
         name: the one spelling (lower case, ``-`` between words).
@@ -243,7 +292,17 @@ class Method:
     def torchjd(self, T: int) -> Any:
         """TorchJD's aggregator of the same method with the same options (benchmarks and
         agreement tests), or None where TorchJD has none. Imports ``torchjd`` (an optional
-        dependency: ImportError without it)."""
+        dependency: ImportError without it).
+
+        Args:
+            T: the number of tasks (for aggregators built for a fixed ``T``).
+
+        Returns:
+            A ``torchjd`` aggregator, or None.
+
+        Raises:
+            ImportError: when ``torchjd`` is not installed and the method has an aggregator.
+        """
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -251,7 +310,15 @@ class Method:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output."""
+        """Restore :meth:`state_dict`'s output.
+
+        Args:
+            state: a dict returned by :meth:`state_dict` of the same method.
+
+        Raises:
+            ValueError: for keys the method does not keep (a stateless method takes ``{}``
+                only).
+        """
         if state:
             raise ValueError(f"method {self.name!r} keeps no state, got keys {sorted(state)}")
 
@@ -263,6 +330,16 @@ class SumMethod(Method):
     kind = "sum"
 
     def weights(self, T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The loss weights.
+
+        Args:
+            T: the number of tasks.
+            device: the device of the weights.
+            dtype: their dtype.
+
+        Returns:
+            The weights ``[T]``.
+        """
         raise NotImplementedError
 
 
@@ -273,7 +350,16 @@ class GramMethod(Method):
 
     def weights(self, G: torch.Tensor, ctx: StepContext
                 ) -> tuple[torch.Tensor, Any]:
-        """``(w, status)``: ``status`` a :class:`~gradops.weighting.SolverStatus` or None."""
+        """The task weights from the Gram.
+
+        Args:
+            G: the Gram ``J J^T`` ``[T, T]`` in ``ctx.dtype``.
+            ctx: the step's context (generator, losses, AMP scale, dtype).
+
+        Returns:
+            ``(w, status)``: ``w [T]`` with the update ``d = w^T J``; ``status`` a
+            :class:`~gradops.weighting.SolverStatus` (iterative methods) or None.
+        """
         raise NotImplementedError
 
 
@@ -283,6 +369,15 @@ class LayerMethod(Method):
     kind = "layer"
 
     def weights(self, G: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """The per-layer task weights.
+
+        Args:
+            G: the per-layer Grams ``[L, T, T]`` in ``ctx.dtype``.
+            ctx: the step's context (generator, losses, AMP scale, dtype).
+
+        Returns:
+            The weights ``[L, T]``: layer ``l``'s update is ``w[l]^T J_l``.
+        """
         raise NotImplementedError
 
 
@@ -292,6 +387,15 @@ class ElementwiseMethod(Method):
     kind = "elementwise"
 
     def combine(self, J: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """The combined gradient.
+
+        Args:
+            J: the task gradients ``[T, P]`` (one flattened gradient per row).
+            ctx: the step's context (generator, losses, AMP scale, dtype).
+
+        Returns:
+            The update ``[P]``, in ``J``'s dtype.
+        """
         raise NotImplementedError
 
 
@@ -312,7 +416,12 @@ class LossMethod(Method):
     weights_from_gram: ClassVar[bool] = False
 
     def setup(self, T: int, device: torch.device) -> None:
-        """Allocate the per-task state for ``T`` tasks on ``device``."""
+        """Allocate the per-task state for ``T`` tasks on ``device``.
+
+        Args:
+            T: the number of tasks.
+            device: the device of the state (the losses' device).
+        """
         self.T, self.device = T, device
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -323,20 +432,45 @@ class LossMethod(Method):
               ) -> list[torch.Tensor]:
         """The T per-task terms. ``losses`` carry the graph (scaled by AMP's ``ctx.scale`` when
         it is set: a term added to a loss must be multiplied by it); ``values`` are the detached,
-        unscaled losses ``[T]`` (averaged over the processes)."""
+        unscaled losses ``[T]`` (averaged over the processes).
+
+        Args:
+            losses: the ``T`` task losses (0-dim tensors with their graph).
+            values: their detached, unscaled values ``[T]``.
+            ctx: the step's context (generator, AMP scale, dtype).
+
+        Returns:
+            The ``T`` terms (0-dim tensors with their graph), summed for the backward.
+        """
         raise NotImplementedError
 
     def weights(self, G: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, Any]:
         """Methods with :attr:`weights_from_gram` (a loss transform followed by a gradient
         weighting, e.g. IMTL's loss and gradient balance): ``(w, status)`` from the Gram of the
-        terms' gradients, as :meth:`GramMethod.weights`."""
+        terms' gradients, as :meth:`GramMethod.weights`.
+
+        Args:
+            G: the Gram of the terms' gradients ``[T, T]``.
+            ctx: the step's context.
+
+        Returns:
+            ``(w, status)`` as :meth:`GramMethod.weights`.
+        """
         raise NotImplementedError
 
     def after_step(self, new_values: torch.Tensor) -> None:
-        """The losses of the same batch after the step (methods with :attr:`needs_closure`)."""
+        """The losses of the same batch after the step (methods with :attr:`needs_closure`).
+
+        Args:
+            new_values: the detached, unscaled losses ``[T]`` the closure re-evaluated.
+        """
 
     def end_epoch(self, mean_losses: torch.Tensor) -> None:
-        """The epoch's mean training losses ``[T]``."""
+        """Per-epoch update (DWA, STCH, GradNorm...); a no-op by default.
+
+        Args:
+            mean_losses: the epoch's mean training losses ``[T]``.
+        """
 
     def loss_weights(self) -> torch.Tensor | None:
         """The current loss weights for logging (None when the method has none)."""
@@ -359,7 +493,20 @@ def _key(name: str) -> str:
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: add a method to the registry (its declaration is checked)."""
+    """Class decorator: add a method to the registry (its declaration is checked).
+
+    Args:
+        cls: a subclass of one of the kinds' bases (:class:`GramMethod`...).
+
+    Returns:
+        ``cls`` itself.
+
+    Raises:
+        TypeError: for a class that is not a Method of one of :data:`KINDS`, or whose
+            ``Options`` is not an :class:`Options` dataclass.
+        ValueError: for a bad or empty ``name``, an empty ``display`` or ``paper``, or a name
+            another class registered.
+    """
     if not (isinstance(cls, type) and issubclass(cls, Method)) or cls.kind not in KINDS:
         raise TypeError(f"register: {cls!r} is not a Method subclass of one of the kinds {KINDS}")
     name = cls.name
@@ -385,7 +532,17 @@ def register(cls: type[Method]) -> type[Method]:
 
 def all_methods(kind: str | tuple[str, ...] | None = None) -> tuple[type[Method], ...]:
     """The registered method classes (of ``kind``), in listing order: by kind, then ``order``,
-    then name."""
+    then name.
+
+    Args:
+        kind: one of :data:`KINDS`, a tuple of them, or None for every kind.
+
+    Returns:
+        The classes, as a tuple.
+
+    Raises:
+        ValueError: for an unknown kind.
+    """
     kinds = (kind,) if isinstance(kind, str) else kind
     if kinds is not None:
         bad = [k for k in kinds if k not in KINDS]
@@ -396,12 +553,34 @@ def all_methods(kind: str | tuple[str, ...] | None = None) -> tuple[type[Method]
 
 
 def method_names(kind: str | tuple[str, ...] | None = None) -> tuple[str, ...]:
-    """The registered names (of ``kind``), in listing order."""
+    """The registered names (of ``kind``), in listing order.
+
+    Args:
+        kind: one of :data:`KINDS`, a tuple of them, or None for every kind.
+
+    Returns:
+        The names, as a tuple.
+
+    Raises:
+        ValueError: for an unknown kind.
+    """
     return tuple(c.name for c in all_methods(kind))
 
 
 def get_method(name: str, who: str = "gradops.weighting") -> type[Method]:
-    """The method class called ``name`` (case, ``-`` and ``_`` ignored)."""
+    """The method class called ``name`` (case, ``-`` and ``_`` ignored).
+
+    Args:
+        name: the method's name (``"IMTL-G"``, ``"nash_mtl"``...).
+        who: the caller's name, which starts the error messages.
+
+    Returns:
+        The registered class.
+
+    Raises:
+        TypeError: when ``name`` is not a str.
+        ValueError: for an unknown name (the message lists the valid ones).
+    """
     if not isinstance(name, str):
         raise TypeError(f"{who}: a method name must be a str, got {type(name).__name__}")
     cls = _REGISTRY.get(_key(name))
@@ -411,14 +590,41 @@ def get_method(name: str, who: str = "gradops.weighting") -> type[Method]:
 
 
 def canonical_name(name: str, who: str = "gradops.weighting") -> str:
-    """The registered spelling of ``name`` (``"PCGrad_Layer"`` -> ``"pcgrad-layer"``)."""
+    """The registered spelling of ``name`` (``"PCGrad_Layer"`` -> ``"pcgrad-layer"``).
+
+    Args:
+        name: a method's name in any case, with ``-`` or ``_`` or neither.
+        who: the caller's name, which starts the error messages.
+
+    Returns:
+        The name as registered.
+
+    Raises:
+        TypeError: when ``name`` is not a str.
+        ValueError: for an unknown name.
+    """
     return get_method(name, who).name
 
 
 def create_method(method: str | Method, options: dict[str, Any] | Options | None = None,
                   who: str = "gradops.weighting") -> Method:
     """A method object from a name and its options (a dict or the method's Options), or the
-    given object itself (then ``options`` must be empty)."""
+    given object itself (then ``options`` must be empty).
+
+    Args:
+        method: a method's name, or a method object.
+        options: the options, as a dict by name or as the method's :class:`Options`; None or
+            empty for the defaults.
+        who: the caller's name, which starts the error messages.
+
+    Returns:
+        The method object.
+
+    Raises:
+        TypeError: for an unknown option (the message names it).
+        ValueError: for an unknown name, an option value of the wrong type or out of its range,
+            or options given with an object.
+    """
     if isinstance(method, Method):
         if options:
             raise ValueError(f"{who}: options given with a method object; set them on the "

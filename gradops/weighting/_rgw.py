@@ -57,7 +57,16 @@ class RGW(GramMethod):
 
     def draw(self, T: int, generator: torch.Generator | None, device: torch.device
              ) -> torch.Tensor:
-        """This step's weights ``[T]`` (float32, on ``device``)."""
+        """This step's weights ``[T]`` (float32, on ``device``).
+
+        Args:
+            T: the number of tasks.
+            generator: the generator to draw from (None: the global one of ``device``).
+            device: the device of the result.
+
+        Returns:
+            ``softmax(z)`` of a draw ``z [T]`` from the option's distribution.
+        """
         gdev = generator.device if generator is not None else device
         draw = torch.randn if self.options.distribution == "normal" else torch.rand
         z = draw(T, generator=generator, device=gdev)

@@ -44,7 +44,15 @@ class RLW(LossMethod):
         self._w: torch.Tensor | None = None
 
     def draw(self, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-        """This step's weights ``[T]`` (float32)."""
+        """This step's weights ``[T]`` (float32).
+
+        Args:
+            generator: the generator to draw from (None: the global one of ``device``).
+            device: the device of the result.
+
+        Returns:
+            ``softmax(z)`` of a draw ``z [T]`` from the option's distribution.
+        """
         gdev = generator.device if generator is not None else device
         draw = torch.randn if self.options.distribution == "normal" else torch.rand
         z = draw(self.T, generator=generator, device=gdev)

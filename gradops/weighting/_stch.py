@@ -68,7 +68,14 @@ class STCH(LossMethod):
         self._w: torch.Tensor | None = None
 
     def coefficients(self, values: torch.Tensor) -> torch.Tensor:
-        """This step's ``a [T]`` from the detached losses (updates the warm-up sums)."""
+        """This step's ``a [T]`` from the detached losses (updates the warm-up sums).
+
+        Args:
+            values: the detached, unscaled losses ``[T]``.
+
+        Returns:
+            ``a [T]``.
+        """
         o = self.options
         v = values.detach()
         if self.epoch <= o.warmup_epoch:

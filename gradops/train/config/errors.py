@@ -8,7 +8,13 @@ __all__ = ["ConfigError"]
 
 
 class ConfigError(ValueError):
-    """Bad input to the trainer. ``option`` is the command-line spelling (``--method``)."""
+    """Bad input to the trainer. ``option`` is the command-line spelling (``--method``).
+
+    Args:
+        option: the option, as spelled on the command line (``--method``).
+        message: what is wrong.
+        choices: the valid values, appended to the message as ``; valid: ...``, or None.
+    """
 
     def __init__(self, option: str, message: str, choices: Iterable[str] | None = None):
         self.option = option

@@ -79,7 +79,18 @@ def parse_sparse_rule(value: str, option: str = "--sparse"
 def parse_sparse(value: str, option: str = "--sparse") -> tuple[str, float | int | None]:
     """``"off"`` -> ``("off", None)``, ``"k=300"`` -> ``("k", 300)``, ``"fraction=0.3"`` (or
     ``"0.3"``, ``"random:0.3"``) -> ``("fraction", 0.3)``: :func:`parse_sparse_rule` without the
-    rule; anything else raises :class:`ConfigError`."""
+    rule.
+
+    Args:
+        value: the setting's text.
+        option: the option named in the error message.
+
+    Returns:
+        ``(kind, number)``: ``kind`` one of ``"off"``, ``"k"``, ``"fraction"``.
+
+    Raises:
+        ConfigError: of ``option``, for a malformed value or an unknown rule.
+    """
     _, kind, num = parse_sparse_rule(value, option)
     return kind, num
 
@@ -98,7 +109,49 @@ def canonical_sparse(value: str, option: str = "--sparse") -> str:
 
 @dataclass
 class TrainConfig:
-    """Everything one training run depends on (each field is the option ``--<field>``)."""
+    """Everything one training run depends on (each field is the option ``--<field>``;
+    docs/trainer.md). :meth:`validate` checks the values.
+
+    Attributes:
+        data: a registered data set.
+        data_root: directory of a data set read from local files.
+        data_seed: the splits (fixed for a data set, shared by all runs).
+        train_limit: use only the first N training samples (0: all).
+        method: a registered method (gradops info).
+        method_opt: its options: KEY=VALUE or METHOD.KEY=VALUE, comma-separated.
+        sparse: off | k=INT | fraction=FLOAT | FLOAT | RULE:FLOAT ...
+        seed: the run's seed (initialisation, data order, the method's generator).
+        epochs: training epochs.
+        backbone: the encoder: ``cnn``, ``mlp``, ``segnet``, ``resnet-dilated`` or a timm model
+            name.
+        width: base width of the built-in encoders.
+        weights: local encoder weights (timm backbones or the built-ins).
+        batch_size: global batch (split over the processes under torchrun).
+        optim: the inner optimizer: adam | adamw | sgd.
+        lr: the learning rate.
+        weight_decay: the inner optimizer's weight decay.
+        momentum: SGD's momentum.
+        schedule: cosine | step | multistep | none (stepped once per epoch).
+        step_size: step schedule: epochs between decays.
+        gamma: step schedule: decay factor.
+        milestones: multistep schedule: epochs of the decays, e.g. "60,90".
+        clip: max global gradient norm (0: no clipping).
+        amp: off | bf16 | fp16 (fp16 uses a GradScaler).
+        device: auto (cuda when available) | cpu | cuda.
+        threads: CPU threads of torch (0: torch's default).
+        memory_format: auto (channels_last for the cnn on CPU) | contiguous | channels_last.
+        stats: per-task gradients for the statistics also for ew/uw/dwa/famo.
+        checkpoint_every: epochs between checkpoints (the last epoch always).
+        eval_batch_size: the evaluation batch (the default 128 is faster on CPU than larger
+            batches: cache).
+        eval_limit: evaluate only the first N val / test samples (0: all).
+        recon: Recon: a ranking.json of ``gradops recon search``.
+        recon_topk: Recon: how many of its top layers become task-specific.
+        recon_init: Recon: reinit | copy (the task copies' initial weights).
+        selective_decay: ``--method selective``: EMA weight of a new affinity measurement.
+        selective_warmup: ``--method selective``: batches with singleton groups.
+        probe: gradient probes: off | every=INT,samples=INT.
+    """
 
     data: str = "digits"            # a registered data set
     data_root: str = ""             # directory of a data set read from local files
@@ -180,11 +233,23 @@ class TrainConfig:
     # --- construction ------------------------------------------------------------------------
     @classmethod
     def keys(cls) -> tuple[str, ...]:
+        """The field names, in order (the config file's keys)."""
         return tuple(f.name for f in fields(cls))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> TrainConfig:
-        """A config from ``{field: value}`` (keys with ``-`` or ``_``); unknown keys raise."""
+        """A config from ``{field: value}`` (keys with ``-`` or ``_``); unknown keys raise.
+
+        Args:
+            d: the values by field name (a config file's table).
+            source: what ``d`` came from, for the error message (a file name).
+
+        Returns:
+            The config (not validated: call :meth:`validate`).
+
+        Raises:
+            ConfigError: of ``--config``, for an unknown key.
+        """
         known = set(cls.keys())
         kw = {}
         for k, v in legacy_method_opt(d).items():
@@ -195,9 +260,18 @@ class TrainConfig:
         return cls(**kw)
 
     def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed (not validated).
+
+        Args:
+            changes: the new values by field name.
+
+        Returns:
+            The new config.
+        """
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict ``{field: value}`` (what :meth:`from_dict` reads)."""
         return dataclasses.asdict(self)
 
 

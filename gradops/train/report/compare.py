@@ -20,9 +20,26 @@ def run_grid(base: TrainConfig, methods: list[str], sparses: list[str], seeds: l
              out_dir: str | Path, *, report: bool = True, baseline: str = "stl",
              **kw: Any) -> list[dict[str, Any]]:
     """Train every (method, sparse, seed) of the grid into ``out_dir/runs/`` and write the
-    report (``report``; against the ``baseline`` method's runs, or ``"published"``). Returns the
-    results. ``kw``: ``resume``, ``overwrite``, ``progress``, ``jobs``, ``lrs`` of
-    :func:`~gradops.train.runs.grid.train_grid`."""
+    report (``report``; against the ``baseline`` method's runs, or ``"published"``).
+
+    Args:
+        base: the configuration every run starts from.
+        methods: the methods' names (``"stl"``, the single-task baseline, runs once per seed).
+        sparses: the sparse settings (``"off"``, ``"fraction=0.3"``...).
+        seeds: the seeds.
+        out_dir: the grid's directory (runs under ``out_dir/runs/``, the report beside them).
+        report: write the report when the runs are done.
+        baseline: the method the report compares with, or ``"published"``.
+        kw: ``resume``, ``overwrite``, ``progress``, ``jobs``, ``lrs`` of
+            :func:`~gradops.train.runs.grid.train_grid`.
+
+    Returns:
+        The runs' results (one dict per run).
+
+    Raises:
+        ConfigError: naming the option, for no method, sparse setting or seed, a bad ``jobs``,
+            or an ``out_dir`` another ``compare`` is writing.
+    """
     def finish(out: Path) -> None:
         with annotate(out):          # a failed write names the report's directory at least
             _report(out, baseline)

@@ -51,7 +51,17 @@ BUDGETS: dict[str, dict[str, Any]] = {
 
 def run_name(method: str, sparse: str, seed: int, lr: float | None = None) -> str:
     """``pcgrad__fraction-0.3__s0``; with ``lr`` (a grid over learning rates)
-    ``pcgrad__off__lr0.002__s0``."""
+    ``pcgrad__off__lr0.002__s0``.
+
+    Args:
+        method: the method's name.
+        sparse: the sparse setting (``off``, ``fraction=0.3``...; ``=`` becomes ``-``).
+        seed: the seed.
+        lr: the learning rate, in a grid over learning rates; else None.
+
+    Returns:
+        The run directory's name.
+    """
     rate = "" if lr is None else f"__lr{float(lr)!r}"
     return f"{method}__{sparse.replace('=', '-')}{rate}__s{seed}"
 

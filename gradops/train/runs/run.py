@@ -129,6 +129,24 @@ def run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: boo
 
     The (main) process holds ``out_dir``'s lock from before it reads a checkpoint or writes a
     file until it returns; another process writing ``out_dir`` is refused (ConfigError).
+
+    Args:
+        config: the run's configuration (validated here); with ``resume`` the configuration
+            saved in ``out_dir`` is used, except for ``device`` and ``threads`` (taken from
+            ``config`` when it is given).
+        out_dir: the run directory (created; must be empty unless ``resume`` / ``overwrite``).
+        resume: continue from ``out_dir/checkpoint.pt`` (a finished run returns its result).
+        overwrite: replace the run files in ``out_dir``.
+        progress: show tqdm progress bars.
+        quiet: print no summary line.
+        dist: the process group description (default: from the environment, torchrun's).
+
+    Returns:
+        The run's result (what ``result.json`` holds: metrics, statistics, status).
+
+    Raises:
+        ConfigError: naming the option, for a bad configuration, a non-empty ``out_dir``
+            without ``resume`` / ``overwrite``, or a run directory another process writes.
     """
     main = dist.main if dist is not None else int(os.environ.get("RANK", "0")) == 0
     lock = DirLock(out_dir, "--resume" if resume else "--out") if main else None
@@ -140,18 +158,8 @@ def run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: boo
 def _run_training(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = False,
                   overwrite: bool = False, progress: bool = True, quiet: bool = False,
                   dist: Dist | None = None, lock: DirLock | None = None) -> dict[str, Any]:
-    """:func:`run_training`'s body (``lock``: the run directory's, taken here when main).
-
-    Args:
-        config: the run's configuration (validated here); with ``resume`` the configuration
-            saved in ``out_dir`` is used, except for ``device`` and ``threads`` (taken from
-            ``config`` when it is given).
-        out_dir: the run directory (created; must be empty unless ``resume`` / ``overwrite``).
-        resume: continue from ``out_dir/checkpoint.pt`` (a finished run returns its result).
-        overwrite: replace the run files in ``out_dir``.
-        progress: tqdm bars; ``quiet``: no summary line.
-        dist: the process group description (default: from the environment, torchrun's).
-    """
+    """:func:`run_training`'s body (``lock``: the run directory's, taken here when main; the
+    other arguments are :func:`run_training`'s)."""
     out = Path(out_dir)
     ckpt = None
     if resume:
