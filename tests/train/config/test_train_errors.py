@@ -29,7 +29,8 @@ def _error(capsys, argv, option, *words):
 
 
 @pytest.mark.parametrize("argv, option, words", [
-    (["--method", "pcgard"], "--method", ["'pcgard'", "ew, pcgrad, ", "pcgrad-layer", "famo", "stl"]),
+    (["--method", "pcgard"], "--method",
+     ["'pcgard'", "ew, pcgrad, ", "pcgrad-layer", "famo", "stl"]),
     (["--data", "mnist"], "--data", ["digits, digits-attrs"]),
     (["--backbone", "resnet_nope"], "--backbone", ["cnn, mlp"]),
     (["--backbone", "test_convnext"], "--backbone", ["cannot take inputs"]),
