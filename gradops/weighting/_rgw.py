@@ -7,21 +7,15 @@ from dataclasses import dataclass
 import torch
 
 from ._common import _poison, _prep
-from ._registry import GramMethod, Options, StepContext, register
+from ._registry import GramMethod, StepContext, register
+from ._rlw import RLWOptions, softmax_draw
 
 __all__ = ["RGW", "RGWOptions"]
 
-DISTRIBUTIONS = ("normal", "uniform")
-
-
 @dataclass(frozen=True)
-class RGWOptions(Options):
-    distribution: str = "normal"    # of the logits: N(0, 1) (TorchJD's Random) or U(0, 1)
-
-    def check(self) -> None:
-        if self.distribution not in DISTRIBUTIONS:
-            self.fail("distribution", f"must be one of {DISTRIBUTIONS}, got "
-                      f"{self.distribution!r}")
+class RGWOptions(RLWOptions):
+    """RLW's options (``distribution`` of the logits: N(0, 1), TorchJD's ``Random``, or
+    U(0, 1))."""
 
 
 @register
@@ -67,10 +61,7 @@ class RGW(GramMethod):
         Returns:
             ``softmax(z)`` of a draw ``z [T]`` from the option's distribution.
         """
-        gdev = generator.device if generator is not None else device
-        draw = torch.randn if self.options.distribution == "normal" else torch.rand
-        z = draw(T, generator=generator, device=gdev)
-        return torch.softmax(z, dim=0).to(device)
+        return softmax_draw(T, self.options.distribution, generator, device)
 
     def weights(self, G: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, None]:
         G = _prep(G, "rgw")

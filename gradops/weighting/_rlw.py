@@ -8,9 +8,19 @@ import torch
 
 from ._registry import LossMethod, Options, StepContext, register
 
-__all__ = ["RLW", "RLWOptions"]
+__all__ = ["RLW", "RLWOptions", "softmax_draw"]
 
 DISTRIBUTIONS = ("normal", "uniform")
+
+
+def softmax_draw(T: int, distribution: str, generator: torch.Generator | None,
+                 device: torch.device) -> torch.Tensor:
+    """``softmax(z)``, ``z [T]`` drawn from ``distribution`` (``"normal"``: N(0, 1);
+    ``"uniform"``: U(0, 1)) by ``generator`` (None: the global one of ``device``), on
+    ``device`` (float32; no host synchronisation). RLW's and RGW's random weights."""
+    gdev = generator.device if generator is not None else device
+    draw = torch.randn if distribution == "normal" else torch.rand
+    return torch.softmax(draw(T, generator=generator, device=gdev), dim=0).to(device)
 
 
 @dataclass(frozen=True)
@@ -53,10 +63,7 @@ class RLW(LossMethod):
         Returns:
             ``softmax(z)`` of a draw ``z [T]`` from the option's distribution.
         """
-        gdev = generator.device if generator is not None else device
-        draw = torch.randn if self.options.distribution == "normal" else torch.rand
-        z = draw(self.T, generator=generator, device=gdev)
-        return torch.softmax(z, dim=0).to(device)
+        return softmax_draw(self.T, self.options.distribution, generator, device)
 
     def terms(self, losses: list[torch.Tensor], values: torch.Tensor, ctx: StepContext
               ) -> list[torch.Tensor]:
