@@ -12,6 +12,25 @@ __all__ = ["ExcessMTL", "ExcessMTLOptions"]
 
 _H_EPS = 1e-7       # TorchJD's / LibMTL's / the authors' sqrt(S + 1e-7)
 _BASE_EPS = 1e-7    # TorchJD's r / (r0 + 1e-7)
+_CPU_BLOCK = 1 << 18  # elements of J per column block on CPU (temporaries of 1-2 MiB each)
+
+
+def _block_width(T: int, P: int) -> int:
+    """Columns per block on CPU: ``_CPU_BLOCK`` elements, a multiple of 64 columns (whole
+    SIMD vectors per row) unless ``P`` is smaller."""
+    return min(max(P, 1), max(64, (_CPU_BLOCK // max(T, 1)) // 64 * 64))
+
+
+def _squares_finite(J: torch.Tensor, dt: torch.dtype, s2: torch.Tensor | None) -> torch.Tensor:
+    """Whether every ``J_ik^2 (/ s2)`` in ``dt`` is finite (0-dim bool), from ``max |J|`` alone:
+    the rounded square (and its quotient by ``s2 >= 0``) is monotone in ``|J_ik|``, and a NaN
+    in ``J`` (or in ``s2``) makes the maximum (the quotient) NaN. One read of ``J``, no
+    temporary, no host sync."""
+    if J.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=J.device)
+    m = torch.linalg.vector_norm(J, ord=float("inf")).to(dt)
+    m2 = m * m
+    return torch.isfinite(m2 if s2 is None else m2 / s2)
 
 
 @dataclass(frozen=True)
@@ -100,14 +119,20 @@ class ExcessMTL(ElementwiseMethod):
         T, P = J.shape
         dt = torch.float64 if J.dtype == torch.float64 else torch.float32
         self._ensure(T, P, J.device, dt)
-        Jd = J.to(dt)
-        sq = Jd * Jd
-        if scale is not None:
-            sq = sq / (scale.to(dt) * scale.to(dt))
-        finite = torch.isfinite(sq).all()
-        S_new = self.sq_grad_sum + sq
-        r = (sq / torch.sqrt(S_new + _H_EPS)).sum(1)                 # Eq. 6-7
-        self.sq_grad_sum = torch.where(finite, S_new, self.sq_grad_sum)
+        s2 = None if scale is None else scale.to(dt) * scale.to(dt)
+        finite = _squares_finite(J, dt, s2)
+        r = torch.zeros(T, dtype=dt, device=J.device)
+        S = self.sq_grad_sum
+        width = _block_width(T, P) if J.device.type == "cpu" else max(P, 1)
+        for a in range(0, P, width):     # column blocks: the temporaries stay in the CPU's cache
+            Jb = J[:, a:a + width].to(dt)
+            Sb = S[:, a:a + width]
+            sq = Jb * Jb
+            if s2 is not None:
+                sq.div_(s2)
+            S_new = Sb + sq
+            torch.where(finite, S_new, Sb, out=Sb)                    # S in place
+            r += sq.div_(S_new.add_(_H_EPS).sqrt_()).sum(1)         # Eq. 6-7
         o = self.options
         if self.steps < o.n_warmup_steps:                             # host counter, no sync
             self.warmup_sum = self.warmup_sum + torch.where(finite, r, torch.zeros_like(r))

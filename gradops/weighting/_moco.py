@@ -16,6 +16,13 @@ from ._simplex import project_simplex
 __all__ = ["MoCo", "MoCoOptions", "LAMBDA_UPDATES"]
 
 LAMBDA_UPDATES = ("softmax", "simplex")
+_CPU_BLOCK = 1 << 18  # elements of J per column block on CPU (a temporary of 1-2 MiB)
+
+
+def _block_width(T: int, P: int) -> int:
+    """Columns per block on CPU: ``_CPU_BLOCK`` elements, a multiple of 64 columns (whole
+    SIMD vectors per row) unless ``P`` is smaller."""
+    return min(max(P, 1), max(64, (_CPU_BLOCK // max(T, 1)) // 64 * 64))
 
 
 @dataclass(frozen=True)
@@ -107,10 +114,17 @@ class MoCo(ElementwiseMethod):
         losses = ctx.losses.to(J.device, J.dtype)
         norms = torch.linalg.vector_norm(J, dim=1)                  # in AMP's scaled units
         eps = o.eps if ctx.scale is None else o.eps * ctx.scale.to(J.device, J.dtype)
-        h = J * (losses / (norms + eps))[:, None]                   # unscaled: s cancels
-        y_new = torch.add(y, y - h, alpha=-beta_k)                  # y - beta_k (y - h)
+        coef = (losses / (norms + eps))[:, None]                    # unscaled: s cancels
         finite = torch.isfinite(norms).all() & torch.isfinite(losses).all()
-        y_new = torch.where(finite, y_new, y)
+        P = J.shape[1]
+        width = _block_width(T, P) if J.device.type == "cpu" else max(P, 1)
+        for a in range(0, P, width):     # column blocks: the temporary stays in the CPU's cache
+            yb = y[:, a:a + width]
+            t = J[:, a:a + width] * coef                            # h
+            torch.sub(yb, t, out=t)                                 # y - h
+            torch.add(yb, t, alpha=-beta_k, out=t)                  # y - beta_k (y - h)
+            torch.where(finite, t, yb, out=yb)                      # y in place
+        y_new = y
         A = gram(y_new).to(ctx.dtype)
         A = A + o.rho * torch.eye(T, dtype=A.dtype, device=A.device)
         arg = lam - gamma_k * (A @ lam)
