@@ -19,6 +19,14 @@ LAMBDA_UPDATES = ("softmax", "simplex")
 _CPU_BLOCK = 1 << 18  # elements of J per column block on CPU (a temporary of 1-2 MiB)
 
 
+def _bits_kept(finite: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """All bits set if ``finite`` else none (0-dim, the integer type of ``dtype``'s width):
+    ANDed into a float's bits it keeps the value or makes it ``+0``, a select that a NaN cannot
+    get through and that runs vectorised (``torch.where`` does not on CPU)."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    return torch.where(finite, -1, 0).to(ints)
+
+
 def _block_width(T: int, P: int) -> int:
     """Columns per block on CPU: ``_CPU_BLOCK`` elements, a multiple of 64 columns (whole
     SIMD vectors per row) unless ``P`` is smaller."""
@@ -118,12 +126,13 @@ class MoCo(ElementwiseMethod):
         finite = torch.isfinite(norms).all() & torch.isfinite(losses).all()
         P = J.shape[1]
         width = _block_width(T, P) if J.device.type == "cpu" else max(P, 1)
+        keep = _bits_kept(finite, y.dtype)
         for a in range(0, P, width):     # column blocks: the temporary stays in the CPU's cache
             yb = y[:, a:a + width]
             t = J[:, a:a + width] * coef                            # h
             torch.sub(yb, t, out=t)                                 # y - h
-            torch.add(yb, t, alpha=-beta_k, out=t)                  # y - beta_k (y - h)
-            torch.where(finite, t, yb, out=yb)                      # y in place
+            t.view(keep.dtype).bitwise_and_(keep)                   # +0 if not finite
+            yb.add_(t, alpha=-beta_k)                               # y - beta_k (y - h), in place
         y_new = y
         A = gram(y_new).to(ctx.dtype)
         A = A + o.rho * torch.eye(T, dtype=A.dtype, device=A.device)
