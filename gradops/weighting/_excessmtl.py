@@ -12,7 +12,7 @@ __all__ = ["ExcessMTL", "ExcessMTLOptions"]
 
 _H_EPS = 1e-7       # TorchJD's / LibMTL's / the authors' sqrt(S + 1e-7)
 _BASE_EPS = 1e-7    # TorchJD's r / (r0 + 1e-7)
-_CPU_BLOCK = 1 << 18  # elements of J per column block on CPU (temporaries of 1-2 MiB each)
+_CPU_BLOCK = 1 << 20  # elements of J per column block on CPU (4 MiB fp32 temporaries, in L3)
 
 
 def _block_width(T: int, P: int) -> int:
