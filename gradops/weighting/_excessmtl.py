@@ -75,8 +75,11 @@ class ExcessMTL(ElementwiseMethod):
     ``eta = 1e-2`` is LibMTL's (``--robust_step_size``); TorchJD's default is 1.0.
 
     Kind ``elementwise``: it reads ``J`` itself (the excess risks need ``g_i^2`` entrywise, not
-    the Gram), one pass over ``J`` plus the combine. Under AMP the statistics use the unscaled
-    ``J / scale``. Not invariant to ``J -> sJ`` (the raw first step and the ``1e-7``\\ s).
+    the Gram): a reduction (``max |J|``: whether the step is finite), one pass over ``J`` and
+    ``S`` updating ``S`` in place (on CPU in column blocks of ``2^20`` elements whose
+    temporaries stay in cache; no ``[T, P]`` temporary), then the combine. Under AMP the
+    statistics use the unscaled ``J / scale``. Not invariant to ``J -> sJ`` (the raw first step
+    and the ``1e-7``\\ s).
 
     State (``state_dict``): ``S`` ``[T, P]`` (a second copy of ``J``'s size: the method's memory
     cost), ``lambda`` ``[T]``, ``r0`` ``[T]`` and whether it is set, the warm-up sum ``[T]`` and

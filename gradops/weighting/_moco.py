@@ -88,9 +88,12 @@ class MoCo(ElementwiseMethod):
     step does not poison the moving averages (``k`` still counts it).
 
     Cost beyond the ``T`` backward passes: the ``[T, P]`` state (a second ``J`` in memory, kept
-    between steps), per step a few passes over ``[T, P]`` (the row norms, the moving-average
-    update, the Gram of ``Y`` and the combine ``Y^T lambda``) and ``T x T`` work; no second
-    batch. Needs the task losses (``StepContext.losses``, which ``MTLOptimizer`` passes)."""
+    between steps), per step four passes over ``[T, P]`` (the row norms, the moving-average
+    update of ``y`` in place, the Gram of ``Y`` and the combine ``Y^T lambda``) and ``T x T``
+    work; no ``[T, P]`` temporary (on CPU the update runs in column blocks of ``2^20``
+    elements, whose temporary stays in cache; a non-finite step's update is masked to 0 by its
+    bits, so ``y`` stays bit for bit); no second batch. Needs the task losses
+    (``StepContext.losses``, which ``MTLOptimizer`` passes)."""
 
     name = "moco"
     display = "MoCo"
