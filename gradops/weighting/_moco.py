@@ -16,6 +16,21 @@ from ._simplex import project_simplex
 __all__ = ["MoCo", "MoCoOptions", "LAMBDA_UPDATES"]
 
 LAMBDA_UPDATES = ("softmax", "simplex")
+_CPU_BLOCK = 1 << 20  # elements of J per column block on CPU (a 4 MiB fp32 temporary, in L3)
+
+
+def _bits_kept(finite: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """All bits set if ``finite`` else none (0-dim, the integer type of ``dtype``'s width):
+    ANDed into a float's bits it keeps the value or makes it ``+0``, a select that a NaN cannot
+    get through and that runs vectorised (``torch.where`` does not on CPU)."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    return torch.where(finite, -1, 0).to(ints)
+
+
+def _block_width(T: int, P: int) -> int:
+    """Columns per block on CPU: ``_CPU_BLOCK`` elements, a multiple of 64 columns (whole
+    SIMD vectors per row) unless ``P`` is smaller."""
+    return min(max(P, 1), max(64, (_CPU_BLOCK // max(T, 1)) // 64 * 64))
 
 
 @dataclass(frozen=True)
@@ -73,9 +88,12 @@ class MoCo(ElementwiseMethod):
     step does not poison the moving averages (``k`` still counts it).
 
     Cost beyond the ``T`` backward passes: the ``[T, P]`` state (a second ``J`` in memory, kept
-    between steps), per step a few passes over ``[T, P]`` (the row norms, the moving-average
-    update, the Gram of ``Y`` and the combine ``Y^T lambda``) and ``T x T`` work; no second
-    batch. Needs the task losses (``StepContext.losses``, which ``MTLOptimizer`` passes)."""
+    between steps), per step four passes over ``[T, P]`` (the row norms, the moving-average
+    update of ``y`` in place, the Gram of ``Y`` and the combine ``Y^T lambda``) and ``T x T``
+    work; no ``[T, P]`` temporary (on CPU the update runs in column blocks of ``2^20``
+    elements, whose temporary stays in cache; a non-finite step's update is masked to 0 by its
+    bits, so ``y`` stays bit for bit); no second batch. Needs the task losses
+    (``StepContext.losses``, which ``MTLOptimizer`` passes)."""
 
     name = "moco"
     display = "MoCo"
@@ -107,10 +125,18 @@ class MoCo(ElementwiseMethod):
         losses = ctx.losses.to(J.device, J.dtype)
         norms = torch.linalg.vector_norm(J, dim=1)                  # in AMP's scaled units
         eps = o.eps if ctx.scale is None else o.eps * ctx.scale.to(J.device, J.dtype)
-        h = J * (losses / (norms + eps))[:, None]                   # unscaled: s cancels
-        y_new = torch.add(y, y - h, alpha=-beta_k)                  # y - beta_k (y - h)
+        coef = (losses / (norms + eps))[:, None]                    # unscaled: s cancels
         finite = torch.isfinite(norms).all() & torch.isfinite(losses).all()
-        y_new = torch.where(finite, y_new, y)
+        P = J.shape[1]
+        width = _block_width(T, P) if J.device.type == "cpu" else max(P, 1)
+        keep = _bits_kept(finite, y.dtype)
+        for a in range(0, P, width):     # column blocks: the temporary stays in the CPU's cache
+            yb = y[:, a:a + width]
+            t = J[:, a:a + width] * coef                            # h
+            torch.sub(yb, t, out=t)                                 # y - h
+            t.view(keep.dtype).bitwise_and_(keep)                   # +0 if not finite
+            yb.add_(t, alpha=-beta_k)                               # y - beta_k (y - h), in place
+        y_new = y
         A = gram(y_new).to(ctx.dtype)
         A = A + o.rho * torch.eye(T, dtype=A.dtype, device=A.device)
         arg = lam - gamma_k * (A @ lam)

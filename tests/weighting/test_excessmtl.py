@@ -110,3 +110,53 @@ def test_mtloptimizer_step_is_the_weighted_sum():
         got = torch.cat([enc.weight.grad.flatten(), enc.bias.grad.flatten()])
         torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
         opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_column_blocks_match_one_block_and_torchjd(monkeypatch, dtype):
+    """On CPU the pass over ``J`` runs in column blocks (64 columns here: 5 blocks, the last
+    partial): ``S`` is bit-identical to one block's (the same elementwise ops), the weights
+    differ only by the order ``r``'s row sums are added in, and still agree with TorchJD;
+    an AMP scale and a non-finite step (which leaves the state) included."""
+    import gradops.weighting._excessmtl as mod
+
+    Js = [J.to(dtype) for J in _Js(3, 300, 5, seed=4)]
+    Js[3] = Js[3].clone()
+    Js[3][1, 250] = math.nan                             # in the last, partial block
+    s = torch.tensor(256.0, dtype=dtype)
+    one, blocked = W.ExcessMTL(robust_step_size=0.5), W.ExcessMTL(robust_step_size=0.5)
+    ref = one.torchjd(3).weighting
+    tol = {"rtol": 1e-12, "atol": 0} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 0}
+    ref_tol = tol if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}   # as above
+    for k, J in enumerate(Js):
+        monkeypatch.setattr(mod, "_CPU_BLOCK", 1 << 30)
+        w1 = one.step_weights(J * s, s) if k == 2 else one.step_weights(J)
+        monkeypatch.setattr(mod, "_CPU_BLOCK", 1)
+        assert mod._block_width(3, 300) == 64
+        wb = blocked.step_weights(J * s, s) if k == 2 else blocked.step_weights(J)
+        assert torch.equal(blocked.sq_grad_sum, one.sq_grad_sum)
+        if k == 3:
+            assert not torch.isfinite(wb).any() and not torch.isfinite(w1).any()
+            continue
+        torch.testing.assert_close(wb, w1, **tol)
+        torch.testing.assert_close(wb.double() / 3, ref(J.double()), **ref_tol)
+    torch.testing.assert_close(blocked.lam, one.lam, **tol)
+
+
+def test_overflowing_squares_count_as_nonfinite():
+    """A finite float32 ``J`` whose square overflows (``|J| > 1.8e19``) makes a non-finite step
+    (found from ``max |J|``, without a pass writing ``J^2``) and leaves the state."""
+    m = W.ExcessMTL()
+    J = _Js(3, 6, 1, seed=5)[0].float()
+    m.step_weights(J)
+    saved = m.state_dict()
+    big = J.clone()
+    big[0, 2] = 3e19
+    assert torch.isfinite(big).all()
+    assert not torch.isfinite(m.step_weights(big)).any()
+    after = m.state_dict()
+    for k in ("excessmtl_sq_grad_sum", "excessmtl_lambda", "excessmtl_base"):
+        assert torch.equal(after[k], saved[k]), k
+    # as before, the square is taken before AMP's unscaling: it overflows all the same
+    assert not torch.isfinite(m.step_weights(big, torch.tensor(1e10))).any()
+    assert torch.equal(m.state_dict()["excessmtl_sq_grad_sum"], saved["excessmtl_sq_grad_sum"])
