@@ -422,14 +422,12 @@ SolverResult dual_cone_cpu(const double* G, int64_t T, const double* U, int64_t 
   int64_t its_max = 0;
   double res = 0.0;
 
-#pragma omp parallel if (K * T * T >= 4096) reduction(max : its_max)
   {
     std::vector<double> c(T), g(T), z(T), lam(T), L(T * T), y(T);
     std::vector<int64_t> ix;
     ix.reserve(T);
     std::vector<char> S(T);
-    double res_t = 0.0;                      // this thread's max of the rows' residuals (NaN sticks)
-#pragma omp for schedule(dynamic)
+    double res_t = 0.0;                      // max of the rows' residuals (NaN sticks)
     for (int64_t k = 0; k < K; ++k) {
       const double* u = U + k * T;
       double ubar = 0.0;
@@ -485,7 +483,6 @@ SolverResult dual_cone_cpu(const double* G, int64_t T, const double* U, int64_t 
         V[k * T + i] = finite ? u[i] + lam[i] : kNaN;
       }
     }
-#pragma omp critical(gradops_dual_cone_res)
     {
       if (std::isnan(res_t) || std::isnan(res)) res = kNaN;
       else if (res_t > res) res = res_t;
