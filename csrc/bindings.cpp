@@ -356,6 +356,36 @@ SolverOut nash_newton_cpu(const at::Tensor& Gn, int64_t max_iter, double tol, do
   return solver_outputs(Gn, a, r);
 }
 
+// The dual-cone projection of UPGrad / DualProj (gradops.weighting._dualcone) for the rows of U
+// [K, T] (G's dtype): (V [K, T], converged, iterations, residual), V and residual in G's dtype.
+SolverOut dual_cone_cpu(const at::Tensor& G, const at::Tensor& U, double reg_eps, int64_t max_iter,
+                        double tol) {
+  auto g = solver_gram(G, "dual_cone_cpu");
+  const int64_t T = G.size(0);
+  TORCH_CHECK(max_iter >= 0, "gradops: dual_cone_cpu needs max_iter >= 0");
+  TORCH_CHECK(U.device().is_cpu() && U.scalar_type() == G.scalar_type() && U.dim() == 2 &&
+              U.size(1) == T,
+              "gradops: dual_cone_cpu U must be a CPU tensor of G's dtype of shape [K, T]");
+  const int64_t K = U.size(0);
+  auto u = to_double(U);
+  std::vector<double> v(K * T);
+  gradops::SolverResult r;
+  {
+    pybind11::gil_scoped_release no_gil;
+    r = gradops::dual_cone_cpu(g.data(), T, u.data(), K, reg_eps, max_iter, tol, v.data());
+  }
+  auto out = solver_outputs(G, std::vector<double>(T), r);  // its w is replaced by V
+  auto V = at::empty({K, T}, G.options());
+  if (G.scalar_type() == at::kDouble) {
+    std::copy(v.begin(), v.end(), V.data_ptr<double>());
+  } else {
+    float* p = V.data_ptr<float>();
+    for (int64_t i = 0; i < K * T; ++i) p[i] = static_cast<float>(v[i]);
+  }
+  std::get<0>(out) = V;
+  return out;
+}
+
 // Per-row top-K magnitude selection of a CPU W [R, F] (1 <= K <= F) into `mask` (bool [R, F])
 // and/or `idx` (int32 [R, K], kept columns increasing), both contiguous.
 void topk_cpu(const at::Tensor& W_in, int64_t K, const c10::optional<at::Tensor>& mask,
@@ -492,6 +522,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Nash-MTL's damped Newton loop on CPU: (a, converged, iterations, residual)",
         pybind11::arg("Gn"), pybind11::arg("max_iter"), pybind11::arg("tol"), pybind11::arg("tiny"),
         pybind11::arg("jitter"));
+  m.def("dual_cone_cpu", &dual_cone_cpu,
+        "UPGrad / DualProj's dual-cone projection on CPU: (V, converged, iterations, residual)",
+        pybind11::arg("G"), pybind11::arg("U"), pybind11::arg("reg_eps"), pybind11::arg("max_iter"),
+        pybind11::arg("tol"));
   m.def("topk_cpu", &topk_cpu, "Per-row top-K magnitude mask / packed indices on CPU",
         pybind11::arg("W"), pybind11::arg("K"), pybind11::arg("mask"), pybind11::arg("idx"));
   m.def("sparse_adamw_cpu", &sparse_adamw_cpu, "SparseAdamW's update of the selected entries on CPU",

@@ -10,6 +10,7 @@
 //   argmin / argmax    the first NaN wins          -> argmin_nan / argmax_nan
 //   minimum(x, y)      NaN propagates              -> minimum_nan
 //   G @ d, b @ d       0 * Inf = NaN               -> dense products when G or b is not finite
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -335,6 +336,160 @@ SolverResult nash_newton_cpu(const double* Gn, int64_t T, int64_t max_iter, doub
   matvec(Gn, a, Ga.data(), T);
   const double res = residual();
   return {its, res, within(res, tol, f32)};
+}
+
+// ----------------------------------------------------------------------------------------------
+// The projection onto the dual cone of UPGrad and DualProj (Quinton & Rey, "Jacobian Descent for
+// Multi-Objective Optimization", 2024, Proposition 1; gradops.weighting._dualcone, whose docstring
+// has the method): min_{lam >= 0} 1/2 lam^T H lam + lam^T c, c = H u, by Lawson-Hanson's
+// active-set method (Lawson & Hanson 1974, Ch. 23, in Gram form), step for step the torch loop,
+// one row of U at a time. Per step: g = H lam + c; a row whose iterate minimises on its support
+// (ok) and has no coordinate with lam_j <= 0 and g_j < -margin to add (or is stalled) is done;
+// else the coordinate of most negative g joins the passive set S (when ok), z solves
+// (H_SS + jitter I) z_S = -c_S (Cholesky; a non-positive pivot or a non-finite z stalls the row),
+// and lam moves to z if z > 0 on S, else by the ratio test to where the first coordinate reaches 0
+// (that one dropped). The Cholesky factor is of H_SS only: the torch loop's 1 off S decouples.
+// ----------------------------------------------------------------------------------------------
+namespace {
+
+// z = -(H_SS + jitter I)^{-1} c_S on S = ix (0 off S). False on a pivot that is not > 0 or a
+// non-finite z (the torch loop's cholesky_ex info != 0 or ~isfinite(z)).
+bool passive_solve(const double* H, int64_t T, const std::vector<int64_t>& ix, double jitter,
+                   const double* c, std::vector<double>& L, std::vector<double>& y, double* z) {
+  const int64_t n = static_cast<int64_t>(ix.size());
+  for (int64_t r = 0; r < n; ++r) {
+    const double* Hr = H + ix[r] * T;
+    double* Lr = L.data() + r * n;
+    for (int64_t q = 0; q <= r; ++q) {
+      const double* Lq = L.data() + q * n;
+      double v = Hr[ix[q]];
+      if (q == r) v += jitter;
+      for (int64_t p = 0; p < q; ++p) v -= Lr[p] * Lq[p];
+      if (q == r) {
+        if (!(v > 0.0)) return false;
+        Lr[r] = std::sqrt(v);
+      } else {
+        Lr[q] = v / Lq[q];
+      }
+    }
+  }
+  for (int64_t r = 0; r < n; ++r) {           // L y = -c_S
+    double v = -c[ix[r]];
+    const double* Lr = L.data() + r * n;
+    for (int64_t p = 0; p < r; ++p) v -= Lr[p] * y[p];
+    y[r] = v / Lr[r];
+  }
+  for (int64_t r = n - 1; r >= 0; --r) {      // L^T z_S = y
+    double v = y[r];
+    for (int64_t p = r + 1; p < n; ++p) v -= L[p * n + r] * y[p];
+    y[r] = v / L[r * n + r];
+  }
+  for (int64_t i = 0; i < T; ++i) z[i] = 0.0;
+  for (int64_t r = 0; r < n; ++r) z[ix[r]] = y[r];
+  return all_finite(z, T);
+}
+
+// g = H lam + c, from the rows of H on lam's support (lam is 0 elsewhere; H is finite).
+void dual_grad(const double* H, int64_t T, const double* lam, const double* c, double* g) {
+  for (int64_t j = 0; j < T; ++j) g[j] = c[j];
+  for (int64_t i = 0; i < T; ++i) {
+    if (lam[i] == 0.0) continue;
+    const double li = lam[i];
+    const double* Hi = H + i * T;
+    for (int64_t j = 0; j < T; ++j) g[j] += li * Hi[j];
+  }
+}
+
+}  // namespace
+
+SolverResult dual_cone_cpu(const double* G, int64_t T, const double* U, int64_t K, double reg_eps,
+                           int64_t max_iter, double tol, double* V) {
+  const bool finite = all_finite(G, T * T);
+  std::vector<double> H(T * T, 0.0);
+  if (finite) {                              // H = G / tr(G) + reg_eps I (0 + reg_eps I if not)
+    double tr = 0.0;
+    for (int64_t i = 0; i < T; ++i) tr += G[i * T + i];
+    tr = clamp_min(tr, kF64Tiny);
+    for (int64_t i = 0; i < T * T; ++i) H[i] = G[i] / tr;
+  }
+  double h = -kInf;
+  for (int64_t i = 0; i < T; ++i) {
+    H[i * T + i] += reg_eps;
+    h = std::max(h, H[i * T + i]);
+  }
+  h = clamp_min(h, kF64Tiny);
+  const double jitter = kJitter * static_cast<double>(T) * h;
+  int64_t its_max = 0;
+  double res = 0.0;
+
+  {
+    std::vector<double> c(T), g(T), z(T), lam(T), L(T * T), y(T);
+    std::vector<int64_t> ix;
+    ix.reserve(T);
+    std::vector<char> S(T);
+    double res_t = 0.0;                      // max of the rows' residuals (NaN sticks)
+    for (int64_t k = 0; k < K; ++k) {
+      const double* u = U + k * T;
+      double ubar = 0.0;
+      for (int64_t i = 0; i < T; ++i) ubar = std::max(ubar, std::fabs(u[i]));
+      ubar = clamp_min(ubar, kF64Tiny);
+      for (int64_t j = 0; j < T; ++j) c[j] = 0.0;   // c = u^T H (H symmetric: H u)
+      for (int64_t i = 0; i < T; ++i)
+        for (int64_t j = 0; j < T; ++j) c[j] += u[i] * H[i * T + j];
+      const double margin = (kMargin * h) * ubar;
+      for (int64_t i = 0; i < T; ++i) lam[i] = 0.0;
+      bool ok = true, stalled = false;
+      int64_t its = 0;
+      for (; its < max_iter; ++its) {
+        dual_grad(H.data(), T, lam.data(), c.data(), g.data());
+        int64_t j = -1;
+        for (int64_t i = 0; i < T; ++i)
+          if (lam[i] <= 0.0 && g[i] < -margin && (j < 0 || g[i] < g[j])) j = i;
+        const bool can_add = j >= 0 && !stalled;
+        if (ok && !can_add) break;           // done: the torch loop freezes the row from here
+        const bool add = ok && can_add;
+        ix.clear();
+        for (int64_t i = 0; i < T; ++i) {
+          S[i] = lam[i] > 0.0 || (add && i == j);
+          if (S[i]) ix.push_back(i);
+        }
+        if (!passive_solve(H.data(), T, ix, jitter, c.data(), L, y, z.data())) {
+          stalled = true;                    // keep lam and ok; add nothing more
+          continue;
+        }
+        bool full = true;
+        double theta = kInf;
+        int64_t drop = 0;
+        for (int64_t i = 0; i < T; ++i) {
+          if (S[i] && z[i] <= 0.0) {
+            full = false;
+            const double r = lam[i] / clamp_min(lam[i] - z[i], kF64Tiny);
+            if (r < theta) { theta = r; drop = i; }
+          }
+        }
+        for (int64_t i = 0; i < T; ++i) {
+          if (full) lam[i] = S[i] ? z[i] : 0.0;
+          else lam[i] = (S[i] && i != drop) ? clamp_min(lam[i] + theta * (z[i] - lam[i]), 0.0)
+                                            : 0.0;
+        }
+        ok = full;
+      }
+      its_max = std::max(its_max, its);
+      dual_grad(H.data(), T, lam.data(), c.data(), g.data());
+      for (int64_t i = 0; i < T; ++i) {
+        const double e = std::fabs(minimum_nan(lam[i], g[i] / h)) / ubar;
+        if (std::isnan(e) || std::isnan(res_t)) res_t = kNaN;
+        else if (e > res_t) res_t = e;
+        V[k * T + i] = finite ? u[i] + lam[i] : kNaN;
+      }
+    }
+    {
+      if (std::isnan(res_t) || std::isnan(res)) res = kNaN;
+      else if (res_t > res) res = res_t;
+    }
+  }
+  if (!finite) res = kNaN;
+  return {its_max, res, within(res, tol, false)};
 }
 
 }  // namespace gradops

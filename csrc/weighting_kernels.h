@@ -39,4 +39,16 @@ SolverResult simplex_qp_cpu(const double* G, int64_t T, const double* b, double 
 SolverResult nash_newton_cpu(const double* Gn, int64_t T, int64_t max_iter, double tol, double tiny,
                              double jitter, bool f32, double* a);
 
+// The projection onto the dual cone of UPGrad and DualProj (gradops.weighting._dualcone, whose
+// docstring has the method): for each row u of U [K, T], v = argmin_{v >= u} v^T H v with
+// H = G / tr(G) + reg_eps I, by Lawson-Hanson's active-set method on lam = v - u >= 0, each row
+// solved on its own (the torch loop freezes a finished row, so stopping it there returns what
+// the batched loop returns). G: [T, T] row-major, symmetric, T >= 1; U: [K, T] row-major.
+// Non-finite G: H = reg_eps I (as the torch loop), V NaN, residual NaN, not converged.
+// `iterations`: the most steps a row took; `residual`: the largest KKT natural residual
+// max_i |min(lam_i, (H v)_i / h)| / max|u| over the rows (h = max_i H_ii); `converged`:
+// residual <= tol in double (the torch loop compares the float64 residual). V: [K, T] out.
+SolverResult dual_cone_cpu(const double* G, int64_t T, const double* U, int64_t K, double reg_eps,
+                           int64_t max_iter, double tol, double* V);
+
 }  // namespace gradops

@@ -7,12 +7,37 @@ import math
 
 import torch
 
+from .. import _backend
+from .._backend import _C, register_op, select_backend
+from .._validate import _is_fake
 from ._common import SolverStatus, _stop_early
 from ._solver_tolerances import _JITTER, _MARGIN
 
 __all__ = ["dual_cone_weights"]
 
 _F64_TINY = torch.finfo(torch.float64).tiny
+
+register_op("dual_cone", ("cpp", "torch"))
+
+
+def _dual_cone_backend(G: torch.Tensor) -> str:
+    """Where :func:`dual_cone_weights` runs: ``"cpp"`` (``_C.dual_cone_cpu``,
+    ``csrc/weighting_cpu.cpp``; CPU tensors, extension built) or ``"torch"`` (the reference loop
+    below). Always torch under ``torch.compile`` and for fake tensors;
+    :func:`gradops._backend.select_backend` decides otherwise (a forced ``"cpp"`` that cannot run
+    the call raises, a forced backend the op lacks leaves the automatic choice). A ``G`` that
+    requires grad (grad mode on) keeps the differentiable torch loop; forcing ``"cpp"`` for it
+    raises."""
+    if torch.compiler.is_compiling() or _is_fake(G):
+        return "torch"
+    backend = select_backend("dual_cone", G.device, G.shape[0])
+    if backend != "torch" and G.requires_grad and torch.is_grad_enabled():
+        if _backend.forced_backend() == backend:
+            raise RuntimeError(f"gradops.dual_cone: forced backend {backend!r} cannot run this "
+                               "call: G requires grad and only the torch solver is "
+                               "differentiable")
+        return "torch"
+    return backend
 
 
 def dual_cone_weights(G: torch.Tensor, U: torch.Tensor, reg_eps: float, max_iter: int,
@@ -44,7 +69,17 @@ def dual_cone_weights(G: torch.Tensor, U: torch.Tensor, reg_eps: float, max_iter
     (``h = max_i H_ii``; 0 at the exact solution, float64 rounding once solved) over the rows;
     ``converged`` when it is ``<= tol`` and ``G`` is finite; ``iterations`` the most steps a row
     took. Returns ``V [K, T]`` in ``G``'s dtype (NaN when ``G`` is not finite).
+
+    Backends (:func:`_dual_cone_backend`, op ``dual_cone`` in :func:`gradops.info`): the torch
+    loop here is the reference (``torch.compile``, fake tensors, CUDA, a ``G`` that requires
+    grad); in eager mode on CPU tensors the same method runs in C++ (``_C.dual_cone_cpu``,
+    double precision, one row at a time, each stopping once frozen: the same result as the
+    full budget).
     """
+    if _dual_cone_backend(G) == "cpp":
+        V, converged, its, res = _C.dual_cone_cpu(G, U.to(G.dtype), float(reg_eps), max_iter,
+                                                  float(tol))
+        return V, SolverStatus(converged, its, res)
     out_dt, dev = G.dtype, G.device
     dt = torch.float64
     T = G.shape[0]
