@@ -29,17 +29,19 @@ KIND_TEXT = {
 
 
 def _option_comments(options_cls: type) -> dict[str, str]:
-    """The trailing ``# comment`` of each field in the Options dataclass' source (the options'
-    documentation, where the method's authors wrote it)."""
-    try:
-        src = inspect.getsource(options_cls)
-    except (OSError, TypeError):
-        return {}
-    out = {}
-    for line in src.splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^=#]*=[^#]*#\s*(.+)$", line)
-        if m:
-            out[m.group(1)] = m.group(2).strip()
+    """The trailing ``# comment`` of each field in the source of the Options dataclass and of
+    the Options classes it extends (the options' documentation, where the method's authors
+    wrote it; a subclass's comment wins)."""
+    out: dict[str, str] = {}
+    for cls in reversed(options_cls.__mro__):
+        try:
+            src = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        for line in src.splitlines():
+            m = re.match(r"\s+(\w+)\s*:[^=#]*=[^#]*#\s*(.+)$", line)
+            if m:
+                out[m.group(1)] = m.group(2).strip()
     return out
 
 

@@ -4,6 +4,7 @@ Eq. 3 and Proposition 1), solved from the Gram on its device with a fixed budget
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -11,9 +12,23 @@ from .. import _backend
 from .._backend import _C, register_op, select_backend
 from .._validate import _is_fake
 from ._common import SolverStatus, _stop_early
+from ._registry import Options
 from ._solver_tolerances import _JITTER, _MARGIN
 
-__all__ = ["dual_cone_weights"]
+__all__ = ["DualConeOptions", "dual_cone_weights"]
+
+
+@dataclass(frozen=True)
+class DualConeOptions(Options):
+    """The options of the methods solved by the dual-cone projection (UPGrad, DualProj)."""
+
+    reg_eps: float = 1e-4           # ridge on G / tr(G) (TorchJD's reg_eps)
+    max_iter: int = 250             # active-set steps (all rows together)
+    tol: float = 1e-6               # on the KKT residual
+    early_exit: bool | None = None  # CPU eager: stop once converged (None: automatic; same result)
+
+    def check(self) -> None:
+        self.check_nonnegative("reg_eps", "max_iter", "tol")
 
 _F64_TINY = torch.finfo(torch.float64).tiny
 

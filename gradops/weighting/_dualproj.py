@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from ._common import _check_iter, _prep, _ret
-from ._dualcone import dual_cone_weights
-from ._registry import GramMethod, Options, StepContext, register
+from ._dualcone import DualConeOptions, dual_cone_weights
+from ._registry import GramMethod, StepContext, register
 
 __all__ = ["DualProj", "DualProjOptions", "dualproj"]
 
@@ -46,19 +46,8 @@ def dualproj(G: torch.Tensor, reg_eps: float = 1e-4, max_iter: int = 250, tol: f
 
 
 @dataclass(frozen=True)
-class DualProjOptions(Options):
-    reg_eps: float = 1e-4           # ridge on G / tr(G) (TorchJD's reg_eps)
-    max_iter: int = 250             # active-set steps
-    tol: float = 1e-6               # on the KKT residual
-    early_exit: bool | None = None  # CPU eager: stop once converged (None: automatic; same result)
-
-    def check(self) -> None:
-        if not self.reg_eps >= 0:
-            self.fail("reg_eps", f"must be >= 0, got {self.reg_eps}")
-        if self.max_iter < 0:
-            self.fail("max_iter", f"must be >= 0, got {self.max_iter}")
-        if not self.tol >= 0:
-            self.fail("tol", f"must be >= 0, got {self.tol}")
+class DualProjOptions(DualConeOptions):
+    """DualProj's options (:class:`DualConeOptions`)."""
 
 
 @register
