@@ -9,7 +9,6 @@ parameter space: ``pi_J(g) = g + J^T mu``, ``mu = argmin_{mu >= 0} ||g + J^T mu|
 decomposition, scipy's NNLS), in the space ``[J / ||J||_F, sqrt(reg_eps) I]`` whose Gram is
 TorchJD's regularised one.
 """
-import math
 
 import numpy as np
 import pytest
@@ -17,8 +16,8 @@ import torch
 from scipy.optimize import nnls
 
 from backend_lists import cpu_backends
+from dual_cone_checks import check_backend_choice, check_cpp_matches_torch
 
-import gradops
 from gradops.weighting import StepContext, get_method
 from gradops.weighting._dualproj import DualProj, dualproj
 
@@ -119,65 +118,17 @@ def test_mean_without_conflict_budget_and_nonfinite():
 # ----------------------------------------------------------------------------------------- #
 # the C++ dual-cone solver (_C.dual_cone_cpu) against the torch reference loop
 # ----------------------------------------------------------------------------------------- #
-def _grams(T: int, seed: int) -> dict[str, torch.Tensor]:
-    """Conflicting, rank-deficient (rank ``T // 2 + 1``, duplicate row) and NaN Grams."""
-    g = torch.Generator().manual_seed(1000 * T + seed)
-    J = torch.randn(T, 3 * T + 4, generator=g, dtype=torch.float64)
-    J = J * (0.1 + 2.9 * torch.rand(T, 1, generator=g, dtype=torch.float64))
-    J[1:] -= 0.7 * J[0]
-    r = T // 2 + 1
-    Jr = torch.randn(T, r, generator=g, dtype=torch.float64) @ torch.randn(
-        r, 2 * T, generator=g, dtype=torch.float64)
-    Jr[-1] = Jr[0]
-    Gn = J @ J.T
-    Gn[0, T - 1] = Gn[T - 1, 0] = math.nan
-    return {"conflicting": J @ J.T, "rank_deficient": Jr @ Jr.T, "nan": Gn}
-
-
 @pytest.mark.skipif("cpp" not in cpu_backends(), reason="gradops._C not built (GRADOPS_NO_EXT=1)")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("reg_eps", [1e-4, 0.0])
 @pytest.mark.parametrize("T", [2, 3, 4, 5, 8, 13, 21, 40])
 def test_cpp_solver_matches_the_torch_loop(T, reg_eps, dtype):
-    """Same method step for step in float64: the same iterations and convergence, weights
-    equal to rounding (float64 G), to float32 rounding of the result (float32 G) (rank-deficient
-    G without ridge: the update ``J^T v``, relative to ``||J||_F``, as ``v`` is not unique);
-    NaN in, NaN weights and a NaN residual out."""
-    worst_w = worst_d = 0.0
-    for seed in range(6):
-        for kind, G in _grams(T, seed).items():
-            G = G.to(dtype)
-            with gradops.use_backend("torch"):
-                w0, s0 = dualproj(G, reg_eps=reg_eps, return_status=True)
-            with gradops.use_backend("cpp"):
-                w1, s1 = dualproj(G, reg_eps=reg_eps, return_status=True)
-            what = (T, reg_eps, dtype, seed, kind)
-            assert w1.dtype == dtype and s1.residual.dtype == dtype, what
-            assert int(s1.iterations) == int(s0.iterations), (what, s0, s1)
-            assert bool(s1.converged) == bool(s0.converged), (what, s0, s1)
-            if kind == "nan":
-                assert torch.isnan(w1).all() and torch.isnan(s1.residual), what
-                continue
-            e = w1.double() - w0.double()
-            if kind == "rank_deficient" and reg_eps == 0:   # v not unique, J^T v is
-                Gd = G.double()
-                worst_d = max(worst_d, math.sqrt(max(float(e @ Gd @ e / Gd.trace()), 0.0)))
-            else:
-                assert bool(s1.converged), (what, s1)
-                worst_w = max(worst_w, float(e.abs().max()))
-    assert worst_w < (1e-10 if dtype == torch.float64 else 1e-6), worst_w
-    assert worst_d < (1e-8 if dtype == torch.float64 else 1e-3), worst_d
+    """The C++ solver against the torch loop (:func:`dual_cone_checks.check_cpp_matches_torch`):
+    the same iterations and convergence, weights equal to rounding, NaN in, NaN out."""
+    check_cpp_matches_torch(dualproj, T, reg_eps, dtype)
 
 
 def test_cpp_solver_backend_choice():
-    """A forced C++ backend for a G that requires grad raises (only the torch loop is
-    differentiable); the automatic choice keeps the torch loop there (autograd runs through it)."""
-    G = (J3 @ J3.T).requires_grad_()
-    if "cpp" in cpu_backends():
-        with gradops.use_backend("cpp"), pytest.raises(RuntimeError, match="requires grad"):
-            dualproj(G)
-    w = dualproj(G)
-    with gradops.use_backend("torch"):
-        assert torch.equal(w, dualproj(G))
-    w.sum().backward()
-    assert G.grad is not None
+    """A forced C++ backend for a G that requires grad raises; the automatic choice keeps the
+    differentiable torch loop (:func:`dual_cone_checks.check_backend_choice`)."""
+    check_backend_choice(dualproj, (J3 @ J3.T).requires_grad_())
