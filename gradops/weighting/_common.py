@@ -7,6 +7,9 @@ from typing import NamedTuple
 
 import torch
 
+from .. import _backend
+from .._validate import _is_fake
+
 
 class SolverStatus(NamedTuple):
     """What a solver reports, as 0-dim tensors on ``G``'s device (reading them syncs; the
@@ -100,3 +103,20 @@ def _eigh_psd(G: torch.Tensor, rcond: float | None):
     rc = T * _eps(G) if rcond is None else rcond
     keep = (l > rc * torch.clamp(l.max(), min=0.0)) & (l > 0)
     return l, V, keep, _poison(G)
+
+
+def solver_backend(op: str, G: torch.Tensor) -> str:
+    """The backend that runs the solver registered as ``op`` on ``G``. Always ``"torch"`` under
+    ``torch.compile`` (kernel calls are opaque to tracing) and for fake tensors; otherwise
+    :func:`gradops._backend.select_backend` decides, and a forced backend applies. A ``G`` that
+    requires grad (grad mode on) keeps the differentiable torch loop; forcing another backend
+    for it raises ``RuntimeError``."""
+    if torch.compiler.is_compiling() or _is_fake(G):
+        return "torch"
+    backend = _backend.select_backend(op, G.device, G.shape[0])
+    if backend != "torch" and G.requires_grad and torch.is_grad_enabled():
+        if _backend.forced_backend() == backend:
+            raise RuntimeError(f"gradops.{op}: forced backend {backend!r} cannot run this call: "
+                               "G requires grad and only the torch solver is differentiable")
+        return "torch"
+    return backend

@@ -8,10 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _backend
-from .._backend import _C, register_op, select_backend
-from .._validate import _is_fake
-from ._common import SolverStatus, _stop_early
+from .._backend import _C, register_op
+from ._common import SolverStatus, solver_backend, _stop_early
 from ._registry import Options
 from ._solver_tolerances import _JITTER, _MARGIN
 
@@ -43,16 +41,7 @@ def _dual_cone_backend(G: torch.Tensor) -> str:
     the call raises, a forced backend the op lacks leaves the automatic choice). A ``G`` that
     requires grad (grad mode on) keeps the differentiable torch loop; forcing ``"cpp"`` for it
     raises."""
-    if torch.compiler.is_compiling() or _is_fake(G):
-        return "torch"
-    backend = select_backend("dual_cone", G.device, G.shape[0])
-    if backend != "torch" and G.requires_grad and torch.is_grad_enabled():
-        if _backend.forced_backend() == backend:
-            raise RuntimeError(f"gradops.dual_cone: forced backend {backend!r} cannot run this "
-                               "call: G requires grad and only the torch solver is "
-                               "differentiable")
-        return "torch"
-    return backend
+    return solver_backend("dual_cone", G)
 
 
 def dual_cone_weights(G: torch.Tensor, U: torch.Tensor, reg_eps: float, max_iter: int,

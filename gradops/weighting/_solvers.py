@@ -9,11 +9,9 @@ import math
 
 import torch
 
-from .. import _backend
-from .._backend import _C, register_op, select_backend
-from .._validate import _is_fake
+from .._backend import _C, register_op
 from . import _triton_solvers
-from ._common import SolverStatus, _eps, _stop_early, _tiny
+from ._common import SolverStatus, solver_backend, _eps, _stop_early, _tiny
 from ._solver_tolerances import _FLOOR, _JITTER, _MARGIN
 
 _F64_TINY = torch.finfo(torch.float64).tiny
@@ -33,16 +31,7 @@ def _solver_backend(G: torch.Tensor) -> str:
     CPU: C++, else torch), and a forced backend applies. A ``G`` that requires grad (with grad
     mode on) keeps the differentiable torch loop; forcing another backend for it raises.
     """
-    if torch.compiler.is_compiling() or _is_fake(G):
-        return "torch"
-    backend = select_backend("weighting_solvers", G.device, G.shape[0])
-    if backend != "torch" and G.requires_grad and torch.is_grad_enabled():
-        if _backend.forced_backend() == backend:
-            raise RuntimeError(f"gradops.weighting_solvers: forced backend {backend!r} cannot run "
-                               "this call: G requires grad and only the torch solvers are "
-                               "differentiable")
-        return "torch"
-    return backend
+    return solver_backend("weighting_solvers", G)
 
 
 def _simplex_qp(G: torch.Tensor, max_iter: int, tol: float, scale: torch.Tensor,
